@@ -1,0 +1,203 @@
+"""LoRA tensors of a population member and their PEFT-format files.
+
+The ES search space theta is the set of LoRA factors (A and B of each target Linear). A member's
+effective weight change is delta_W = (lora_alpha / r) * B @ A. Perturbing A and B separately is
+the ES search space (both factors move; the change of the model is B·A, which is bilinear in the
+noise); `es.perturb` can restrict the noise to A or B alone. At generation 0, B = 0, so the centre
+equals the base model and a perturbation first acts through sigma * eps_B @ A.
+
+Tensors are keyed by PEFT's own names, e.g.
+`base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` ([r, in]) and `...lora_B.weight`
+([out, r]), so a folder written here loads unchanged with `PeftModel.from_pretrained` and SGLang's
+`/load_lora_adapter`. The centre is kept in float32: ES steps of 1e-4 vanish in bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+LoRATensors = dict[str, torch.Tensor]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+\.layers\.(?P<layer>\d+)\..*\.(?P<module>[A-Za-z0-9_]+))\.lora_(?P<factor>[AB])\.weight$")
+
+
+class AdapterError(ValueError):
+    """A missing, corrupt or mismatched adapter folder: one line naming the file."""
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """One Linear of the base model that carries LoRA."""
+
+    path: str  # module path in the HF model, e.g. "model.layers.0.self_attn.q_proj"
+    layer: int
+    module: str
+    in_features: int
+    out_features: int
+
+    @property
+    def key_a(self) -> str:
+        return f"{PEFT_PREFIX}{self.path}.lora_A.weight"
+
+    @property
+    def key_b(self) -> str:
+        return f"{PEFT_PREFIX}{self.path}.lora_B.weight"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What an adapter_config.json says, in the subset PEFT and SGLang both honour."""
+
+    rank: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+    layers: tuple[int, ...]
+    base_model: str = ""
+
+    def peft_config(self) -> dict:
+        # Plain scaling only: SGLang ignores use_rslora, rank_pattern and alpha_pattern.
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_model,
+            "r": self.rank,
+            "lora_alpha": self.lora_alpha,
+            "target_modules": sorted(self.target_modules),
+            "layers_to_transform": sorted(self.layers),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }
+
+
+def find_targets(model: torch.nn.Module, layers: list[int] | tuple[int, ...], modules: list[str] | tuple[str, ...]) -> list[LoRATarget]:
+    """Every Linear named in `modules` inside the decoder layers `layers`, in model order.
+
+    Works on a model built on the meta device (no weights needed)."""
+    wanted_layers, wanted_modules = set(layers), set(modules)
+    targets = []
+    for path, module in model.named_modules():
+        m = re.search(r"\.layers\.(\d+)\.", path)
+        leaf = path.rsplit(".", 1)[-1]
+        if m and leaf in wanted_modules and int(m.group(1)) in wanted_layers and isinstance(module, torch.nn.Linear):
+            targets.append(LoRATarget(path, int(m.group(1)), leaf, module.in_features, module.out_features))
+    if not targets:
+        raise AdapterError(f"no Linear named {sorted(wanted_modules)} in layers {sorted(wanted_layers)} of {type(model).__name__}")
+    found_layers = {t.layer for t in targets}
+    missing = sorted(wanted_layers - found_layers)
+    if missing:
+        raise AdapterError(f"lora.layers {missing} do not exist in {type(model).__name__} (it has {max(found_layers) + 1}+ layers)")
+    found_modules = {t.module for t in targets}
+    if wanted_modules - found_modules:
+        raise AdapterError(f"lora.modules {sorted(wanted_modules - found_modules)} not found in {type(model).__name__}")
+    return targets
+
+
+def init_center(targets: list[LoRATarget], rank: int, seed: int, init_std: float | None = None) -> LoRATensors:
+    """Generation 0's centre: A from a seeded init, B = 0 (so the centre equals the base model).
+
+    A follows PEFT's default (kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)))
+    unless `init_std` asks for a Gaussian of that std."""
+    center: LoRATensors = {}
+    for index, t in enumerate(targets):
+        gen = torch.Generator(device="cpu").manual_seed(_mix(seed, 0x5EED, index))
+        if init_std is None:
+            bound = 1.0 / math.sqrt(t.in_features)
+            a = (torch.rand(rank, t.in_features, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+        else:
+            a = torch.randn(rank, t.in_features, generator=gen, dtype=torch.float32) * init_std
+        center[t.key_a] = a
+        center[t.key_b] = torch.zeros(t.out_features, rank, dtype=torch.float32)
+    return dict(sorted(center.items()))
+
+
+def spec_from_tensors(tensors: LoRATensors, lora_alpha: float, base_model: str = "") -> AdapterSpec:
+    layers, modules, ranks = set(), set(), set()
+    for key, value in tensors.items():
+        m = _KEY_RE.match(key)
+        if not m:
+            raise AdapterError(f"tensor {key!r} is not a PEFT LoRA key")
+        layers.add(int(m.group("layer")))
+        modules.add(m.group("module"))
+        ranks.add(value.shape[0] if m.group("factor") == "A" else value.shape[1])
+    if len(ranks) != 1:
+        raise AdapterError(f"mixed LoRA ranks {sorted(ranks)}: SGLang needs one rank per adapter")
+    return AdapterSpec(ranks.pop(), float(lora_alpha), tuple(sorted(modules)), tuple(sorted(layers)), base_model)
+
+
+def save_adapter(tensors: LoRATensors, folder: str | Path, spec: AdapterSpec) -> Path:
+    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(tensors.items())}
+    save_file(contiguous, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(spec.peft_config(), indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def load_adapter(folder: str | Path) -> tuple[LoRATensors, AdapterSpec]:
+    """Read a PEFT adapter folder; a missing or corrupt file is one AdapterError naming it."""
+    folder = Path(folder)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise AdapterError(f"adapter file missing: {p}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    if config.get("peft_type") != "LORA" or "r" not in config or "lora_alpha" not in config:
+        raise AdapterError(f"{config_path}: not a LoRA adapter config (needs peft_type LORA, r, lora_alpha)")
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in sorted(f.keys())}
+    except Exception as exc:  # safetensors raises several types for a truncated or garbled file
+        raise AdapterError(f"{weights_path}: unreadable safetensors ({exc})") from None
+    spec = spec_from_tensors(tensors, config["lora_alpha"], config.get("base_model_name_or_path", ""))
+    if spec.rank != int(config["r"]):
+        raise AdapterError(f"{weights_path}: tensors have rank {spec.rank}, {config_path} says r={config['r']}")
+    return tensors, spec
+
+
+def check_adapter_matches(tensors: LoRATensors, targets: list[LoRATarget], rank: int) -> None:
+    """Every key is a known target with the right shape (SGLang only warns on a mismatch)."""
+    expected = {}
+    for t in targets:
+        expected[t.key_a] = (rank, t.in_features)
+        expected[t.key_b] = (t.out_features, rank)
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise AdapterError(f"adapter key {unknown[0]!r} matches no target module of the base model ({len(unknown)} such keys)")
+    for key, value in tensors.items():
+        if tuple(value.shape) != expected[key]:
+            raise AdapterError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, the base model needs {expected[key]}")
+
+
+def num_parameters(tensors: LoRATensors) -> int:
+    return sum(v.numel() for v in tensors.values())
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers, stable across Python versions and machines."""
+    import hashlib
+
+    digest = hashlib.blake2b(b":".join(str(int(v)).encode() for v in values), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

@@ -1,0 +1,232 @@
+"""The one settings object of an experiment: YAML file + `ES_` environment variables + `--set`.
+
+Precedence, highest first: `--set key=value` overrides, `ES_*` environment variables (nested with
+`__`, e.g. `ES_ES__SIGMA=0.01`), the YAML file, the defaults below. Structure (population size,
+rank, layers, modules) and tunables (sigma, alpha) both live here; what changes per generation is
+`es_core.es.ESState`, never settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """A broken config: the message is one line naming the key and the file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Section):
+    name: str = Field("smollm2-135m", description="Preset name (smollm2-135m, tiny-llama, qwen2.5-0.5b-random, ...), a local HF folder, or a hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
+    allow_download: bool = Field(False, description="Let transformers reach the hub (off: HF_HUB_OFFLINE=1).")
+
+
+class LoRASettings(_Section):
+    rank: int = Field(1, ge=1, description="LoRA rank r of every target module.")
+    alpha: float | None = Field(None, gt=0, description="lora_alpha; scaling is alpha / rank. None means 2 * rank.")
+    layers: list[int] = Field(default_factory=lambda: list(range(11)), description="Decoder layer indices that carry LoRA.")
+    modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_MODULES), description="Linear module names that carry LoRA.")
+    init_std: float | None = Field(None, gt=0, description="Std of A at generation 0; None: kaiming-uniform as PEFT does.")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.rank
+
+
+class ESSettings(_Section):
+    population: int = Field(30, ge=2, description="Members N per generation.")
+    sigma: float = Field(0.001, gt=0, description="Perturbation scale: member = theta + sigma * eps.")
+    learning_rate: float = Field(0.0005, gt=0, description="alpha in theta += alpha * (1/N) * sum z_i eps_i.")
+    antithetic: bool = Field(True, description="Members come in (+eps, -eps) pairs; N must be even.")
+    shaping: Literal["zscore", "centered_rank"] = Field("zscore", description="Fitness shaping of rewards into weights.")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="sgd: the paper's plain step; adam: Adam on the same gradient estimate.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    perturb: Literal["both", "A", "B"] = Field("both", description="Which LoRA factors the noise moves.")
+    generations: int = Field(500, ge=1, description="ES iterations.")
+    seed: int = Field(0, ge=0, description="Run seed: noise of member i in generation g comes from (seed, g, i).")
+
+    @model_validator(mode="after")
+    def _even_population(self) -> "ESSettings":
+        if self.antithetic and self.population % 2:
+            raise ValueError(f"population must be even with antithetic pairs (got {self.population})")
+        return self
+
+
+class DataSettings(_Section):
+    source: Literal["generated", "paper", "jsonl"] = Field("generated", description="generated: our seeded generator; paper: the paper's countdown.json at `path`; jsonl: our JSONL at `path`.")
+    path: Path | None = Field(None, description="File for source paper/jsonl.")
+    train_size: int = Field(200, ge=1, description="Training problems (the paper: the first 200).")
+    heldout_size: int = Field(500, ge=1, description="Held-out problems, never trained on (the paper: the last 2,000).")
+    generator_seed: int = Field(1234, description="Seed of the problem generator.")
+    prompts_per_generation: int = Field(200, ge=1, description="Training prompts each member is scored on per generation (a rotating batch when < train_size).")
+
+    @model_validator(mode="after")
+    def _path_for_file_sources(self) -> "DataSettings":
+        if self.source != "generated" and self.path is None:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+class PromptSettings(_Section):
+    style: Literal["chat", "raw"] = Field("chat", description="chat: the paper's messages through the tokenizer's chat template; raw: the paper's context string.")
+
+
+class RewardSettings(_Section):
+    kind: Literal["paper", "tinyzero"] = Field("paper", description="paper: 0.1*format + answer; tinyzero: 1.0 correct, 0.1 well-formed, else 0.")
+
+
+class GenerationSettings(_Section):
+    max_new_tokens: int = Field(1024, ge=1, description="Greedy decoding budget per completion.")
+    max_batch_rows: int = Field(1024, ge=1, description="Most rows (member x prompt) decoded together; bounds KV-cache memory.")
+    compile: bool = Field(True, description="Embedded engine on CUDA: static cache + torch.compile of the decode step.")
+
+
+class SGLangSettings(_Section):
+    urls: list[str] = Field(default_factory=list, description="Running servers to attach to (also ES_SGLANG_URL, comma-separated). Empty: launch one.")
+    python: str = Field("python", description="Interpreter that has sglang installed, used to launch the server.")
+    host: str = "127.0.0.1"
+    port: int = Field(30000, ge=1, le=65535)
+    max_loras_per_batch: int | None = Field(None, ge=1, description="None: population + 1 (the base-model slot).")
+    max_loaded_loras: int | None = Field(None, ge=1, description="None: 2 * population.")
+    lora_backend: str = "csgmv"
+    extra_args: list[str] = Field(default_factory=list, description="Passed through to sglang.launch_server.")
+    startup_timeout_s: float = Field(900.0, gt=0)
+    request_timeout_s: float = Field(1800.0, gt=0)
+    unload_timeout_s: float = Field(60.0, gt=0)
+    reload_mode: Literal["auto", "dynamic", "restart"] = Field("auto", description="dynamic: /load_lora_adapter; restart: relaunch with --lora-paths; auto: dynamic, falling back to restart.")
+    requests_per_server: int = Field(4, ge=1, description="Concurrent /generate requests per server.")
+
+
+class BackendSettings(_Section):
+    kind: Literal["embedded", "sglang"] = "embedded"
+    sglang: SGLangSettings = Field(default_factory=SGLangSettings)
+
+
+class EvalSettings(_Section):
+    every: int = Field(10, ge=0, description="Evaluate the centre on the held-out split every K generations (0: only at the end).")
+    base_model: bool = Field(True, description="Evaluate the base model on the held-out split at generation 0.")
+
+
+class Settings(BaseSettings):
+    """A whole experiment. Every field has a default; a YAML file overrides a subset."""
+
+    model_config = SettingsConfigDict(env_prefix="ES_", env_nested_delimiter="__", extra="forbid", validate_assignment=True)
+
+    run_name: str = Field("countdown-es", description="Human label stored on the run row.")
+    data_dir: Path | None = Field(None, description="Ledger + artifacts root (ES_DATA_DIR); None: ./runs.")
+    sglang_url: str | None = Field(None, description="ES_SGLANG_URL: running SGLang server(s), comma-separated; attach instead of launching.")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoRASettings = Field(default_factory=LoRASettings)
+    es: ESSettings = Field(default_factory=ESSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    prompt: PromptSettings = Field(default_factory=PromptSettings)
+    reward: RewardSettings = Field(default_factory=RewardSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    backend: BackendSettings = Field(default_factory=BackendSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        # The YAML file arrives through init_settings' `_yaml` slot (see load_settings), below env.
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @property
+    def sglang_urls(self) -> list[str]:
+        from_env = [u.strip().rstrip("/") for u in (self.sglang_url or "").split(",") if u.strip()]
+        return from_env or [u.rstrip("/") for u in self.backend.sglang.urls]
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that changes results (not where they are written)."""
+        return settings_hash(self)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    current: dict[str, Any] = {}
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used instead
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_YamlSource.current)
+
+
+def settings_hash(settings: Settings) -> str:
+    data = settings.model_dump(mode="json", exclude={"data_dir", "run_name", "sglang_url"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`a.b=v` strings into a nested dict; values are parsed as YAML (numbers, lists, bools)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_settings(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """Read a YAML experiment, apply env vars and `--set` overrides; one-line ConfigError if broken."""
+    where = str(path) if path is not None else "<defaults>"
+    yaml_data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            yaml_data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(yaml_data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    init = parse_overrides(overrides)
+    _YamlSource.current = yaml_data
+    try:
+        settings = Settings(**init)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_first_error(exc)}") from None
+    finally:
+        _YamlSource.current = {}
+    if settings.data_dir is None:
+        settings.data_dir = Path("runs").resolve()
+    return settings
+
+
+def _first_error(exc: ValidationError) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    value = first.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict) and first["type"] != "missing" else ""
+    more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
+    return f"{loc}: {first['msg']}{shown}{more}"
