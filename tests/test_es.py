@@ -1,0 +1,151 @@
+"""ES math: seeded noise, fitness shaping, the update (Qiu et al. 2025) on LoRA tensors."""
+
+import math
+
+import pytest
+import torch
+
+from es_core.es import (
+    ESState,
+    Member,
+    centered_rank,
+    es_update,
+    estimate_gradient,
+    iter_noise,
+    member_plan,
+    noise_seed,
+    optimizer_tensors,
+    perturb_center,
+    state_from_tensors,
+    tensor_noise,
+    tensors_sha256,
+    zscore,
+)
+
+A, B = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def center():
+    return {A: torch.linspace(-1, 1, 2 * 8).reshape(2, 8), B: torch.zeros(6, 2)}
+
+
+def test_noise_is_regenerated_bit_for_bit_from_the_seed():
+    a = tensor_noise(12345, A, (2, 8))
+    b = tensor_noise(12345, A, (2, 8))
+    assert torch.equal(a, b) and a.dtype == torch.float32
+    # a fixed reference value: the same on every machine (CPU torch.Generator, mt19937)
+    assert tensors_sha256({"eps": tensor_noise(7, "k", (4,))}) == tensors_sha256({"eps": tensor_noise(7, "k", (4,))})
+
+
+def test_noise_streams_are_independent_per_tensor_member_and_generation():
+    # the paper's code reused one seed for every tensor; here each tensor has its own stream
+    same_shape = tensor_noise(1, "x.lora_A.weight", (4096,)), tensor_noise(1, "y.lora_A.weight", (4096,))
+    corr = torch.corrcoef(torch.stack(same_shape))[0, 1]
+    assert abs(float(corr)) < 0.06
+    assert noise_seed(0, 0, 0) != noise_seed(0, 0, 1) != noise_seed(0, 1, 0) != noise_seed(1, 0, 0)
+    eps = tensor_noise(noise_seed(0, 3, 1), A, (100_000,))
+    assert abs(float(eps.mean())) < 0.02 and abs(float(eps.std()) - 1) < 0.02
+
+
+def test_antithetic_plan_pairs_share_a_seed_with_opposite_signs():
+    plan = member_plan(run_seed=5, generation=2, population=6, antithetic=True)
+    assert [m.sign for m in plan] == [1, -1, 1, -1, 1, -1]
+    assert plan[0].seed == plan[1].seed != plan[2].seed
+    assert len({m.seed for m in member_plan(5, 2, 6, antithetic=False)}) == 6
+    with pytest.raises(ValueError):
+        member_plan(5, 2, 5, antithetic=True)
+
+
+def test_perturb_center_adds_sigma_times_signed_noise():
+    c = center()
+    plus, minus = perturb_center(c, Member(0, 99, 1), 0.01), perturb_center(c, Member(1, 99, -1), 0.01)
+    eps_a = tensor_noise(99, A, c[A].shape)
+    torch.testing.assert_close(plus[A], c[A] + 0.01 * eps_a, rtol=0, atol=0)
+    torch.testing.assert_close((plus[A] + minus[A]) / 2, c[A])
+    only_b = perturb_center(c, Member(0, 99, 1), 0.01, perturb="B")
+    assert torch.equal(only_b[A], c[A]) and not torch.equal(only_b[B], c[B])
+
+
+def test_zscore_and_centered_rank():
+    r = [1.0, 2.0, 3.0, 4.0]
+    z = zscore(r)
+    assert float(z.sum()) == pytest.approx(0, abs=1e-9)
+    expected = torch.tensor([-1.3416407865, -0.4472135955, 0.4472135955, 1.3416407865], dtype=torch.float64)
+    torch.testing.assert_close(z, expected)
+    torch.testing.assert_close(centered_rank([10.0, -3.0, 7.0]), torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(centered_rank([1.0, 1.0, 2.0]), torch.tensor([-0.25, -0.25, 0.5], dtype=torch.float64))
+    # a failed evaluation (NaN) ranks last
+    assert float(centered_rank([1.0, float("nan"), 2.0])[1]) == -0.25
+    assert float(zscore([float("nan"), 1.0, 2.0])[0]) == float(zscore([float("nan"), 1.0, 2.0])[1])
+
+
+def test_update_matches_a_hand_computation():
+    c = center()
+    members = member_plan(run_seed=1, generation=0, population=4, antithetic=False)
+    rewards = [0.0, 1.0, 0.5, 0.2]
+    alpha = 0.1
+    new, metrics = es_update(ESState(c), members, rewards, learning_rate=alpha)
+    r = torch.tensor(rewards, dtype=torch.float64)
+    z = (r - r.mean()) / (r.std(unbiased=False) + 1e-8)
+    for key in c:
+        by_hand = c[key].double() + alpha / 4 * sum(float(z[i]) * tensor_noise(m.seed, key, c[key].shape).double() for i, m in enumerate(members))
+        torch.testing.assert_close(new.center[key].double(), by_hand, rtol=1e-5, atol=1e-7)
+    assert new.generation == 1 and metrics["reward_max"] == 1.0
+    assert metrics["update_norm"] > 0
+
+
+def test_all_equal_rewards_leave_theta_unchanged_without_nan():
+    c = center()
+    for shaping in ("zscore", "centered_rank"):
+        new, metrics = es_update(ESState(c), member_plan(0, 0, 4), [0.3] * 4, 0.5, shaping=shaping)
+        for key in c:
+            assert torch.equal(new.center[key], c[key])
+        assert metrics["update_norm"] == 0.0 and not math.isnan(metrics["reward_std"])
+
+
+def test_antithetic_pairs_with_equal_rewards_cancel():
+    c = center()
+    plan = member_plan(0, 0, 4, antithetic=True)
+    # pair 0 scores (1, 1), pair 1 scores (0, 0): +eps and -eps cancel inside each pair
+    grad = estimate_gradient(c, plan, zscore([1.0, 1.0, 0.0, 0.0]))
+    for g in grad.values():
+        assert torch.equal(g, torch.zeros_like(g))
+    # an unequal pair moves along its own noise only
+    grad = estimate_gradient(c, plan, torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(grad[A], 2 / 4 * tensor_noise(plan[0].seed, A, c[A].shape))
+
+
+def test_update_is_deterministic_and_noise_is_never_stored():
+    c = center()
+    plan = member_plan(3, 4, 6)
+    rewards = [0.1, 0.4, 0.0, 1.1, 0.6, 0.2]
+    a, _ = es_update(ESState(c), plan, rewards, 0.01)
+    b, _ = es_update(ESState(c), plan, rewards, 0.01)
+    assert tensors_sha256(a.center) == tensors_sha256(b.center)
+    assert set(vars(a)) == {"center", "generation", "adam_m", "adam_v", "adam_step"}
+
+
+@pytest.mark.parametrize("shaping", ["zscore", "centered_rank"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_ask_tell_climbs_a_simple_objective(shaping, optimizer):
+    """A few generations on reward = -|theta - goal|^2 must move theta towards the goal."""
+    goal = {k: torch.full_like(v, 0.5) for k, v in center().items()}
+    state = ESState(center())
+
+    def distance(s):
+        return sum(float(((s.center[k] - goal[k]) ** 2).sum()) for k in goal)
+
+    start = distance(state)
+    for g in range(30):
+        plan = member_plan(0, g, 16)
+        rewards = [-distance(ESState(perturb_center(state.center, m, 0.05))) for m in plan]
+        state, _ = es_update(state, plan, rewards, 0.05 if shaping == "zscore" else 0.15, shaping=shaping, optimizer=optimizer)
+    assert distance(state) < 0.7 * start
+
+
+def test_adam_state_round_trips_through_tensors():
+    c = center()
+    state, _ = es_update(ESState(c), member_plan(0, 0, 4), [0.0, 1.0, 0.2, 0.3], 0.01, optimizer="adam")
+    back = state_from_tensors(state.center, state.generation, optimizer_tensors(state))
+    assert back.adam_step == 1 and tensors_sha256(back.adam_m) == tensors_sha256(state.adam_m)
+    assert optimizer_tensors(ESState(c)) == {}

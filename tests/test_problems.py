@@ -1,0 +1,117 @@
+"""Countdown problems: generator, the paper's layout, JSONL, splits."""
+
+import json
+
+import pytest
+
+from es_core.countdown.problems import (
+    HELDOUT,
+    TRAIN,
+    DataError,
+    Problem,
+    batch_for_generation,
+    generate_problems,
+    generated_splits,
+    jsonl_splits,
+    load_jsonl,
+    load_paper_file,
+    load_problems,
+    problem_id,
+    save_jsonl,
+    solve,
+)
+from es_core.countdown.reward import score_parts
+from es_core.settings import DataSettings
+
+
+def test_generated_problems_are_solvable_and_in_range():
+    problems = generate_problems(50, seed=3)
+    for p in problems:
+        assert 3 <= len(p.numbers) <= 4 and all(1 <= n <= 99 for n in p.numbers)
+        assert p.target.is_integer() and 1 <= p.target <= 100
+        solution = solve(p.numbers, p.target)
+        # the solver's expression is a correct answer by the reward's own judgement
+        assert score_parts(f"x</think>\n<answer>{solution}</answer>", p.numbers, p.target).correct
+
+
+def test_generator_is_seeded_and_ids_are_stable():
+    a, b, c = generate_problems(20, seed=7), generate_problems(20, seed=7), generate_problems(20, seed=8)
+    assert a == b and a != c
+    assert all(p.id == problem_id(p.numbers, p.target) for p in a)
+    assert len({p.id for p in a}) == 20
+
+
+def test_splits_never_overlap_and_heldout_does_not_depend_on_train_size():
+    train, heldout = generated_splits(100, 60, seed=1)
+    assert not {p.id for p in train} & {p.id for p in heldout}
+    assert {p.split for p in train} == {TRAIN} and {p.split for p in heldout} == {HELDOUT}
+    _, heldout_again = generated_splits(30, 60, seed=1)
+    assert heldout_again == heldout
+
+
+def test_solver_finds_and_refuses():
+    assert solve([44, 19, 35], 98) is not None
+    assert solve([2, 3], 5) is not None
+    assert solve([1, 1], 7) is None
+    assert solve([7, 2, 1], 4.5) is not None  # fractional targets
+
+
+def test_paper_file_layout_and_split(paper_data_path):
+    train, heldout = load_paper_file(paper_data_path, 200, 2000)
+    assert len(train) == 200 and len(heldout) == 2000
+    raw = json.loads(paper_data_path.read_text())
+    assert train[0].numbers == tuple(raw[0]["numbers"]) and train[0].target == float(raw[0]["target"])
+    assert heldout[-1].id == f"paper-{raw[-1]['id']}"
+    assert sum(not p.target.is_integer() for p in train + heldout) == 43  # the file's fractional targets
+    assert sum(p.target < 0 for p in train + heldout) == 19
+    # the paper's own solutions score as correct under our reward
+    for item, p in list(zip(raw[:200], train))[:50]:
+        assert score_parts(f"x</think>\n<answer>{item['solution']}</answer>", p.numbers, p.target).correct
+
+
+def test_paper_layout_fixture_of_our_own(tmp_path):
+    items = [{"id": i, "context": "...", "numbers": [i + 1, 2], "target": str(i + 3), "solution": f"{i + 1} + 2"} for i in range(5)]
+    items.append({"id": 5, "context": "...", "numbers": [7, 2], "target": "3.5", "solution": "7 / 2"})
+    path = tmp_path / "countdown.json"
+    path.write_text(json.dumps(items))
+    train, heldout = load_paper_file(path, 2, 3)
+    assert [p.id for p in train] == ["paper-0", "paper-1"]
+    assert [p.id for p in heldout] == ["paper-3", "paper-4", "paper-5"] and heldout[-1].target == 3.5
+    with pytest.raises(DataError, match="fewer than"):
+        load_paper_file(path, 4, 3)
+
+
+@pytest.mark.parametrize("content, message", [("{not json", "not valid JSON"), ('[{"numbers": [1]}]', "record 0")])
+def test_broken_paper_file_is_one_line_error(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as err:
+        load_paper_file(path, 1, 0)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_jsonl_round_trip_and_splits(tmp_path):
+    train, heldout = generated_splits(10, 5, seed=2)
+    path = save_jsonl(train + heldout, tmp_path / "problems.jsonl")
+    assert load_jsonl(path) == train + heldout
+    assert jsonl_splits(path, 10, 5) == (train, heldout)
+    (tmp_path / "broken.jsonl").write_text('{"numbers": [1, 2], "target": 3}\n{"numbers": oops}\n')
+    with pytest.raises(DataError, match=r"broken.jsonl:2"):
+        load_jsonl(tmp_path / "broken.jsonl")
+
+
+def test_load_problems_from_settings(tmp_path, paper_data_path):
+    train, heldout = load_problems(DataSettings(train_size=20, heldout_size=10))
+    assert len(train) == 20 and len(heldout) == 10
+    train, heldout = load_problems(DataSettings(source="paper", path=paper_data_path, train_size=200, heldout_size=500))
+    assert train[0].id == "paper-0" and heldout[0].id == "paper-1700"
+    with pytest.raises(DataError, match="not found"):
+        load_problems(DataSettings(source="jsonl", path=tmp_path / "missing.jsonl"))
+
+
+def test_rotating_batches_cover_the_training_set():
+    train = [Problem(str(i), (1, 2), 3.0) for i in range(10)]
+    assert batch_for_generation(train, 5, 20) == train
+    seen = [p.id for g in range(5) for p in batch_for_generation(train, g, 4)]
+    assert set(seen) == {str(i) for i in range(10)}
+    assert batch_for_generation(train, 0, 4) == batch_for_generation(train, 0, 4)

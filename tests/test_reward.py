@@ -1,0 +1,99 @@
+"""The Countdown reward, as the paper's countdown_task.py scores it (without eval)."""
+
+import time
+
+import pytest
+
+from es_core.countdown.reward import evaluate_expression, format_reward, score, score_parts
+
+GOOD = "44 + 19 = 63, 63 + 35 = 98</think>\n<answer>(44 + 19) + 35</answer>"
+
+
+def test_full_format_and_correct_answer_scores_1_1():
+    parts = score_parts(GOOD, [44, 19, 35], 98)
+    assert parts.format_reward == 1.0 and parts.answer_reward == 1.0
+    assert parts.format_ok and parts.correct
+    assert score(GOOD, [44, 19, 35], 98) == pytest.approx(1.1)
+
+
+@pytest.mark.parametrize(
+    "completion, expected_format",
+    [
+        ("just text", 0.0),
+        ("reasoning</think> no answer", 0.1),  # think block only ("<think>" comes from the prompt)
+        ("no closing think <answer>1+2</answer>", 0.5),  # answer block only
+        ("reasoning</think> <answer>1+2</answer>", 0.6),  # both, but not "</think>\n<answer>"
+        ("reasoning</think>\n<answer>1+2</answer>", 1.0),
+        ("reasoning</think>\n<answer>1+2</answer>\n", 1.0),  # the paper's `$` accepts one trailing newline
+        ("reasoning</think>\n<answer>1+2</answer> trailing words", 0.6),
+    ],
+)
+def test_format_levels(completion, expected_format):
+    assert format_reward("<think>" + completion) == pytest.approx(expected_format)
+
+
+@pytest.mark.parametrize(
+    "answer, numbers, target, correct",
+    [
+        ("(44 + 19) + 35", [44, 19, 35], 98, True),
+        ("44 + 19 + 34", [44, 19, 35], 97, False),  # wrong number
+        ("44 + 19 + 35", [44, 19, 35], 97, False),  # wrong value
+        ("44 + 44 + 10", [44, 10, 35], 98, False),  # a number reused
+        ("44 + 19", [44, 19, 35], 63, False),  # a number missing
+        ("44 + 19 + 35 + 1", [44, 19, 35], 99, False),  # an extra number
+        ("(10 - (2 * (3 + 1)))", [10, 2, 3, 1], 2, True),  # nested parentheses
+        ("((((6 / 3))) * 7)", [6, 3, 7], 14, True),
+        ("6 / (3 - 3) + 7", [6, 3, 3, 7], 7, False),  # division by zero
+        ("7 / 2 + 1", [7, 2, 1], 4.5, True),  # true division, fractional target
+        ("7 // 2 + 1", [7, 2, 1], 4, False),  # floor division is not allowed
+        ("2 ** 3 + 1", [2, 3, 1], 9, False),  # power is not allowed
+        ("- 3 - 5", [3, 5], -8, True),  # unary minus, as the paper's eval accepts
+        ("44 × 19", [44, 19], 836, False),  # unicode operator
+        ("44 − 19", [44, 19], 25, False),  # unicode minus
+        ("٤٤ + 19", [44, 19], 63, False),  # non-ASCII digits
+        ("", [1], 1, False),
+        ("1 + 2)", [1, 2], 3, False),  # unbalanced
+    ],
+)
+def test_answer_correctness(answer, numbers, target, correct):
+    completion = f"thinking</think>\n<answer>{answer}</answer>"
+    assert score_parts(completion, numbers, target).correct is correct
+
+
+def test_fractional_target_within_tolerance():
+    # 266.6666666666667 is how the paper's file writes 800/3
+    assert score_parts("x</think>\n<answer>800 / 3</answer>", [800, 3], 266.6666666666667).correct
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["__import__('os').system('echo hi')", "(1).__class__", "open('/etc/passwd')", "[1, 2]", "lambda: 1"],
+)
+def test_injection_attempts_score_zero_and_run_nothing(answer):
+    parts = score_parts(f"t</think>\n<answer>{answer}</answer>", [1, 2], 3)
+    assert parts.answer_reward == 0.0
+    assert evaluate_expression(answer) is None
+
+
+def test_huge_exponent_is_rejected_immediately():
+    start = time.perf_counter()
+    assert score_parts("t</think>\n<answer>99**99**99</answer>", [99, 99, 99], 1).answer_reward == 0.0
+    assert evaluate_expression("99**99**99") is None
+    assert time.perf_counter() - start < 1.0  # the paper's eval would hang here
+
+
+def test_only_the_last_answer_counts():
+    wrong_last = "t</think>\n<answer>1 + 2</answer> or <answer>2 - 1</answer>"
+    right_last = "t</think>\n<answer>2 - 1</answer> or <answer>1 + 2</answer>"
+    assert not score_parts(wrong_last, [1, 2], 3).correct
+    assert score_parts(right_last, [1, 2], 3).correct
+    # as in the paper, the regex's lazy `.*?` may span from the first <answer> to the last
+    # </answer>, so two tags can still be "exact format"; text after the last tag is not
+    assert score_parts(right_last, [1, 2], 3).format_reward == 1.0
+    assert score_parts(right_last + " done", [1, 2], 3).format_reward == pytest.approx(0.6)
+
+
+def test_tinyzero_variant():
+    assert score_parts(GOOD, [44, 19, 35], 98, kind="tinyzero").reward == 1.0
+    assert score_parts("t</think>\n<answer>1 + 1</answer>", [44, 19, 35], 98, kind="tinyzero").reward == 0.1
+    assert score_parts("no tags at all", [44, 19, 35], 98, kind="tinyzero").reward == 0.0

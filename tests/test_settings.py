@@ -1,0 +1,68 @@
+"""One settings object: YAML + ES_ env vars + --set, and one-line errors naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from es_core.settings import ConfigError, load_settings
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
+
+
+def test_yaml_env_and_overrides_in_order(tmp_path, monkeypatch):
+    path = tmp_path / "exp.yaml"
+    path.write_text("es:\n  sigma: 0.002\n  population: 8\nlora:\n  rank: 4\n")
+    s = load_settings(path)
+    assert (s.es.sigma, s.es.population, s.lora.rank, s.lora.lora_alpha) == (0.002, 8, 4, 8.0)
+    monkeypatch.setenv("ES_ES__SIGMA", "0.003")
+    assert load_settings(path).es.sigma == 0.003  # env over YAML
+    s = load_settings(path, ["es.sigma=0.004", "lora.layers=[0, 1]"])
+    assert s.es.sigma == 0.004 and s.lora.layers == [0, 1]  # --set over env
+    assert s.es.population == 8  # untouched keys keep the YAML value
+
+
+def test_data_dir_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("ES_DATA_DIR", str(tmp_path / "d"))
+    assert load_settings().data_dir == tmp_path / "d"
+
+
+def test_fingerprint_changes_with_results_not_with_location(tmp_path):
+    a = load_settings(None, ["es.sigma=0.01"])
+    b = load_settings(None, ["es.sigma=0.01", f"data_dir={tmp_path}"])
+    c = load_settings(None, ["es.sigma=0.02"])
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("es:\n  sgima: 0.1\n", [], "es.sgima: Extra inputs are not permitted"),
+        ("es:\n  sigma: lots\n", [], "es.sigma: Input should be a valid number"),
+        ("es:\n  population: 7\n", [], "population must be even"),
+        ("es: [1, 2\n", [], "line"),
+        ("- just a list\n", [], "mapping"),
+        ("", ["es.sigma"], "expected key=value"),
+        ("", ["backend.kind=tpu"], "backend.kind"),
+        ("data:\n  source: paper\n", [], "data.path is required"),
+    ],
+)
+def test_broken_config_is_one_line_naming_key_and_file(tmp_path, text, overrides, message):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+    if "--set" not in str(err.value):
+        assert str(path) in str(err.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found: /no/such.yaml"):
+        load_settings("/no/such.yaml")
+
+
+@pytest.mark.parametrize("name", ["countdown_es.yaml", "smoke.yaml"])
+def test_shipped_experiments_load(name):
+    s = load_settings(CONFIGS / name)
+    assert s.es.population % 2 == 0
