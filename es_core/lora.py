@@ -196,3 +196,13 @@ def check_adapter_matches(tensors: LoRATensors, targets: list[LoRATarget], rank:
 def num_parameters(tensors: LoRATensors) -> int:
     return sum(v.numel() for v in tensors.values())
 
+
+
+def find_targets_in_folder(model_dir: str | Path, layers: list[int] | tuple[int, ...], modules: list[str] | tuple[str, ...]) -> list[LoRATarget]:
+    """Targets of a local HF model folder, from its config alone (the model is built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return find_targets(skeleton, layers, modules)

@@ -171,7 +171,9 @@ class _YamlSource(PydanticBaseSettingsSource):
 
 
 def settings_hash(settings: Settings) -> str:
-    data = settings.model_dump(mode="json", exclude={"data_dir", "run_name", "sglang_url"})
+    """Identity of a run's results: not where they are written, how long the run goes on, or how
+    often it is evaluated (so a finished run can be extended with `resume --set es.generations=N`)."""
+    data = settings.model_dump(mode="json", exclude={"data_dir": True, "run_name": True, "sglang_url": True, "eval": True, "es": {"generations"}})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -209,8 +211,13 @@ def load_settings(path: str | Path | None = None, overrides: list[str] | tuple[s
             raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
         if not isinstance(yaml_data, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return settings_from_dict(yaml_data, overrides, where)
+
+
+def settings_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), where: str = "<settings>") -> Settings:
+    """Settings from a mapping (a YAML file's, or a run's stored config) under env and overrides."""
     init = parse_overrides(overrides)
-    _YamlSource.current = yaml_data
+    _YamlSource.current = data
     try:
         settings = Settings(**init)
     except ValidationError as exc:
