@@ -184,6 +184,16 @@ def test_an_attached_server_that_stays_down_is_one_line(two_fakes, population):
     assert "\n" not in text and url in text and "g0_m000" in text and "not back within" in text
 
 
+def test_a_server_that_keeps_failing_stops_with_one_line_and_no_leftovers(two_fakes, population):
+    a, _ = two_fakes
+    a.fault("/generate", "status", status=500, times=1000)
+    with backend([a], max_rows_per_request=2) as be, pytest.raises(BackendError) as info:
+        be.generate(population[:1], PROMPTS, 8)
+    text = str(info.value)
+    assert "\n" not in text and a.url in text and "generate g0_m000" in text and "gave up after 3 recoveries" in text and "HTTP 500" in text
+    assert a.snapshot()["loaded"] == {}
+
+
 def test_a_hanging_unload_on_an_attached_server_does_not_stop_the_run(two_fakes, population):
     a, _ = two_fakes
     a.fault("/unload_lora_adapter", "hang")

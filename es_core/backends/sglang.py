@@ -35,7 +35,7 @@ import math
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -479,9 +479,17 @@ class SGLangBackend:
                 for chunk in chunks
             ]
             out: list[list[Completion | None]] = [[None] * len(prompts) for _ in adapters]
-            for chunk, future in zip(chunks, futures):
-                for (a, p), completion in zip(chunk, future.result()):
-                    out[a][p] = completion
+            try:
+                for chunk, future in zip(chunks, futures):
+                    for (a, p), completion in zip(chunk, future.result()):
+                        out[a][p] = completion
+            except BaseException:
+                # Let running requests end before the adapters are unloaded under them (an
+                # unload waits for them on the server and would time out into a restart).
+                for future in futures:
+                    future.cancel()
+                wait(futures)
+                raise
             return out  # type: ignore[return-value]
         finally:
             self._release(slot, adapters)
