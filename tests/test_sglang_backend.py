@@ -324,6 +324,24 @@ def test_restart_mode_relaunches_with_lora_paths(tmp_path, base_dir, shim_env, p
         assert "--lora-paths g0_m000=" in server.log_path.read_text()
 
 
+def test_auto_mode_falls_back_to_restarts_when_loads_keep_failing(tmp_path, base_dir, shim_env, population):
+    with launched(tmp_path, base_dir, shim_env) as be:
+        server = be._slots[0].process
+        requests.post(server.url + "/_fake/fault", json={"endpoint": "/load_lora_adapter", "kind": "status", "status": 500, "times": 100}, timeout=5)
+        out = be.generate(population[:2], PROMPTS, 64)
+        assert [[c.text for c in row] for row in out] == [[expected(r, p) for p in PROMPTS] for r in population[:2]]
+        assert server.starts == 2 and set(server.lora_paths) == {"g0_m000", "g0_m001"}
+
+
+def test_name_prefix_keeps_runs_apart_on_a_shared_server(two_fakes, population):
+    a, _ = two_fakes
+    with backend([a], name_prefix="run7-") as be:
+        out = be.generate(population[:1], PROMPTS, 64)
+    assert [b["lora_name"] for b in a.calls("/load_lora_adapter")] == ["run7-g0_m000"]
+    assert {n for b in a.calls("/generate") for n in b["lora_path"]} == {"run7-g0_m000"}
+    assert [c.text for c in out[0]] == [expected(population[0], p) for p in PROMPTS]
+
+
 def test_stop_escalates_to_sigkill(tmp_path, base_dir, shim_env):
     settings = settings_for(tmp_path, extra_args=["--fake-ignore-sigterm"])
     server = SGLangServer(LaunchSpec.from_settings(settings, base_dir), tmp_path / "s.log", startup_timeout_s=20, stop_grace_s=0.5, env=shim_env)

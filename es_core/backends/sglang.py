@@ -421,6 +421,13 @@ class SGLangBackend:
                         raise
                     log.warning("%s; falling back to restarts with --lora-paths on this server", exc)
                     slot.mode = "restart"
+                except ServerUnavailable as exc:
+                    # A load that keeps failing on a server that is otherwise healthy: dynamic
+                    # loading is broken there; a dead server is left to the caller's recovery.
+                    if self.reload_mode != "auto" or slot.process is None or not (slot.process.alive() and slot.client.healthy()):
+                        raise
+                    log.warning("%s; the server is healthy, falling back to restarts with --lora-paths on it", exc)
+                    slot.mode = "restart"
             self._restart_with(slot, missing)
         with slot.lock:
             missing = [n for n in names if n not in slot.loaded]
