@@ -1,0 +1,201 @@
+"""What `es-countdown sql | lineage | export | gc` do, as plain functions that return text or data
+(the argparse wiring is in artifacts/cli.py). Errors are one-line CommandError, LedgerError or
+ArtifactError; the CLI prints them and exits 2."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from artifacts.ledger import LEDGER_FILE, TABLES, Ledger, LedgerError, to_jsonable
+from artifacts.store import ArtifactStore, remove_path
+
+ARTIFACTS_DIR = "artifacts"  # under the data dir, as tasks/common.DataDir lays it out
+FORMATS = ("table", "csv", "json")
+
+
+class CommandError(ValueError):
+    """A refused command: one line."""
+
+
+def default_data_dir(value: str | os.PathLike | None = None) -> Path:
+    """--data-dir, else ES_DATA_DIR, else ./runs."""
+    return Path(value or os.environ.get("ES_DATA_DIR") or "runs").resolve()
+
+
+def open_ledger(data_dir: str | os.PathLike | None) -> Ledger:
+    """The ledger of an existing data dir; a missing dir or file is a one-line CommandError."""
+    root = default_data_dir(data_dir)
+    if not root.is_dir():
+        raise CommandError(f"no data dir at {root} (give --data-dir DIR or set ES_DATA_DIR)")
+    if not (root / LEDGER_FILE).is_file():
+        raise CommandError(f"no ledger at {root / LEDGER_FILE} (no run has written to this data dir yet)")
+    return Ledger(root)
+
+
+# --- sql ---------------------------------------------------------------------------------------
+
+
+def format_rows(columns: list[str], rows: list[tuple], fmt: str = "table", max_width: int = 64) -> str:
+    """Rows as an aligned text table (long cells cut to max_width), CSV, or a JSON array of objects."""
+    if fmt == "json":
+        objects = [json.dumps(dict(zip(columns, (to_jsonable(v) for v in row))), ensure_ascii=False) for row in rows]
+        return "[\n" + ",\n".join(objects) + "\n]\n" if objects else "[]\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if v is None else _csv_cell(v) for v in row])
+        return buf.getvalue()
+    if fmt != "table":
+        raise CommandError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    cells = [[_table_cell(v, max_width) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines) + "\n"
+
+
+def _csv_cell(value) -> str:
+    value = to_jsonable(value)
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _table_cell(value, max_width: int) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        text = f"{value:.6g}"
+    else:
+        value = to_jsonable(value)
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+    return text if len(text) <= max_width else text[: max_width - 1] + "…"
+
+
+def sql(data_dir, query: str, fmt: str = "table", max_width: int = 64) -> str:
+    """Run one read-only query against the ledger and format the result."""
+    if fmt not in FORMATS:
+        raise CommandError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    columns, rows = open_ledger(data_dir).query(query)
+    return format_rows(columns, rows, fmt, max_width)
+
+
+# --- lineage -------------------------------------------------------------------------------------
+
+
+def lineage_text(steps: list[dict]) -> str:
+    """The lineage of `Ledger.lineage` for a terminal, newest first."""
+    out = []
+    for step in steps:
+        if step["kind"] == "member":
+            out.append(
+                f"member {step['member']} of generation {step['generation']} (run {step['run_id']}): adapter {step['adapter_sha256']}\n"
+                f"  = centre {step['center_sha256'][:12]} + sigma * ({step['sign']:+d}) * eps(seed {step['seed']}), reward {_num(step['reward_mean'])}"
+            )
+        elif step["kind"] == "update":
+            members = ", ".join(f"{m['member']}:{m['seed']}{'+' if m['sign'] >= 0 else '-'}={_num(m['reward_mean'])}" for m in step["members"])
+            out.append(
+                f"generation {step['generation']} (run {step['run_id']}): centre {step['center_sha256']}\n"
+                f"  from centre {step['parent_center_sha256'][:12]}; member rewards mean {_num(step['reward_mean'])} std {_num(step['reward_std'])} "
+                f"max {_num(step['reward_max'])}; update norm {_num(step.get('update_norm'))}\n"
+                f"  members (index:seed sign=reward): {members}"
+            )
+        else:
+            out.append(f"initial centre (run {step['run_id']}): {step['center_sha256']}")
+    return "\n".join(out) + "\n"
+
+
+def _num(value) -> str:
+    return "NULL" if value is None else f"{value:.6g}"
+
+
+def lineage(data_dir, sha: str, run_id: str | None = None, fmt: str = "table") -> str:
+    steps = open_ledger(data_dir).lineage(sha, run_id)
+    if fmt == "json":
+        return json.dumps(to_jsonable(steps), indent=1) + "\n"
+    return lineage_text(steps)
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+def export(data_dir, run_id: str, out: str | os.PathLike | None = None) -> list[Path]:
+    """One Parquet file per table, filtered to the run (problems: the whole table, it has no run
+    column). Default folder: <data_dir>/exports/<run_id>/."""
+    ledger = open_ledger(data_dir)
+    if ledger.run_row(run_id) is None:
+        raise CommandError(f"run {run_id} is not in the ledger at {ledger.path}")
+    out_dir = Path(out) if out else ledger.data_dir / "exports" / run_id
+    return ledger.export_parquet(run_id, out_dir)
+
+
+# --- gc ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GcPlan:
+    remove: list[tuple[str, int]] = field(default_factory=list)  # (sha256, bytes)
+    leftovers: list[tuple[Path, int]] = field(default_factory=list)  # unfinished puts, orphan manifests
+    kept_young: int = 0
+    kept_referenced: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b in self.remove) + sum(b for _, b in self.leftovers)
+
+
+def gc_plan(data_dir, min_age_s: float = 86400.0) -> GcPlan:
+    """Artifacts no ledger row references (any column named *_sha256), older than min_age_s."""
+    ledger = open_ledger(data_dir)
+    store = ArtifactStore(ledger.data_dir / ARTIFACTS_DIR)
+    referenced = ledger.referenced_sha256()
+    plan = GcPlan()
+    for sha, _ in store.iter_artifacts():
+        if sha in referenced:
+            plan.kept_referenced += 1
+        elif store.age_s(sha) < min_age_s:
+            plan.kept_young += 1
+        else:
+            plan.remove.append((sha, store.size(sha)))
+    plan.leftovers = store.leftovers(min_age_s)
+    return plan
+
+
+def gc(data_dir, yes: bool = False, min_age_s: float = 86400.0) -> str:
+    """Dry run unless yes: list what would go and the bytes freed; with yes, remove it."""
+    plan = gc_plan(data_dir, min_age_s)
+    store = ArtifactStore(default_data_dir(data_dir) / ARTIFACTS_DIR)
+    verb = "removed" if yes else "would remove"
+    lines = []
+    for sha, size in plan.remove:
+        if yes:
+            store.remove(sha)
+        lines.append(f"{verb} {sha}  {_bytes(size)}")
+    for path, size in plan.leftovers:
+        if yes:
+            remove_path(path)
+        lines.append(f"{verb} {path}  {_bytes(size)} (unfinished write)")
+    lines.append(
+        f"{verb} {len(plan.remove)} unreferenced artifact(s) and {len(plan.leftovers)} leftover(s), {_bytes(plan.bytes)}; "
+        f"kept {plan.kept_referenced} referenced and {plan.kept_young} younger than {min_age_s / 3600:g} h"
+        + ("" if yes or not (plan.remove or plan.leftovers) else " (dry run: add --yes to delete)")
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+__all__ = ["CommandError", "default_data_dir", "open_ledger", "format_rows", "sql", "lineage", "lineage_text", "export", "gc", "gc_plan", "GcPlan", "LedgerError"]
