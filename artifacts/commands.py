@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from artifacts.ledger import LEDGER_FILE, TABLES, Ledger, LedgerError, to_jsonable
+from artifacts.ledger import LEDGER_FILE, Ledger, to_jsonable
 from artifacts.store import ArtifactStore, remove_path
 
 ARTIFACTS_DIR = "artifacts"  # under the data dir, as tasks/common.DataDir lays it out
@@ -198,4 +198,4 @@ def _bytes(n: int) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-__all__ = ["CommandError", "default_data_dir", "open_ledger", "format_rows", "sql", "lineage", "lineage_text", "export", "gc", "gc_plan", "GcPlan", "LedgerError"]
+__all__ = ["CommandError", "default_data_dir", "open_ledger", "format_rows", "sql", "lineage", "lineage_text", "export", "gc", "gc_plan", "GcPlan"]
