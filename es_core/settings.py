@@ -33,6 +33,7 @@ class ModelSettings(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
     allow_download: bool = Field(False, description="Let transformers reach the hub (off: HF_HUB_OFFLINE=1).")
+    cache_dir: Path | None = Field(None, description="Where converted base models are kept (ES_MODEL__CACHE_DIR); None: <data_dir>/models.")
 
 
 class LoRASettings(_Section):
@@ -114,7 +115,7 @@ class SGLangSettings(_Section):
     request_timeout_s: float = Field(1800.0, gt=0)
     unload_timeout_s: float = Field(60.0, gt=0)
     reload_mode: Literal["auto", "dynamic", "restart"] = Field("auto", description="dynamic: /load_lora_adapter; restart: relaunch with --lora-paths; auto: dynamic, falling back to restart.")
-    requests_per_server: int = Field(4, ge=1, description="Concurrent /generate requests per server.")
+    requests_per_server: int = Field(32, ge=1, description="Concurrent /generate requests per server (one per member in flight): about population / servers lets SGLang batch the whole population.")
 
 
 class BackendSettings(_Section):
@@ -173,7 +174,7 @@ class _YamlSource(PydanticBaseSettingsSource):
 def settings_hash(settings: Settings) -> str:
     """Identity of a run's results: not where they are written, how long the run goes on, or how
     often it is evaluated (so a finished run can be extended with `resume --set es.generations=N`)."""
-    data = settings.model_dump(mode="json", exclude={"data_dir": True, "run_name": True, "sglang_url": True, "eval": True, "es": {"generations"}})
+    data = settings.model_dump(mode="json", exclude={"data_dir": True, "run_name": True, "sglang_url": True, "eval": True, "es": {"generations"}, "model": {"cache_dir"}})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

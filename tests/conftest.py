@@ -33,3 +33,24 @@ def smollm2_tokenizer(smollm2_gguf):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One Prefect test harness (a temporary database and ephemeral API) for the whole session."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """Converted base models, shared by every test's data dir (conversion happens once)."""
+    return tmp_path_factory.mktemp("models")
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

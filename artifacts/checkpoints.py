@@ -1,0 +1,44 @@
+"""An ES checkpoint as one artifact: the centre as a PEFT adapter folder (servable as it is) plus,
+for Adam, the optimizer moments beside it. Its sha256 is the centre's id in the ledger."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from es_core.es import ESState, optimizer_tensors, state_from_tensors
+from es_core.lora import AdapterSpec, LoRATensors, load_adapter, save_adapter
+
+OPTIMIZER_FILE = "es_optimizer.safetensors"
+STATE_FILE = "es_state.json"
+
+
+def put_adapter_folder(store, tensors: LoRATensors, spec: AdapterSpec, extra: dict[str, bytes] | None = None):
+    """Write a PEFT folder (and extra files) to a temporary place and store it by content."""
+    with tempfile.TemporaryDirectory(prefix="es-adapter-") as tmp:
+        folder = save_adapter(tensors, Path(tmp) / "adapter", spec)
+        for name, data in (extra or {}).items():
+            (folder / name).write_bytes(data)
+        return store.put_dir(folder)
+
+
+def put_checkpoint(store, state: ESState, spec: AdapterSpec):
+    extra = {STATE_FILE: (json.dumps({"generation": state.generation}, sort_keys=True) + "\n").encode()}
+    moments = optimizer_tensors(state)
+    if moments:
+        with tempfile.TemporaryDirectory(prefix="es-optimizer-") as tmp:
+            path = Path(tmp) / OPTIMIZER_FILE
+            save_file({k: v.contiguous() for k, v in sorted(moments.items())}, str(path), metadata={"format": "pt"})
+            extra[OPTIMIZER_FILE] = path.read_bytes()
+    return put_adapter_folder(store, state.center, spec, extra)
+
+
+def load_checkpoint(store, sha256: str) -> tuple[ESState, AdapterSpec]:
+    folder = store.get(sha256)
+    tensors, spec = load_adapter(folder)
+    meta = json.loads((folder / STATE_FILE).read_text()) if (folder / STATE_FILE).is_file() else {"generation": 0}
+    moments = load_file(str(folder / OPTIMIZER_FILE)) if (folder / OPTIMIZER_FILE).is_file() else None
+    return state_from_tensors(tensors, int(meta["generation"]), moments), spec

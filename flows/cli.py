@@ -1,0 +1,110 @@
+"""`es-countdown`: run, resume and replay experiments; ask the ledger questions.
+
+    es-countdown run --config configs/experiments/smoke.yaml [--set es.sigma=0.01] [--data-dir DIR]
+    es-countdown resume RUN_ID [--data-dir DIR]
+    es-countdown replay RUN_ID --generation G [--reevaluate]
+    es-countdown sql "SELECT ..." | lineage SHA | export RUN_ID | gc [--yes]
+
+Runs go through Prefect: with no PREFECT_API_URL, in-process on Prefect's ephemeral API (no server
+needed); with one, they show in that server's UI. Every failure that stops a command is one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None, help="ledger + artifacts root (default: ES_DATA_DIR or ./runs)")
+
+
+def _default_data_dir(value: str | None) -> str:
+    return str(Path(value or os.environ.get("ES_DATA_DIR") or "runs").resolve())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="es-countdown", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start an experiment (the `es-countdown` flow, in-process)")
+    run.add_argument("--config", required=True, help="YAML experiment, e.g. configs/experiments/smoke.yaml")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    run.add_argument("--run-id", default=None, help="name the run (default: <run_name>-<utc time>-<hex>)")
+    run.add_argument("--backend", choices=["embedded", "sglang"], default=None, help="shorthand for --set backend.kind=...")
+    _data_dir_arg(run)
+    run.set_defaults(handler=_cmd_run)
+
+    resume = sub.add_parser("resume", help="continue a run after its last recorded generation")
+    resume.add_argument("run_id")
+    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="e.g. es.generations=200 to extend a finished run")
+    _data_dir_arg(resume)
+    resume.set_defaults(handler=_cmd_resume)
+
+    replay = sub.add_parser("replay", help="rebuild a generation from the ledger and check every hash")
+    replay.add_argument("run_id")
+    replay.add_argument("--generation", type=int, required=True)
+    replay.add_argument("--reevaluate", action="store_true", help="also regenerate completions and compare rewards")
+    _data_dir_arg(replay)
+    replay.set_defaults(handler=_cmd_replay)
+
+    from artifacts.cli import register
+
+    register(sub)
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from es_core.settings import load_settings
+
+    overrides = list(args.overrides) + ([f"backend.kind={args.backend}"] if args.backend else [])
+    if args.data_dir:
+        overrides.append(f"data_dir={Path(args.data_dir).resolve()}")
+    settings = load_settings(args.config, overrides)  # a broken config stops here, before any work
+    from flows.es_countdown import es_countdown
+
+    result = es_countdown(config_path=str(Path(args.config).resolve()), overrides=overrides, run_id=args.run_id, data_dir=str(settings.data_dir))
+    print(f"run {result['run_id']}: final centre {result['center_sha256'][:12]}, report {result['report']}")
+    return 0
+
+
+def _resume_overrides(args) -> list[str]:
+    # generations may grow on resume; anything that changes results is refused by the flow
+    return list(args.overrides)
+
+
+def _cmd_resume(args) -> int:
+    from flows.es_countdown import es_countdown
+
+    result = es_countdown(run_id=args.run_id, overrides=_resume_overrides(args), data_dir=_default_data_dir(args.data_dir))
+    print(f"run {result['run_id']}: final centre {result['center_sha256'][:12]}, report {result['report']}")
+    return 0
+
+
+def _cmd_replay(args) -> int:
+    from flows.replay import replay
+
+    result = replay(args.run_id, args.generation, _default_data_dir(args.data_dir), args.reevaluate)
+    return 0 if result["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("es-countdown: interrupted; completed generations are in the ledger (resume with `es-countdown resume RUN_ID`)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, no traceback
+        if os.environ.get("ES_DEBUG"):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"es-countdown: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

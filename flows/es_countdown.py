@@ -1,0 +1,184 @@
+"""The `es-countdown` flow: ES over a population of LoRA adapters on Countdown.
+
+Each generation g: members = centre_g + sigma * sign_i * eps(seed_i) are written as adapter
+artifacts, scored by greedy decoding on a batch of training prompts, and the centre moves by the
+z-scored rewards. Everything lands in the ledger; a generation is committed in one transaction, so
+a killed run resumes after its last committed generation (cached task results make the redo cheap)
+and ends bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.utilities.annotations import quote
+
+from artifacts.ledger import Ledger
+from es_core.countdown.problems import batch_for_generation, load_problems
+from es_core.countdown.prompt import render_prompts
+from es_core.es import member_plan
+from es_core.models import load_tokenizer
+from es_core.settings import ConfigError, Settings, load_settings, settings_from_dict
+from flows.backend import open_backend
+from flows.progress import RunProgress
+from flows.report import write_report
+from tasks.common import DataDir, persisted
+from tasks.evaluate import evaluate_heldout, evaluate_member, evaluate_population
+from tasks.ledger import commit_generation, record_eval
+from tasks.model import prepare_base_model
+from tasks.population import aggregate, init_population, perturb
+
+
+def new_run_id(run_name: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in run_name.lower()).strip("-") or "run"
+    return f"{slug}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def resolve_settings(config_path: str | None, overrides: list[str] | None, run_id: str | None, data_dir: str | None) -> tuple[Settings, str, bool]:
+    """(settings, run_id, resuming). A known run id resumes with its stored settings."""
+    extra = [f"data_dir={data_dir}"] if data_dir else []
+    settings = load_settings(config_path, [*(overrides or []), *extra]) if config_path else None
+    root = Path(data_dir) if data_dir else (settings.data_dir if settings else load_settings(None, extra).data_dir)
+    if run_id:
+        stored = Ledger(root).run_row(run_id) if (root / "ledger.duckdb").exists() else None
+        if stored:
+            resumed = settings_from_dict(_json(stored["config_json"]), [*(overrides or []), f"data_dir={root}"], where=f"run {run_id}")
+            if settings is not None and settings.fingerprint() != resumed.fingerprint():
+                raise ConfigError(f"run {run_id} in {root} was started with other settings than {config_path}; start a new run id")
+            return resumed, run_id, True
+        if settings is None:
+            raise ConfigError(f"run {run_id} is not in the ledger at {root / 'ledger.duckdb'}; give --config to start it")
+    if settings is None:
+        raise ConfigError("give a config path (or the id of a recorded run to resume)")
+    return settings, run_id or new_run_id(settings.run_name), False
+
+
+def _json(text: str) -> dict:
+    import json
+
+    return json.loads(text)
+
+
+@flow(name="es-countdown", log_prints=True)
+def es_countdown(config_path: str | None = None, overrides: list[str] | None = None, run_id: str | None = None, data_dir: str | None = None) -> dict:
+    """Run (or resume) an ES experiment; returns the run id, the final centre and its held-out scores."""
+    logger = get_run_logger()
+    settings, run_id, resuming = resolve_settings(config_path, overrides, run_id, data_dir)
+    data = DataDir(Path(settings.data_dir))
+    data.root.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(data.root)
+    artifacts_dir = str(data.artifacts)
+    es = settings.es
+
+    # --- base model, problems, run row --------------------------------------------------------
+    base = prepare_base_model(settings.model, str(settings.model.cache_dir or data.models))
+    train, heldout = load_problems(settings.data)
+    ledger.record_problems([{"problem_id": p.id, "numbers": list(p.numbers), "target": p.target, "split": p.split} for p in train + heldout])
+    ledger.record_run(run_id, settings.run_name, settings.model_dump_json(), settings.fingerprint(), base["path"], base["sha256"], es.seed)
+    ledger.set_run_status(run_id, "running")
+    logger.info(f"run {run_id} ({'resuming' if resuming else 'new'}), ledger {data.root / 'ledger.duckdb'}")
+
+    tokenizer = load_tokenizer(Path(base["path"]))
+    heldout_prompts = render_prompts(heldout, settings.prompt.style, tokenizer)
+    model_key = f"{base['sha256']}:{settings.backend.kind}:{settings.prompt.style}"
+    evaluation = dict(max_new_tokens=settings.generation.max_new_tokens, reward_kind=settings.reward.kind, model_key=model_key)
+
+    init_sha = persisted(init_population, data)(
+        artifacts_dir, base["path"], base["sha256"], settings.lora.layers, settings.lora.modules,
+        settings.lora.rank, settings.lora.lora_alpha, settings.lora.init_std, es.seed,
+    )
+    last = ledger.last_generation(run_id)
+    start = 0 if last is None else last + 1
+    center_sha = init_sha if last is None else ledger.generation_row(run_id, last)["center_sha256"]
+    progress = RunProgress(run_id, es.generations, start)
+
+    backend = open_backend(settings, Path(base["path"]), data.run_dir(run_id), run_id)
+    try:
+
+        def heldout_eval(label: int, model: str, adapter: tuple[str, str | None]) -> None:
+            done = ledger.query("SELECT count(*) FROM evals WHERE run_id = ? AND generation = ? AND split = 'heldout' AND model = ?", [run_id, label, model])[1][0][0]
+            if done:
+                return
+            summary = persisted(evaluate_heldout, data)(quote(backend), artifacts_dir, adapter, heldout, heldout_prompts, **evaluation)
+            record_eval(str(data.root), {"run_id": run_id, "generation": label, "split": "heldout", "model": model, "adapter_sha256": adapter[1], **summary})
+            progress.heldout(label, model, summary)
+
+        def eval_due(generations_done: int) -> bool:
+            every = settings.eval.every
+            return generations_done == es.generations or (every > 0 and generations_done % every == 0)
+
+        # --- generation 0: the base model on the held-out split ----------------------------------
+        if settings.eval.base_model:
+            heldout_eval(0, "base", ("base", None))
+        if start > 0 and eval_due(start):  # a kill between a commit and its evaluation
+            heldout_eval(start, "centre", (f"centre_g{start}", center_sha))
+
+        for g in range(start, es.generations):
+            started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
+
+            # --- members: centre + sigma * sign * eps(seed), as adapter artifacts --------------------
+            plan = member_plan(es.seed, g, es.population, es.antithetic)
+            members = [(m.index, m.seed, m.sign) for m in plan]
+            member_adapters = persisted(perturb, data)(artifacts_dir, center_sha, members, es.sigma, es.perturb)
+            adapters = [(f"g{g}_m{m.index:03d}", sha) for m, (sha, _) in zip(plan, member_adapters)]
+
+            # --- score every member on this generation's prompts ------------------------------------
+            batch = batch_for_generation(train, g, settings.data.prompts_per_generation)
+            prompts = render_prompts(batch, settings.prompt.style, tokenizer)
+            if settings.backend.kind == "embedded":
+                result = persisted(evaluate_population, data)(quote(backend), artifacts_dir, adapters, batch, prompts, **evaluation)
+                scores, generate_seconds = result["scores"], result["generate_seconds"]
+            else:
+                futures = [persisted(evaluate_member, data).submit(quote(backend), artifacts_dir, a, batch, prompts, **evaluation) for a in adapters]
+                results = [f.result() for f in futures]
+                scores = [r["score"] for r in results]
+                generate_seconds = max(r["generate_seconds"] for r in results)
+            rewards = [s.reward_mean for s in scores]
+
+            # --- move the centre ------------------------------------------------------------------
+            update = persisted(aggregate, data)(
+                artifacts_dir, center_sha, members, rewards, es.learning_rate, es.shaping, es.optimizer, es.perturb,
+                (es.adam_beta1, es.adam_beta2, es.adam_eps),
+            )
+
+            # --- one transaction: members, samples, generation ----------------------------------------
+            wall_seconds = time.perf_counter() - t0
+            generation_row = {
+                "run_id": run_id, "generation": g, "center_sha256": update["center_sha256"], "center_path": update["center_path"],
+                "parent_center_sha256": center_sha, "reward_mean": update["reward_mean"], "reward_std": update["reward_std"],
+                "reward_max": update["reward_max"], "started_at": started_at, "finished_at": datetime.now(timezone.utc),
+                "update_norm": update["update_norm"], "generate_seconds": generate_seconds, "wall_seconds": wall_seconds,
+            }
+            member_rows = [
+                {
+                    "run_id": run_id, "generation": g, "member": m.index, "seed": m.seed, "sign": m.sign, "adapter_sha256": sha,
+                    "adapter_path": path, "reward_mean": s.reward_mean, "format_rate": s.format_rate,
+                    "accuracy": s.accuracy, "tokens": s.tokens, "server": s.server,
+                }
+                for m, (sha, path), s in zip(plan, member_adapters, scores)
+            ]
+            sample_rows = [
+                {"run_id": run_id, "generation": g, "member": m.index, **vars(sample)}
+                for m, s in zip(plan, scores)
+                for sample in s.samples
+            ]
+            commit_generation(str(data.root), generation_row, member_rows, sample_rows)
+            center_sha = update["center_sha256"]
+            progress.generation(g, generation_row, member_rows)
+
+            if eval_due(g + 1):
+                heldout_eval(g + 1, "centre", (f"centre_g{g + 1}", center_sha))
+    except BaseException:
+        ledger.set_run_status(run_id, "failed")
+        raise
+    finally:
+        backend.close()
+
+    ledger.set_run_status(run_id, "completed")
+    report = write_report(ledger, run_id, data.run_dir(run_id), data.root / "ledger.duckdb")
+    progress.finish(report)
+    return {"run_id": run_id, "center_sha256": center_sha, "generations": es.generations, "report": str(report)}

@@ -1,0 +1,113 @@
+"""Replay a recorded generation from the ledger: rebuild its members and its new centre from the
+parent centre, the member seeds and the recorded rewards, and check every hash. With
+`reevaluate`, also regenerate the completions and compare the rewards."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import flow
+
+from artifacts.checkpoints import load_checkpoint, put_checkpoint
+from artifacts.ledger import Ledger
+from artifacts.store import ArtifactStore, hash_dir
+from es_core.countdown.problems import Problem, batch_for_generation, load_problems
+from es_core.countdown.prompt import render_prompts
+from es_core.es import Member, es_update, perturb_center
+from es_core.evaluation import score_member
+from es_core.lora import save_adapter
+from es_core.settings import ConfigError, settings_from_dict
+
+
+@dataclass
+class ReplayReport:
+    run_id: str
+    generation: int
+    members_checked: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    center_ok: bool = False
+    rewards_checked: int = 0
+    max_reward_diff: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches and self.center_ok
+
+    def lines(self) -> list[str]:
+        out = [f"run {self.run_id} generation {self.generation}: {self.members_checked} member adapters rebuilt from seeds"]
+        out += [f"  MISMATCH {m}" for m in self.mismatches]
+        out.append(f"  new centre {'matches' if self.center_ok else 'DOES NOT match'} the ledger")
+        if self.rewards_checked:
+            out.append(f"  re-evaluated {self.rewards_checked} members: largest reward difference {self.max_reward_diff:.3g}")
+        out.append("replay OK" if self.ok else "replay FAILED")
+        return out
+
+
+def _folder_sha(tensors, spec) -> str:
+    with tempfile.TemporaryDirectory(prefix="es-replay-") as tmp:
+        return hash_dir(save_adapter(tensors, Path(tmp) / "adapter", spec))
+
+
+@flow(name="es-countdown-replay", log_prints=True)
+def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False) -> dict:
+    """Rebuild generation `generation` of a run and verify it against the ledger."""
+    root = Path(data_dir)
+    ledger = Ledger(root)
+    run = ledger.run_row(run_id)
+    if run is None:
+        raise ConfigError(f"run {run_id} is not in the ledger at {root / 'ledger.duckdb'}")
+    row = ledger.generation_row(run_id, generation)
+    if row is None:
+        raise ConfigError(f"run {run_id} has no recorded generation {generation} (last: {ledger.last_generation(run_id)})")
+    settings = settings_from_dict(json.loads(run["config_json"]), [f"data_dir={root}"], where=f"run {run_id}")
+    es = settings.es
+    store = ArtifactStore(root / "artifacts")
+    parent, spec = load_checkpoint(store, row["parent_center_sha256"])  # verifies the parent's hash
+    members = sorted(ledger.member_rows(run_id, generation), key=lambda m: m["member"])
+    report = ReplayReport(run_id, generation)
+
+    plan = [Member(m["member"], int(m["seed"]), int(m["sign"])) for m in members]
+    for m, member in zip(members, plan):
+        sha = _folder_sha(perturb_center(parent.center, member, es.sigma, es.perturb), spec)
+        report.members_checked += 1
+        if sha != m["adapter_sha256"]:
+            report.mismatches.append(f"member {m['member']}: rebuilt adapter {sha[:12]} != ledger {m['adapter_sha256'][:12]}")
+    rewards = [float(m["reward_mean"]) for m in members]
+    new_state, _ = es_update(parent, plan, rewards, es.learning_rate, es.shaping, es.optimizer, es.perturb, (es.adam_beta1, es.adam_beta2), es.adam_eps)
+    with tempfile.TemporaryDirectory(prefix="es-replay-store-") as tmp:
+        rebuilt = put_checkpoint(ArtifactStore(Path(tmp)), new_state, spec).sha256
+    report.center_ok = rebuilt == row["center_sha256"]
+
+    if reevaluate:
+        report.rewards_checked, report.max_reward_diff = _reevaluate(settings, run, members, generation, store, report)
+    for line in report.lines():
+        print(line)
+    return {"ok": report.ok, "lines": report.lines()}
+
+
+def _reevaluate(settings, run, members, generation, store, report) -> tuple[int, float]:
+    from es_core.backends.base import AdapterRef
+    from es_core.models import load_tokenizer
+    from flows.backend import open_backend
+
+    train, _ = load_problems(settings.data)
+    batch: list[Problem] = batch_for_generation(train, generation, settings.data.prompts_per_generation)
+    base_path = Path(run["base_model"])
+    prompts = render_prompts(batch, settings.prompt.style, load_tokenizer(base_path))
+    backend = open_backend(settings, base_path, Path(tempfile.mkdtemp(prefix="es-replay-")))
+    try:
+        refs = [AdapterRef(f"replay_g{generation}_m{m['member']:03d}", store.get(m["adapter_sha256"])) for m in members]
+        completions = backend.generate(refs, prompts, settings.generation.max_new_tokens)
+    finally:
+        backend.close()
+    worst = 0.0
+    for m, comps in zip(members, completions):
+        reward = score_member(batch, prompts, comps, settings.reward.kind).reward_mean
+        diff = abs(reward - float(m["reward_mean"]))
+        worst = max(worst, diff)
+        if diff > 1e-9:
+            report.mismatches.append(f"member {m['member']}: re-evaluated reward {reward:.6f} != ledger {float(m['reward_mean']):.6f}")
+    return len(members), worst

@@ -1,0 +1,51 @@
+"""What every task shares: where a run's files live and how results are cached.
+
+Cache keys are content: the task's source plus its inputs, which are artifact hashes, seeds and
+settings values (never tensors or models). Engines and servers travel as `backend`, excluded from
+the key. Results persist under the data dir, so a re-run or a resume skips finished work. (Prefect's
+DEFAULT policy keys on the flow run id, which a re-run does not share.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+
+CONTENT_CACHE = (INPUTS - "backend") + TASK_SOURCE
+NO_CACHE = NO_CACHE
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """The layout of one data dir: ledger, artifacts, converted models, cached task results."""
+
+    root: Path
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def task_results(self) -> Path:
+        return self.root / "task-results"
+
+    def run_dir(self, run_id: str) -> Path:
+        path = self.root / "runs" / run_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def result_storage(self) -> Path:
+        # a Path is a local result store Prefect needs no saved block for
+        self.task_results.mkdir(parents=True, exist_ok=True)
+        return self.task_results
+
+
+def persisted(task, data_dir: DataDir):
+    """The task with its results written under this data dir."""
+    return task.with_options(result_storage=data_dir.result_storage(), persist_result=True)

@@ -1,0 +1,22 @@
+"""Ledger writes as tasks: idempotent on their keys, so a retried task never duplicates a row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from artifacts.ledger import Ledger
+from tasks.common import NO_CACHE
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def commit_generation(data_dir: str, generation: dict, members: list[dict], samples: list[dict]) -> None:
+    """Members, samples and the generation row land in one transaction, or not at all."""
+    Ledger(Path(data_dir)).commit_generation(generation, members, samples)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def record_eval(data_dir: str, row: dict) -> None:
+    """One held-out evaluation (centre or base model)."""
+    Ledger(Path(data_dir)).record_eval(row)
