@@ -1,0 +1,89 @@
+"""The embedded backend: the population engine in this process, behind the InferenceBackend interface.
+
+Text and files live here, not in the engine: prompts are tokenized with add_special_tokens=False
+(chat-template text already carries its special tokens, and SGLang gets the same ids), adapter
+folders are read with `load_adapter` and checked against the base model's targets, completions
+are decoded with skip_special_tokens=True. completion_tokens counts the EOS when one ended it.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from es_core.backends.base import AdapterRef, Completion
+from es_core.engine.generate import GenerationOutput, PopulationEngine
+from es_core.engine.model import Decoder
+from es_core.lora import LoRATensors, check_adapter_matches, find_targets, load_adapter
+from es_core.models import load_causal_lm, load_tokenizer
+from es_core.settings import Settings
+
+SERVER = "embedded"
+
+
+class EmbeddedBackend:
+    def __init__(self, engine: PopulationEngine, tokenizer, scaling: float):
+        self.engine, self.tokenizer, self.scaling = engine, tokenizer, float(scaling)
+        self._lock = threading.Lock()  # one batch at a time: the engine's buffers are shared
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model_path: Path) -> "EmbeddedBackend":
+        """Load the base model from a local HF folder and build the engine for settings.lora's targets."""
+        model = load_causal_lm(Path(model_path), settings.model.dtype, settings.model.device)
+        targets = find_targets(model, settings.lora.layers, settings.lora.modules)
+        tokenizer = load_tokenizer(Path(model_path))
+        engine = PopulationEngine(
+            Decoder.from_hf(model), targets, settings.lora.rank,
+            pad_id=tokenizer.pad_token_id, eos_ids=eos_token_ids(model, tokenizer),
+            max_batch_rows=settings.generation.max_batch_rows, compile=settings.generation.compile,
+        )
+        return cls(engine, tokenizer, settings.lora.scaling)
+
+    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
+        """Greedy completion of every prompt under every adapter (path None: the base model): result[a][p]."""
+        members: list[LoRATensors | None] = []
+        scalings: list[float] = []
+        for ref in adapters:
+            if ref.path is None:
+                members.append(None)
+                scalings.append(1.0)
+                continue
+            tensors, spec = load_adapter(ref.path)
+            check_adapter_matches(tensors, self.engine.targets, self.engine.rank)
+            members.append(tensors)
+            scalings.append(spec.lora_alpha / spec.rank)
+        return self._complete(members, scalings, prompts, max_new_tokens)
+
+    def generate_tensors(self, members: Sequence[LoRATensors | None], prompts: Sequence[str], max_new_tokens: int,
+                         scaling: float | None = None) -> list[list[Completion]]:
+        """As generate, from LoRA tensors in memory (no file I/O); scaling defaults to settings.lora's."""
+        s = self.scaling if scaling is None else float(scaling)
+        return self._complete(list(members), [s] * len(members), prompts, max_new_tokens)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def _complete(self, members, scalings, prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        with self._lock:
+            out: GenerationOutput = self.engine.generate(ids, members, max_new_tokens, scalings)
+        texts = self.tokenizer.batch_decode([t for row in out.tokens for t in row], skip_special_tokens=True)
+        result, k = [], 0
+        for row, stops in zip(out.tokens, out.stopped):
+            completions = []
+            for tokens, stopped in zip(row, stops):
+                completions.append(Completion(texts[k], len(tokens), "stop" if stopped else "length", SERVER))
+                k += 1
+            result.append(completions)
+        return result
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """What HF generate stops at: the generation config's EOS ids, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]

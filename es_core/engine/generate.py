@@ -1,0 +1,330 @@
+"""Greedy decoding of every member x every prompt in one batch, over token ids only.
+
+Follows gpt-fast's `generate.py`: a static KV cache allocated once per batch layout, positions
+passed explicitly, greedy argmax kept on the device (no `.item()` per step), and the decode step
+compiled. Departures: rows are member-major (N = members x prompts) so a population of LoRA
+adapters runs in one pass (`population_lora`); prompts are left-padded (an attention mask over
+cache slots and per-row positions); the whole decode step (all layers, cache writes, argmax, EOS
+bookkeeping) is captured as one CUDA graph per attention-length bucket, so each step costs one
+graph launch and attention reads only the filled part of the cache (rounded up to `bucket`).
+On CPU the same step runs eagerly in float32.
+
+The engine knows nothing of text, prompts or PEFT files: token ids in, token ids out.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from es_core.engine.model import Decoder, attention_in, attention_out_mlp, greedy_head
+from es_core.engine.population_lora import PopulationLoRA
+from es_core.lora import LoRATarget, LoRATensors
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[list[int]]]  # [member][prompt] -> generated ids, the EOS included when it stopped
+    stopped: list[list[bool]]  # [member][prompt]: True if EOS ended it, False if max_new_tokens did
+
+
+@dataclass
+class EngineStats:
+    """Where the time of the last `generate` went (seconds; device-synchronized at phase ends)."""
+
+    setup_s: float = 0.0  # buffers, torch.compile and CUDA-graph capture of new batch layouts
+    load_s: float = 0.0  # members into the LoRA slots
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    rows: int = 0
+    chunks: int = 0
+    generated_tokens: int = 0  # tokens up to and including EOS, summed over rows
+    row_steps: int = 0  # rows x tokens decoded (finished rows padded included)
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens summed over rows
+    padded_prompt_len: list[int] = field(default_factory=list)
+
+
+def plan_chunks(n_members: int, n_prompts: int, max_rows: int) -> list[tuple[range, range]]:
+    """Rectangular (members, prompts) chunks of at most max_rows rows, member-major."""
+    if n_members * n_prompts <= max_rows:
+        return [(range(n_members), range(n_prompts))]
+    if n_prompts <= max_rows:
+        per = max_rows // n_prompts
+        return [(range(m, min(m + per, n_members)), range(n_prompts)) for m in range(0, n_members, per)]
+    return [(range(m, m + 1), range(p, min(p + max_rows, n_prompts))) for m in range(n_members) for p in range(0, n_prompts, max_rows)]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row; grouped-query heads folded into the query length so the KV cache is
+    read once per KV head (no repeat_kv copy). q: [N, H, 1, hd], k/v: [N, Hkv, L, hd], mask [N, 1, 1, L]."""
+    n, h, _, hd = q.shape
+    hkv = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(n, hkv, h // hkv, hd), k, v, attn_mask=mask)  # [N, Hkv, H/Hkv, hd]
+    return out.reshape(n, h, 1, hd)
+
+
+class _Session:
+    """Static buffers (KV cache, LoRA slots, step state) and CUDA graphs of one batch layout."""
+
+    def __init__(self, engine: "PopulationEngine", rows: int, groups: int, cache_len: int, max_new: int, eos: tuple[int, ...]):
+        d, cfg, dev = engine.decoder, engine.decoder.config, engine.decoder.device
+        self.rows, self.groups, self.cache_len, self.max_new = rows, groups, cache_len, max_new
+        self.k = [torch.zeros(rows, cfg.n_kv_heads, cache_len, cfg.head_dim, dtype=d.dtype, device=dev) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.cos, self.sin = d.rope_tables(cache_len)  # [cache_len, hd]
+        self.lora = PopulationLoRA(cfg.fused_out, cfg.fused_in, cfg.n_layers, engine.targets, engine.rank, d.dtype, dev)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)  # last token of each row
+        self.positions = torch.zeros(rows, dtype=torch.long, device=dev)  # its RoPE position
+        self.write = torch.zeros(1, dtype=torch.long, device=dev)  # cache slot it is written to
+        self.step = torch.zeros(1, dtype=torch.long, device=dev)  # index into out
+        self.valid = torch.zeros(rows, cache_len, dtype=torch.bool, device=dev)  # cache slots holding real tokens
+        self.done = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.out = torch.zeros(rows, max_new, dtype=torch.long, device=dev)
+        self.eos = torch.tensor(eos if eos else [-1], dtype=torch.long, device=dev)
+        self.pad = torch.tensor(engine.pad_id, dtype=torch.long, device=dev)
+        self.layer_lora: list = []
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def bind_lora(self) -> None:
+        self.layer_lora = [self.lora.layer(i) for i in range(self.lora.n_layers)]
+
+
+class PopulationEngine:
+    """Greedy completions of token-id prompts under a population of LoRA members, batched.
+
+    `targets` and `rank` fix the LoRA structure (which Linears, which rank); members are set per
+    call. `compile` (CUDA): torch.compile the layer's pure parts; `cuda_graphs` (CUDA, default on):
+    capture the decode step. `bucket`: attention-length granularity (and cache-length rounding)."""
+
+    def __init__(self, decoder: Decoder, targets: Sequence[LoRATarget], rank: int, *, pad_id: int, eos_ids: Sequence[int],
+                 max_batch_rows: int = 1024, compile: bool = True, cuda_graphs: bool | None = None, bucket: int = 64,
+                 prefill_tokens: int = 32768, check_every: int = 16):
+        self.decoder, self.targets, self.rank = decoder, list(targets), int(rank)
+        self.pad_id, self.eos_ids = int(pad_id), tuple(int(e) for e in eos_ids)
+        self.max_batch_rows, self.bucket, self.prefill_tokens, self.check_every = int(max_batch_rows), int(bucket), int(prefill_tokens), int(check_every)
+        cuda = decoder.device.type == "cuda"
+        self.cuda_graphs = cuda if cuda_graphs is None else (bool(cuda_graphs) and cuda)
+        self.compiled = bool(compile) and cuda
+        if self.compiled:
+            _raise_recompile_limit(64)
+            self._attn_in = torch.compile(attention_in, fullgraph=True, dynamic=False)
+            self._attn_out = torch.compile(attention_out_mlp, fullgraph=True, dynamic=False)
+            self._head = torch.compile(greedy_head, fullgraph=True, dynamic=False)
+        else:
+            self._attn_in, self._attn_out, self._head = attention_in, attention_out_mlp, greedy_head
+        if not cuda:
+            torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        self._session: _Session | None = None
+        self._key: tuple | None = None
+        self.stats = EngineStats()
+
+    # --- public ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], members: Sequence[LoRATensors | None], max_new_tokens: int,
+                 scalings: Sequence[float] | float = 1.0, eos_ids: Sequence[int] | None = None) -> GenerationOutput:
+        """Greedy completion of every prompt under every member (None: the base model)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+        if not members or not prompts:
+            return GenerationOutput([[] for _ in members], [[] for _ in members])
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        scalings = [float(scalings)] * len(members) if isinstance(scalings, (int, float)) else [float(s) for s in scalings]
+        eos = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
+        self.stats = EngineStats()
+        tokens = [[[] for _ in prompts] for _ in members]
+        stopped = [[False for _ in prompts] for _ in members]
+        for mems, prs in plan_chunks(len(members), len(prompts), self.max_batch_rows):
+            rows = self._run_chunk([prompts[p] for p in prs], [members[m] for m in mems], [scalings[m] for m in mems], max_new_tokens, eos)
+            for i, m in enumerate(mems):
+                for j, p in enumerate(prs):
+                    tokens[m][p], stopped[m][p] = rows[i * len(prs) + j]
+        self.stats.generated_tokens = sum(len(t) for row in tokens for t in row)
+        return GenerationOutput(tokens, stopped)
+
+    def close(self) -> None:
+        self._session, self._key = None, None
+        if self.decoder.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # --- one chunk ------------------------------------------------------------------------
+
+    def _run_chunk(self, prompts, members, scalings, max_new: int, eos: tuple[int, ...]) -> list[tuple[list[int], bool]]:
+        dev = self.decoder.device
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        groups, per = len(members), len(prompts)
+        rows, t_pad = groups * per, max(len(p) for p in prompts)
+        cache_len = _round_up(t_pad + max_new - 1, self.bucket)
+
+        t0 = time.perf_counter()
+        s = self._get_session(rows, groups, cache_len, max_new, eos)
+        sync()
+        t1 = time.perf_counter()
+        s.lora.set_members(members, scalings)
+        sync()
+        t2 = time.perf_counter()
+
+        # left-padded prompts, repeated for every member (rows are member-major)
+        ids = torch.full((per, t_pad), self.pad_id, dtype=torch.long)
+        real = torch.zeros(per, t_pad, dtype=torch.bool)
+        for j, p in enumerate(prompts):
+            ids[j, t_pad - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            real[j, t_pad - len(p):] = True
+        ids, real = ids.to(dev).repeat(groups, 1), real.to(dev).repeat(groups, 1)  # [N, T]
+        self._prefill(s, ids, real, per)
+        sync()
+        t3 = time.perf_counter()
+
+        # decode: token 0 came from the prefill; step i writes token i
+        steps = 1
+        for i in range(1, max_new):
+            write = t_pad + i - 1
+            kv_len = min(_round_up(write + 1, self.bucket), cache_len)
+            if self.cuda_graphs:
+                s.graphs[kv_len].replay()
+            else:
+                self._decode_step(s, kv_len)
+            steps += 1
+            if steps % self.check_every == 0 and bool(s.done.all()):
+                break
+        out = s.out[:, :steps].cpu()
+        t4 = time.perf_counter()
+
+        st = self.stats
+        st.setup_s += t1 - t0
+        st.load_s += t2 - t1
+        st.prefill_s += t3 - t2
+        st.decode_s += t4 - t3
+        st.decode_steps += steps - 1
+        st.rows += rows
+        st.chunks += 1
+        st.row_steps += rows * steps
+        st.prompt_tokens += groups * sum(len(p) for p in prompts)
+        st.padded_prompt_len.append(t_pad)
+
+        eos_set = set(eos)
+        result = []
+        for row in out.tolist():
+            cut = next((k for k, t in enumerate(row) if t in eos_set), None)
+            result.append((row[: cut + 1], True) if cut is not None else (row[:max_new], False))
+        return result
+
+    def _get_session(self, rows: int, groups: int, cache_len: int, max_new: int, eos: tuple[int, ...]) -> _Session:
+        key = (rows, groups, cache_len, max_new, eos)
+        if self._key == key and self._session is not None:
+            return self._session
+        self._session, self._key = None, None  # free the old layout's cache first
+        if self.decoder.device.type == "cuda":
+            torch.cuda.empty_cache()
+        s = _Session(self, rows, groups, cache_len, max_new, eos)
+        s.lora.set_members([None] * groups, [1.0] * groups)  # allocates the slots (fixed addresses)
+        s.bind_lora()
+        if self.cuda_graphs and max_new > 1:
+            self._capture(s)
+        self._session, self._key = s, key
+        return s
+
+    # --- prefill --------------------------------------------------------------------------
+
+    def _prefill(self, s: _Session, ids: torch.Tensor, real: torch.Tensor, per: int) -> None:
+        """Run the prompts, fill the cache, and leave the first generated token in the state."""
+        d, cfg = self.decoder, self.decoder.config
+        n, t = ids.shape
+        positions = (real.long().cumsum(-1) - 1).clamp_(min=0)  # [N, T], HF's left-padding positions
+        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril_()
+        eye = torch.eye(t, dtype=torch.bool, device=ids.device)
+        grp = cfg.n_heads // cfg.n_kv_heads
+        first = torch.empty(n, dtype=torch.long, device=ids.device)
+        step_groups = max(1, self.prefill_tokens // (per * t))
+        for g0 in range(0, s.groups, step_groups):
+            g1 = min(g0 + step_groups, s.groups)
+            rows = slice(g0 * per, g1 * per)
+            x = F.embedding(ids[rows], d.embed)  # [n, T, D]
+            cos, sin = s.cos[positions[rows]], s.sin[positions[rows]]  # [n, T, hd]
+            # causal over real keys; a padding query sees itself only (no fully-masked row, no NaN)
+            mask = ((causal[None] & real[rows][:, None, :]) | eye[None])[:, None]  # [n, 1, T, T]
+            for i, w in enumerate(d.layers):
+                lora = s.lora.layer(i, g0, g1)
+                q, k, v = attention_in(x, w.attn_norm, w.wqkv, w.bqkv, lora, cos, sin, cfg)
+                s.k[i][rows, :, :t] = k
+                s.v[i][rows, :, :t] = v
+                attn = F.scaled_dot_product_attention(q, k.repeat_interleave(grp, 1), v.repeat_interleave(grp, 1), attn_mask=mask)
+                x = attention_out_mlp(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, w.w2, lora, cfg)
+            first[rows] = greedy_head(x[:, -1], d.norm, d.lm_head, cfg.eps)
+        s.valid.zero_()
+        s.valid[:, :t] = real
+        s.out.fill_(self.pad_id)
+        s.out[:, 0] = first
+        s.done.copy_(torch.isin(first, s.eos))
+        s.tokens.copy_(first)
+        s.positions.copy_(positions[:, -1] + 1)
+        s.write.fill_(t)
+        s.step.fill_(1)
+
+    # --- decode ---------------------------------------------------------------------------
+
+    def _decode_step(self, s: _Session, kv_len: int) -> None:
+        """One token for every row; only in-place updates of the session's buffers (graph-safe)."""
+        d, cfg = self.decoder, self.decoder.config
+        s.valid.index_fill_(1, s.write, True)
+        x = F.embedding(s.tokens, d.embed)[:, None, :]  # [N, 1, D]
+        cos, sin = s.cos[s.positions][:, None, :], s.sin[s.positions][:, None, :]  # [N, 1, hd]
+        mask = s.valid[:, None, None, :kv_len]  # [N, 1, 1, L]
+        for i, w in enumerate(d.layers):
+            lora = s.layer_lora[i]
+            q, k, v = self._attn_in(x, w.attn_norm, w.wqkv, w.bqkv, lora, cos, sin, cfg)
+            s.k[i].index_copy_(2, s.write, k)
+            s.v[i].index_copy_(2, s.write, v)
+            attn = decode_attention(q, s.k[i][:, :, :kv_len], s.v[i][:, :, :kv_len], mask)
+            x = self._attn_out(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, w.w2, lora, cfg)
+        nxt = self._head(x[:, 0], d.norm, d.lm_head, cfg.eps)  # [N]
+        nxt = torch.where(s.done, s.pad, nxt)  # finished rows keep padding
+        s.out.index_copy_(1, s.step, nxt[:, None])
+        s.done.logical_or_(torch.isin(nxt, s.eos))
+        s.tokens.copy_(nxt)
+        s.positions.add_(1)
+        s.write.add_(1)
+        s.step.add_(1)
+
+    def _capture(self, s: _Session) -> None:
+        """Warm up (torch.compile, cuBLAS/SDPA handles) on a side stream, then capture one graph
+        per attention length. The warm-up writes garbage into the cache; the prefill resets all."""
+        buckets = list(range(self.bucket, s.cache_len + 1, self.bucket))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for kv_len in (buckets[0], buckets[-1]):
+                for _ in range(2):
+                    self._decode_step(s, kv_len)
+                    s.write.zero_()
+                    s.step.zero_()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        pool = torch.cuda.graph_pool_handle()
+        for kv_len in buckets:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._decode_step(s, kv_len)
+            s.graphs[kv_len] = graph
+        torch.cuda.synchronize()
+
+
+def _round_up(x: int, to: int) -> int:
+    return max(to, -(-x // to) * to)
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    """Each batch layout, rank and LoRA pattern is its own compiled graph; dynamo's default of 8
+    would silently fall back to eager after a few."""
+    import torch._dynamo.config as dc
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dc, name) and getattr(dc, name) < limit:
+            setattr(dc, name, limit)

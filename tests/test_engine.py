@@ -1,0 +1,205 @@
+"""The embedded population engine: every member's greedy tokens equal PEFT's, in one batch, on CPU."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from es_core.backends.base import AdapterRef
+from es_core.backends.embedded import EmbeddedBackend
+from es_core.engine.generate import PopulationEngine, plan_chunks
+from es_core.engine.model import Decoder
+from es_core.engine.population_lora import lora_delta
+from es_core.lora import AdapterError, LoRATensors, find_targets, init_center, save_adapter, spec_from_tensors
+from es_core.models import load_causal_lm, load_tokenizer, resolve_base_model
+from es_core.settings import ModelSettings, settings_from_dict
+
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TEXTS = [
+    "<|im_start|>user\nUsing the numbers [3 5 7], create an equation that equals 22.<|im_end|>\n<|im_start|>assistant\n",
+    "Hello",
+    "The quick brown fox jumps over",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(model_cache) -> Path:
+    return resolve_base_model(ModelSettings(name="tiny-llama"), model_cache).path
+
+
+@pytest.fixture(scope="module")
+def smollm2_path(model_cache) -> Path:
+    return resolve_base_model(ModelSettings(name="smollm2-135m"), model_cache).path
+
+
+def random_member(targets, rank: int, seed: int, b_std: float) -> LoRATensors:
+    """A non-trivial adapter: A as PEFT initialises it, B random (a fresh centre has B = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    center = init_center(targets, rank, seed=seed)
+    return {k: v if ".lora_A." in k else b_std * torch.randn(v.shape, generator=g) for k, v in center.items()}
+
+
+def peft_greedy(path: Path, adapter_dirs: list[Path | None], texts: list[str], max_new: int, eos: int) -> list[list[list[int]]]:
+    """Reference: a fresh HF model per call, PeftModel.from_pretrained per adapter folder (None: base)."""
+    tokenizer = load_tokenizer(path)
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    out = []
+    for folder in adapter_dirs:
+        model = load_causal_lm(path, "float32", "cpu")
+        if folder is not None:
+            model = PeftModel.from_pretrained(model, str(folder)).eval()
+        with torch.inference_mode():
+            ids = model.generate(**batch, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        rows = ids[:, batch["input_ids"].shape[1]:].tolist()
+        out.append([row[: row.index(eos) + 1] if eos in row else row for row in rows])
+    return out
+
+
+def build_engine(path: Path, layers, modules, rank: int, **kw):
+    model = load_causal_lm(path, "float32", "cpu")
+    targets = find_targets(model, layers, modules)
+    tokenizer = load_tokenizer(path)
+    engine = PopulationEngine(Decoder.from_hf(model), targets, rank, pad_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id], **kw)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    return engine, targets, ids, tokenizer
+
+
+def write_adapters(members, targets, rank, alpha, folder: Path) -> list[Path | None]:
+    spec = spec_from_tensors(next(m for m in members if m is not None), lora_alpha=alpha)
+    return [None if m is None else save_adapter(m, folder / f"m{i}", spec) for i, m in enumerate(members)]
+
+
+# --- the population LoRA layer ------------------------------------------------------------
+
+
+def test_lora_delta_applies_each_rows_own_member_and_zero_slots_are_the_base():
+    g = torch.Generator().manual_seed(0)
+    members, rows, t, d_in, d_out, r = 3, 4, 2, 16, 12, 3
+    a, b = torch.randn(members, r, d_in, generator=g), torch.randn(members, d_out, r, generator=g)
+    a[1], b[1] = 0, 0  # slot 1 is the base model
+    x = torch.randn(members * rows, t, d_in, generator=g)
+    got = lora_delta(x, a, b)
+    for n in range(members * rows):
+        m = n // rows  # member-major rows
+        assert torch.allclose(got[n], x[n] @ a[m].T @ b[m].T, atol=1e-5)
+    assert torch.count_nonzero(got[rows:2 * rows]) == 0
+
+
+def test_plan_chunks_covers_every_row_once_within_the_budget():
+    for members, prompts, budget in [(4, 3, 100), (5, 3, 7), (3, 10, 4), (1, 1, 1)]:
+        seen = set()
+        for ms, ps in plan_chunks(members, prompts, budget):
+            assert len(ms) * len(ps) <= budget
+            seen |= {(m, p) for m in ms for p in ps}
+        assert seen == {(m, p) for m in range(members) for p in range(prompts)}
+
+
+# --- parity with PEFT ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers,modules", [([0, 3, 11], ALL_MODULES), ([1, 2], ["q_proj", "v_proj", "down_proj"])])
+def test_tiny_llama_each_member_matches_peft_token_for_token(tiny_path, tmp_path, layers, modules):
+    rank, alpha, max_new = 4, 8.0, 10
+    engine, targets, ids, tok = build_engine(tiny_path, layers, modules, rank)
+    members = [random_member(targets, rank, seed, 0.3) for seed in (1, 2)] + [None, random_member(targets, rank, 3, 0.3)]
+    out = engine.generate(ids, members, max_new, scalings=alpha / rank)
+    want = peft_greedy(tiny_path, write_adapters(members, targets, rank, alpha, tmp_path), TEXTS, max_new, tok.eos_token_id)
+    assert out.tokens == want
+    base = want[2]
+    for m in (0, 1, 3):  # the adapters are strong enough to matter, and differ from each other
+        assert out.tokens[m] != base
+    assert out.tokens[0] != out.tokens[1] != out.tokens[3]
+    assert all(len(t) == max_new for row in out.tokens for t in row)
+
+
+def test_smollm2_each_member_and_the_base_row_match_peft(smollm2_path, tmp_path):
+    rank, alpha, max_new = 2, 4.0, 8
+    engine, targets, ids, tok = build_engine(smollm2_path, list(range(11)), ALL_MODULES, rank)
+    members = [random_member(targets, rank, 1, 0.05), None, random_member(targets, rank, 2, 0.05)]
+    texts_ids = ids[:2]
+    out = engine.generate(texts_ids, members, max_new, scalings=alpha / rank)
+    want = peft_greedy(smollm2_path, write_adapters(members, targets, rank, alpha, tmp_path), TEXTS[:2], max_new, tok.eos_token_id)
+    assert out.tokens == want
+    assert out.tokens[0] != out.tokens[1] and out.tokens[2] != out.tokens[1]
+
+
+# --- batching, chunking, EOS -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_path):
+    rank = 2
+    engine, targets, ids, tok = build_engine(tiny_path, [0, 5], ALL_MODULES, rank)
+    members = [random_member(targets, rank, s, 0.3) for s in (11, 12, 13)] + [None]
+    return engine, members, ids, tiny_path, targets, rank
+
+
+def test_chunking_by_members_or_prompts_does_not_change_outputs(tiny_setup):
+    engine, members, ids, path, targets, rank = tiny_setup
+    whole = engine.generate(ids, members, 9).tokens
+    assert engine.stats.chunks == 1
+    for budget in (6, 3, 2):  # 2 members x 3 prompts, 1 x 3, then prompts split too
+        small = PopulationEngine(engine.decoder, targets, rank, pad_id=engine.pad_id, eos_ids=engine.eos_ids, max_batch_rows=budget)
+        assert small.generate(ids, members, 9).tokens == whole
+        assert small.stats.chunks > 1
+
+
+def test_members_are_swapped_per_call_without_rebuilding(tiny_setup):
+    engine, members, ids, *_ = tiny_setup
+    first = engine.generate(ids, members, 6).tokens
+    session = engine._session
+    swapped = engine.generate(ids, members[::-1], 6).tokens
+    assert swapped == first[::-1]
+    assert engine._session is session  # same buffers, new members
+
+
+def test_eos_stops_a_row_and_the_rest_run_to_the_limit(tiny_setup):
+    engine, members, ids, *_ = tiny_setup
+    free = engine.generate(ids, members, 12, eos_ids=[]).tokens
+    stop = free[0][0][4]  # the 5th token of member 0, prompt 0
+    out = engine.generate(ids, members, 12, eos_ids=[stop])
+    for m, row in enumerate(free):
+        for p, tokens in enumerate(row):
+            if stop in tokens:
+                assert out.tokens[m][p] == tokens[: tokens.index(stop) + 1] and out.stopped[m][p]
+            else:
+                assert out.tokens[m][p] == tokens and not out.stopped[m][p]
+    assert out.stopped[0][0] and len(out.tokens[0][0]) <= 5
+
+
+def test_decoding_ends_early_once_every_row_has_stopped(tiny_setup):
+    engine, members, ids, *_ = tiny_setup
+    firsts = {row[0] for mrow in engine.generate(ids, members, 1).tokens for row in mrow}
+    out = engine.generate(ids, members, 64, eos_ids=sorted(firsts))
+    assert all(len(t) == 1 for row in out.tokens for t in row) and all(all(r) for r in out.stopped)
+    assert engine.stats.decode_steps < 63
+
+
+# --- the backend ---------------------------------------------------------------------------
+
+
+def test_backend_reads_adapter_folders_and_returns_completions_per_adapter_and_prompt(tiny_path, tmp_path):
+    settings = settings_from_dict({"model": {"name": "tiny-llama"}, "lora": {"rank": 2, "alpha": 6.0, "layers": [0, 4]},
+                                   "generation": {"compile": False, "max_batch_rows": 5}})
+    backend = EmbeddedBackend.from_settings(settings, tiny_path)
+    targets = backend.engine.targets
+    members = [random_member(targets, 2, 21, 0.3), None, random_member(targets, 2, 22, 0.3)]
+    folders = write_adapters(members, targets, 2, 6.0, tmp_path)
+    refs = [AdapterRef(f"m{i}", f) for i, f in enumerate(folders)]
+    got = backend.generate(refs, TEXTS, 7)
+    want = peft_greedy(tiny_path, folders, TEXTS, 7, backend.tokenizer.eos_token_id)
+    assert [[c.text for c in row] for row in got] == [[backend.tokenizer.decode(t, skip_special_tokens=True) for t in row] for row in want]
+    assert all(c.completion_tokens == 7 and c.finish_reason == "length" and c.server == "embedded" for row in got for c in row)
+    assert backend.generate_tensors(members, TEXTS, 7) == got  # settings' scaling: alpha / rank = 3
+    backend.close()
+
+
+def test_backend_rejects_an_adapter_of_another_rank_with_one_line(tiny_path, tmp_path):
+    settings = settings_from_dict({"model": {"name": "tiny-llama"}, "lora": {"rank": 2, "layers": [0]}})
+    backend = EmbeddedBackend.from_settings(settings, tiny_path)
+    wrong = random_member(backend.engine.targets, 3, 1, 0.1)
+    folder = save_adapter(wrong, tmp_path / "r3", spec_from_tensors(wrong, lora_alpha=6.0))
+    with pytest.raises(AdapterError) as err:
+        backend.generate([AdapterRef("r3", folder)], TEXTS, 3)
+    assert "\n" not in str(err.value) and "shape" in str(err.value)
