@@ -63,6 +63,7 @@ def _cmd_run(args) -> int:
     if args.data_dir:
         overrides.append(f"data_dir={Path(args.data_dir).resolve()}")
     settings = load_settings(args.config, overrides)  # a broken config stops here, before any work
+    _isolate_ephemeral_prefect(str(settings.data_dir))
     from flows.es_countdown import es_countdown
 
     result = es_countdown(config_path=str(Path(args.config).resolve()), overrides=overrides, run_id=args.run_id, data_dir=str(settings.data_dir))
@@ -76,6 +77,7 @@ def _resume_overrides(args) -> list[str]:
 
 
 def _cmd_resume(args) -> int:
+    _isolate_ephemeral_prefect(_default_data_dir(args.data_dir))
     from flows.es_countdown import es_countdown
 
     result = es_countdown(run_id=args.run_id, overrides=_resume_overrides(args), data_dir=_default_data_dir(args.data_dir))
@@ -84,14 +86,27 @@ def _cmd_resume(args) -> int:
 
 
 def _cmd_replay(args) -> int:
+    _isolate_ephemeral_prefect(_default_data_dir(args.data_dir))
     from flows.replay import replay
 
     result = replay(args.run_id, args.generation, _default_data_dir(args.data_dir), args.reevaluate)
     return 0 if result["ok"] else 1
 
 
+def _isolate_ephemeral_prefect(data_dir: str) -> None:
+    """With no Prefect server configured, Prefect runs an ephemeral API on one shared SQLite file;
+    two runs at once then trip over its lock. Give each data dir its own (a configured server, or
+    a database the user chose, is left alone)."""
+    if "PREFECT_API_URL" in os.environ or "PREFECT_API_DATABASE_CONNECTION_URL" in os.environ:
+        return
+    folder = Path(data_dir) / "prefect"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{folder / 'prefect.db'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here, nor on GPU hosts
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
