@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def dispatch(args) -> int:
+    """Run a parsed command: any failure is one line on stderr and exit code 2 (ES_DEBUG=1: traceback)."""
     try:
         return args.handler(args)
     except BrokenPipeError:  # `es-countdown sql ... | head`
@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"es-countdown: error: {message}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

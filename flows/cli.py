@@ -108,17 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here, nor on GPU hosts
     args = build_parser().parse_args(argv)
+    from artifacts.cli import dispatch
+
     try:
-        return args.handler(args)
+        return dispatch(args)
     except KeyboardInterrupt:
         print("es-countdown: interrupted; completed generations are in the ledger (resume with `es-countdown resume RUN_ID`)", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, no traceback
-        if os.environ.get("ES_DEBUG"):
-            raise
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"es-countdown: error: {message}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":
