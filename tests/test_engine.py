@@ -203,3 +203,47 @@ def test_backend_rejects_an_adapter_of_another_rank_with_one_line(tiny_path, tmp
     with pytest.raises(AdapterError) as err:
         backend.generate([AdapterRef("r3", folder)], TEXTS, 3)
     assert "\n" not in str(err.value) and "shape" in str(err.value)
+
+
+# --- CUDA only (the device machine; CI has no GPU) ----------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+def test_triton_decode_attention_matches_masked_sdpa():
+    from es_core.engine.attention import sdpa_decode, triton_decode
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, hkv, grp, hd, length in [(64, 2, 7, 64, 300), (33, 3, 3, 64, 130), (16, 2, 6, 128, 517)]:
+        q, k, v = (torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16) for shape in
+                   [(n, hkv, grp, hd), (n, hkv, length, hd), (n, hkv, length, hd)])
+        start = torch.randint(0, length // 2, (n,), generator=g, device="cuda", dtype=torch.int32)
+        write = torch.tensor([length - 5], device="cuda")
+        slots = torch.arange(length, device="cuda")
+        mask = ((slots[None] >= start[:, None]) & (slots[None] <= write))[:, None, None, :]
+        want = sdpa_decode(q.float(), k.float(), v.float(), mask)
+        got = triton_decode(q, k, v, start, write).float()
+        assert (got - want).norm() / want.norm() < 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graphs_and_compile_give_the_eager_engines_tokens(tiny_path):
+    model = load_causal_lm(tiny_path, "float32", "cuda")
+    targets = find_targets(model, [0, 5, 11], ALL_MODULES)
+    tokenizer = load_tokenizer(tiny_path)
+    decoder = Decoder.from_hf(model)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    members = [random_member(targets, 4, s, 0.3) for s in (1, 2)] + [None]
+    runs = {}
+    for name, kw in {"eager": dict(compile=False, cuda_graphs=False), "graphs": dict(compile=False, cuda_graphs=True),
+                     "sdpa": dict(compile=False, cuda_graphs=False, attention="sdpa"), "compiled": dict(compile=True, cuda_graphs=True)}.items():
+        engine = PopulationEngine(decoder, targets, 4, pad_id=tokenizer.pad_token_id, eos_ids=[], **kw)
+        runs[name] = engine.generate(ids, members, 80, scalings=2.0).tokens  # crosses cache buckets
+    assert runs["graphs"] == runs["eager"]
+    flat = lambda r: [t for m in r for p in m for t in p]
+    for other in ("sdpa", "compiled"):  # other kernels round differently: near-total agreement
+        agree = sum(a == b for a, b in zip(flat(runs[other]), flat(runs["eager"]))) / len(flat(runs["eager"]))
+        assert agree > 0.9, (other, agree)

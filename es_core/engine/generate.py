@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from es_core.engine.attention import sdpa_decode, triton_available, triton_decode
 from es_core.engine.model import Decoder, attention_in, attention_out_mlp, greedy_head
 from es_core.engine.population_lora import PopulationLoRA
 from es_core.lora import LoRATarget, LoRATensors
@@ -60,15 +61,6 @@ def plan_chunks(n_members: int, n_prompts: int, max_rows: int) -> list[tuple[ran
     return [(range(m, m + 1), range(p, min(p + max_rows, n_prompts))) for m in range(n_members) for p in range(0, n_prompts, max_rows)]
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query per row; grouped-query heads folded into the query length so the KV cache is
-    read once per KV head (no repeat_kv copy). q: [N, H, 1, hd], k/v: [N, Hkv, L, hd], mask [N, 1, 1, L]."""
-    n, h, _, hd = q.shape
-    hkv = k.shape[1]
-    out = F.scaled_dot_product_attention(q.reshape(n, hkv, h // hkv, hd), k, v, attn_mask=mask)  # [N, Hkv, H/Hkv, hd]
-    return out.reshape(n, h, 1, hd)
-
-
 class _Session:
     """Static buffers (KV cache, LoRA slots, step state) and CUDA graphs of one batch layout."""
 
@@ -83,7 +75,8 @@ class _Session:
         self.positions = torch.zeros(rows, dtype=torch.long, device=dev)  # its RoPE position
         self.write = torch.zeros(1, dtype=torch.long, device=dev)  # cache slot it is written to
         self.step = torch.zeros(1, dtype=torch.long, device=dev)  # index into out
-        self.valid = torch.zeros(rows, cache_len, dtype=torch.bool, device=dev)  # cache slots holding real tokens
+        self.valid = torch.zeros(rows, cache_len, dtype=torch.bool, device=dev)  # cache slots holding real tokens (SDPA path)
+        self.start = torch.zeros(rows, dtype=torch.int32, device=dev)  # first real slot of each row (Triton path)
         self.done = torch.zeros(rows, dtype=torch.bool, device=dev)
         self.out = torch.zeros(rows, max_new, dtype=torch.long, device=dev)
         self.eos = torch.tensor(eos if eos else [-1], dtype=torch.long, device=dev)
@@ -100,17 +93,24 @@ class PopulationEngine:
 
     `targets` and `rank` fix the LoRA structure (which Linears, which rank); members are set per
     call. `compile` (CUDA): torch.compile the layer's pure parts; `cuda_graphs` (CUDA, default on):
-    capture the decode step. `bucket`: attention-length granularity (and cache-length rounding)."""
+    capture the decode step. `attention`: "triton" (CUDA default: reads each row's valid slots
+    only, one graph for all steps) or "sdpa" (masked SDPA over the cache filled so far, rounded up
+    to `bucket` slots: one graph per bucket). `bucket` also rounds the cache length."""
 
     def __init__(self, decoder: Decoder, targets: Sequence[LoRATarget], rank: int, *, pad_id: int, eos_ids: Sequence[int],
                  max_batch_rows: int = 1024, compile: bool = True, cuda_graphs: bool | None = None, bucket: int = 64,
-                 prefill_tokens: int = 32768, check_every: int = 16):
+                 prefill_tokens: int = 32768, check_every: int = 16, attention: str = "auto"):
         self.decoder, self.targets, self.rank = decoder, list(targets), int(rank)
         self.pad_id, self.eos_ids = int(pad_id), tuple(int(e) for e in eos_ids)
         self.max_batch_rows, self.bucket, self.prefill_tokens, self.check_every = int(max_batch_rows), int(bucket), int(prefill_tokens), int(check_every)
         cuda = decoder.device.type == "cuda"
         self.cuda_graphs = cuda if cuda_graphs is None else (bool(cuda_graphs) and cuda)
         self.compiled = bool(compile) and cuda
+        if attention not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"attention must be auto, triton or sdpa (got {attention!r})")
+        if attention == "triton" and not triton_available(decoder.device):
+            raise ValueError("attention='triton' needs CUDA and Triton")
+        self.attention = ("triton" if triton_available(decoder.device) else "sdpa") if attention == "auto" else attention
         if self.compiled:
             _raise_recompile_limit(64)
             self._attn_in = torch.compile(attention_in, fullgraph=True, dynamic=False)
@@ -178,6 +178,7 @@ class PopulationEngine:
             ids[j, t_pad - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
             real[j, t_pad - len(p):] = True
         ids, real = ids.to(dev).repeat(groups, 1), real.to(dev).repeat(groups, 1)  # [N, T]
+        s.start.copy_(torch.tensor([t_pad - len(p) for p in prompts] * groups, dtype=torch.int32))
         self._prefill(s, ids, real, per)
         sync()
         t3 = time.perf_counter()
@@ -186,13 +187,13 @@ class PopulationEngine:
         steps = 1
         for i in range(1, max_new):
             write = t_pad + i - 1
-            kv_len = min(_round_up(write + 1, self.bucket), cache_len)
+            kv_len = min(_round_up(write + 1, self.bucket), cache_len) if self.attention == "sdpa" else cache_len
             if self.cuda_graphs:
                 s.graphs[kv_len].replay()
             else:
                 self._decode_step(s, kv_len)
             steps += 1
-            if steps % self.check_every == 0 and bool(s.done.all()):
+            if eos and steps % self.check_every == 0 and bool(s.done.all()):  # a sync, so not every step
                 break
         out = s.out[:, :steps].cpu()
         t4 = time.perf_counter()
@@ -262,7 +263,7 @@ class PopulationEngine:
         s.valid[:, :t] = real
         s.out.fill_(self.pad_id)
         s.out[:, 0] = first
-        s.done.copy_(torch.isin(first, s.eos))
+        s.done.copy_((first[:, None] == s.eos[None, :]).any(-1))
         s.tokens.copy_(first)
         s.positions.copy_(positions[:, -1] + 1)
         s.write.fill_(t)
@@ -282,21 +283,32 @@ class PopulationEngine:
             q, k, v = self._attn_in(x, w.attn_norm, w.wqkv, w.bqkv, lora, cos, sin, cfg)
             s.k[i].index_copy_(2, s.write, k)
             s.v[i].index_copy_(2, s.write, v)
-            attn = decode_attention(q, s.k[i][:, :, :kv_len], s.v[i][:, :, :kv_len], mask)
+            attn = self._attend(s, i, q, kv_len, mask)
             x = self._attn_out(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, w.w2, lora, cfg)
         nxt = self._head(x[:, 0], d.norm, d.lm_head, cfg.eps)  # [N]
         nxt = torch.where(s.done, s.pad, nxt)  # finished rows keep padding
         s.out.index_copy_(1, s.step, nxt[:, None])
-        s.done.logical_or_(torch.isin(nxt, s.eos))
+        s.done.logical_or_((nxt[:, None] == s.eos[None, :]).any(-1))
         s.tokens.copy_(nxt)
         s.positions.add_(1)
         s.write.add_(1)
         s.step.add_(1)
 
+    def _attend(self, s: _Session, i: int, q: torch.Tensor, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
+        """q: [N, H, 1, hd] -> [N, H, 1, hd]. Grouped-query heads are folded into the query length
+        so each KV head is read once (no repeat_kv copy)."""
+        n, h, _, hd = q.shape
+        qg = q.reshape(n, self.decoder.config.n_kv_heads, -1, hd)  # [N, Hkv, H/Hkv, hd]
+        if self.attention == "triton":
+            out = triton_decode(qg, s.k[i], s.v[i], s.start, s.write)
+        else:
+            out = sdpa_decode(qg, s.k[i][:, :, :kv_len], s.v[i][:, :, :kv_len], mask)
+        return out.reshape(n, h, 1, hd)
+
     def _capture(self, s: _Session) -> None:
         """Warm up (torch.compile, cuBLAS/SDPA handles) on a side stream, then capture one graph
         per attention length. The warm-up writes garbage into the cache; the prefill resets all."""
-        buckets = list(range(self.bucket, s.cache_len + 1, self.bucket))
+        buckets = list(range(self.bucket, s.cache_len + 1, self.bucket)) if self.attention == "sdpa" else [s.cache_len]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -305,6 +317,7 @@ class PopulationEngine:
                     self._decode_step(s, kv_len)
                     s.write.zero_()
                     s.step.zero_()
+                    s.positions.zero_()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         pool = torch.cuda.graph_pool_handle()

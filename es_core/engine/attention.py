@@ -1,0 +1,87 @@
+"""Decode attention: one new query per row over its own slice of a left-padded static KV cache.
+
+A Triton kernel in the style of flash-decoding (Dao et al.) / gpt-fast's decode path, without the
+split over the sequence: one program per (row, KV head) streams that head's keys and values once
+with an online softmax, the grouped query heads sharing the KV head as the rows of one small
+`tl.dot` (no repeat_kv copy). Each row reads only its valid slots [start, end): the left padding
+and the unwritten tail of the cache are skipped, so no mask and no per-step shape change (one CUDA
+graph serves every step). `end` is read from a device tensor inside the kernel for that reason.
+
+PyTorch's SDPA with a boolean mask is the reference and the CPU path; on an H100 it picked a cuDNN
+flash kernel that reached about 0.8 TB/s on this shape (measured: 180 us per layer at 0.5B,
+1,024 rows), so the kernel below exists for the GPU only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA builds of torch; CPU installs run the SDPA path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reference: q [N, Hkv, G, hd], k/v [N, Hkv, L, hd], mask [N, 1, 1, L] bool -> [N, Hkv, G, hd]."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(Q, K, V, O, Start, Write, scale_log2,
+                       s_qn, s_qh, s_qg, s_kn, s_kh, s_kl, s_vn, s_vh, s_vl, s_on, s_oh, s_og,
+                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr):
+        n = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, D)
+        offs_l = tl.arange(0, BLOCK_L)
+        q = tl.load(Q + n * s_qn + h * s_qh + offs_g[:, None] * s_qg + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0)
+        start = tl.load(Start + n).to(tl.int32)
+        end = tl.load(Write).to(tl.int32) + 1  # the new token's slot is written before attention
+        k_base = K + n * s_kn + h * s_kh
+        v_base = V + n * s_vn + h * s_vh
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        l0 = (start // BLOCK_L) * BLOCK_L
+        while l0 < end:
+            offs = l0 + offs_l
+            valid = (offs >= start) & (offs < end)
+            k = tl.load(k_base + offs[:, None] * s_kl + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_L], log2 units
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs[:, None] * s_vl + offs_d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+            l0 += BLOCK_L
+        acc = acc / l_i[:, None]
+        tl.store(O + n * s_on + h * s_oh + offs_g[:, None] * s_og + offs_d[None, :], acc.to(O.dtype.element_ty), mask=offs_g[:, None] < G)
+
+
+def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor, write: torch.Tensor,
+                  block_l: int = 64) -> torch.Tensor:
+    """q [N, Hkv, G, hd], caches [N, Hkv, L, hd], start [N] (first valid slot of each row), write [1]
+    (the slot of the token just written) -> [N, Hkv, G, hd]; attends to slots start..write."""
+    n, hkv, g, d = q.shape
+    out = torch.empty_like(q)
+    g_pad = max(16, triton.next_power_of_2(g))
+    _decode_kernel[(n, hkv)](
+        q, k_cache, v_cache, out, start, write, (d ** -0.5) * 1.4426950408889634,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        G=g, G_PAD=g_pad, D=d, BLOCK_L=block_l, num_warps=4,
+    )
+    return out
+
+
+def triton_available(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
