@@ -22,7 +22,9 @@ def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_data_dir(value: str | None) -> str:
-    return str(Path(value or os.environ.get("ES_DATA_DIR") or "runs").resolve())
+    from artifacts.commands import default_data_dir
+
+    return str(default_data_dir(value))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,8 @@ class DataDir:
         return self.root / "task-results"
 
     def run_dir(self, run_id: str) -> Path:
-        path = self.root / "runs" / run_id
+        """A run's own files: report, reward curve, SGLang server logs."""
+        path = self.root / "reports" / run_id
         path.mkdir(parents=True, exist_ok=True)
         return path
 
