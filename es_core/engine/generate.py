@@ -70,7 +70,8 @@ class _Session:
         self.k = [torch.zeros(rows, cfg.n_kv_heads, cache_len, cfg.head_dim, dtype=d.dtype, device=dev) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
         self.cos, self.sin = d.rope_tables(cache_len)  # [cache_len, hd]
-        self.lora = PopulationLoRA(cfg.fused_out, cfg.fused_in, cfg.n_layers, engine.targets, engine.rank, d.dtype, dev)
+        self.lora = PopulationLoRA(cfg.fused_out, cfg.fused_in, cfg.n_layers, engine.targets, engine.rank, d.dtype, dev,
+                                   pad_rank_to=8 if dev.type == "cuda" else 1)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)  # last token of each row
         self.positions = torch.zeros(rows, dtype=torch.long, device=dev)  # its RoPE position
         self.write = torch.zeros(1, dtype=torch.long, device=dev)  # cache slot it is written to
