@@ -75,6 +75,20 @@ def perturb_center(center: LoRATensors, member: Member, sigma: float, perturb: s
     return out
 
 
+def perturb_population(center: LoRATensors, members: Sequence[Member], sigma: float, perturb: str = "both") -> list[LoRATensors]:
+    """perturb_center for every member, drawing each seed's noise once (antithetic partners share it)."""
+    noise: dict[int, dict[str, torch.Tensor]] = {}
+    out = []
+    for member in members:
+        if member.seed not in noise:
+            noise[member.seed] = dict(iter_noise(center, member.seed, perturb))
+        tensors = dict(center)
+        for key, eps in noise[member.seed].items():
+            tensors[key] = center[key] + (sigma * member.sign) * eps
+        out.append(tensors)
+    return out
+
+
 # --- fitness shaping: rewards -> weights, one signature -----------------------------------------
 
 

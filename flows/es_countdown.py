@@ -28,7 +28,7 @@ from flows.progress import RunProgress
 from flows.report import write_report
 from tasks.common import DataDir, persisted
 from tasks.evaluate import evaluate_heldout, evaluate_member, evaluate_population
-from tasks.ledger import commit_generation, record_eval
+from tasks.ledger import commit_generation, publish_generation, record_eval
 from tasks.model import prepare_base_model
 from tasks.population import aggregate, init_population, perturb
 
@@ -55,6 +55,15 @@ def resolve_settings(config_path: str | None, overrides: list[str] | None, run_i
     if settings is None:
         raise ConfigError("give a config path (or the id of a recorded run to resume)")
     return settings, run_id or new_run_id(settings.run_name), False
+
+
+def _settle_quietly(pending: list, logger) -> None:
+    """On a failure, let generations already scored reach the ledger before the error surfaces."""
+    for future in pending:
+        try:
+            future.result(raise_on_failure=True)
+        except BaseException as exc:  # the original error is the one to raise; this one is logged
+            logger.error(f"background ledger write failed too: {type(exc).__name__}: {exc}")
 
 
 def _json(text: str) -> dict:
@@ -97,6 +106,15 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
     progress = RunProgress(run_id, es.generations, start)
 
     backend = open_backend(settings, Path(base["path"]), data.run_dir(run_id), run_id)
+    # The ledger commit and UI artifacts of generation g run in the background while g + 1
+    # decodes (one at a time, in order); a kill before a commit lands only means the resume
+    # redoes that generation from cached task results. Anything that reads the ledger waits.
+    pending: list = []
+
+    def settle() -> None:
+        while pending:
+            pending.pop(0).result(raise_on_failure=True)
+
     try:
 
         def heldout_eval(label: int, model: str, adapter: tuple[str, str | None]) -> None:
@@ -120,19 +138,25 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
         for g in range(start, es.generations):
             started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
 
-            # --- members: centre + sigma * sign * eps(seed), as adapter artifacts --------------------
+            # --- members: centre + sigma * sign * eps(seed) ------------------------------------------
             plan = member_plan(es.seed, g, es.population, es.antithetic)
             members = [(m.index, m.seed, m.sign) for m in plan]
-            member_adapters = persisted(perturb, data)(artifacts_dir, center_sha, members, es.sigma, es.perturb)
-            adapters = [(f"g{g}_m{m.index:03d}", sha) for m, (sha, _) in zip(plan, member_adapters)]
-
-            # --- score every member on this generation's prompts ------------------------------------
             batch = batch_for_generation(train, g, settings.data.prompts_per_generation)
             prompts = render_prompts(batch, settings.prompt.style, tokenizer)
+            perturb_task = persisted(perturb, data)
+            perturb_args = (artifacts_dir, center_sha, members, es.sigma, es.perturb)
+
+            # --- score every member on this generation's prompts ------------------------------------
             if settings.backend.kind == "embedded":
-                result = persisted(evaluate_population, data)(quote(backend), artifacts_dir, adapters, batch, prompts, **evaluation)
+                # the engine builds the members from the seeds; their adapter artifacts are written meanwhile
+                written = perturb_task.submit(*perturb_args)
+                result = persisted(evaluate_population, data)(
+                    quote(backend), artifacts_dir, center_sha, members, es.sigma, es.perturb, batch, prompts, **evaluation
+                )
                 scores, generate_seconds = result["scores"], result["generate_seconds"]
             else:
+                member_adapters = perturb_task(*perturb_args)  # the servers load the files
+                adapters = [(f"g{g}_m{m.index:03d}", sha) for m, (sha, _) in zip(plan, member_adapters)]
                 futures = [persisted(evaluate_member, data).submit(quote(backend), artifacts_dir, a, batch, prompts, **evaluation) for a in adapters]
                 results = [f.result() for f in futures]
                 scores = [r["score"] for r in results]
@@ -144,6 +168,8 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
                 artifacts_dir, center_sha, members, rewards, es.learning_rate, es.shaping, es.optimizer, es.perturb,
                 (es.adam_beta1, es.adam_beta2, es.adam_eps),
             )
+            if settings.backend.kind == "embedded":
+                member_adapters = written.result(raise_on_failure=True)
 
             # --- one transaction: members, samples, generation ----------------------------------------
             wall_seconds = time.perf_counter() - t0
@@ -166,13 +192,17 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
                 for m, s in zip(plan, scores)
                 for sample in s.samples
             ]
-            commit_generation(str(data.root), generation_row, member_rows, sample_rows)
+            settle()
+            committed = commit_generation.submit(str(data.root), generation_row, member_rows, sample_rows)
+            pending.extend([committed, publish_generation.submit(quote(progress), g, generation_row, member_rows, wait_for=[committed])])
             center_sha = update["center_sha256"]
-            progress.generation(g, generation_row, member_rows)
 
             if eval_due(g + 1):
+                settle()
                 heldout_eval(g + 1, "centre", (f"centre_g{g + 1}", center_sha))
+        settle()
     except BaseException:
+        _settle_quietly(pending, logger)
         ledger.set_run_status(run_id, "failed")
         raise
     finally:

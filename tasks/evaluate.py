@@ -1,4 +1,5 @@
-"""Evaluation tasks: a whole population in one batched call (embedded), one member (SGLang), held-out."""
+"""Evaluation tasks: a whole population in one batched call (embedded, members built from seeds in
+memory), one member (SGLang, from its adapter artifact), held-out."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 
 from prefect import task
 
+from artifacts.checkpoints import load_checkpoint
 from artifacts.store import ArtifactStore
 from es_core.backends.base import AdapterRef
 from es_core.countdown.problems import Problem
+from es_core.es import Member, perturb_population
 from es_core.evaluation import MemberScore, heldout_summary, score_member
 from tasks.common import CONTENT_CACHE
 
@@ -30,18 +33,30 @@ def _generate_and_score(backend, artifacts_dir: str, adapters: list[tuple[str, s
 def evaluate_population(
     backend,
     artifacts_dir: str,
-    adapters: list[tuple[str, str | None]],
+    center_sha256: str,
+    members: list[tuple[int, int, int]],
+    sigma: float,
+    perturb_factor: str,
     problems: list[Problem],
     prompts: list[str],
     max_new_tokens: int,
     reward_kind: str,
     model_key: str,
 ) -> dict:
-    """Greedy completions of every prompt under every adapter in one batched call, scored.
+    """Greedy completions of every prompt under every member (index, seed, sign) of a generation in
+    one batched call of the embedded engine, scored.
 
-    `model_key` (base model sha + backend) is only part of the cache key."""
-    scores, seconds = _generate_and_score(backend, artifacts_dir, adapters, problems, prompts, max_new_tokens, reward_kind)
-    return {"scores": scores, "generate_seconds": seconds}
+    The members are built in memory from the centre checkpoint and their seeds: the same float32
+    tensors `perturb` writes as adapter artifacts (a safetensors round trip is exact), so decoding
+    need not wait for those files, which are written meanwhile. The cache key is that content: the
+    centre's hash, the seeds and sigma; `model_key` (base model sha + backend) is only part of it."""
+    store = ArtifactStore(Path(artifacts_dir))
+    state, spec = load_checkpoint(store, center_sha256)
+    tensors = perturb_population(state.center, [Member(*m) for m in members], sigma, perturb_factor)
+    started = time.perf_counter()
+    completions = backend.generate_tensors(tensors, prompts, max_new_tokens, scaling=spec.lora_alpha / spec.rank)
+    seconds = time.perf_counter() - started
+    return {"scores": [score_member(problems, prompts, member, reward_kind) for member in completions], "generate_seconds": seconds}
 
 
 @task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])

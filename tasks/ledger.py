@@ -20,3 +20,9 @@ def commit_generation(data_dir: str, generation: dict, members: list[dict], samp
 def record_eval(data_dir: str, row: dict) -> None:
     """One held-out evaluation (centre or base model)."""
     Ledger(Path(data_dir)).record_eval(row)
+
+
+@task(cache_policy=NO_CACHE)
+def publish_generation(progress, generation: int, row: dict, members: list[dict]) -> None:
+    """The console line, progress bar and member table of a committed generation (Prefect UI)."""
+    progress.generation(generation, row, members)

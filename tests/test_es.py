@@ -16,6 +16,7 @@ from es_core.es import (
     noise_seed,
     optimizer_tensors,
     perturb_center,
+    perturb_population,
     state_from_tensors,
     tensor_noise,
     tensors_sha256,
@@ -64,6 +65,18 @@ def test_perturb_center_adds_sigma_times_signed_noise():
     torch.testing.assert_close((plus[A] + minus[A]) / 2, c[A])
     only_b = perturb_center(c, Member(0, 99, 1), 0.01, perturb="B")
     assert torch.equal(only_b[A], c[A]) and not torch.equal(only_b[B], c[B])
+
+
+def test_perturb_population_is_perturb_center_bit_for_bit():
+    c = center()
+    plan = member_plan(5, 2, 6, antithetic=True) + member_plan(5, 3, 2, antithetic=False)
+    for perturb in ("both", "A"):
+        population = perturb_population(c, plan, 0.03, perturb)
+        for member, tensors in zip(plan, population):
+            expected = perturb_center(c, member, 0.03, perturb)
+            assert tensors.keys() == expected.keys()
+            assert all(torch.equal(tensors[k], expected[k]) for k in expected)
+    assert not torch.equal(population[0][A], population[1][A])  # partners differ (+eps, -eps)
 
 
 def test_zscore_and_centered_rank():

@@ -161,3 +161,38 @@ def test_rerun_with_the_same_content_executes_no_task_body_twice(tmp_path, prefe
     assert len(content_tasks) >= 2 * 3 + 1
     assert all(r.state.name == "Cached" for r in content_tasks), [(r.name, r.state.name) for r in content_tasks]
     assert counts(Path(data_dir), "second") == counts(Path(data_dir), "first")
+
+
+def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(tmp_path, model_cache):
+    """The embedded path decodes members built in memory while `perturb` writes their files: both
+    must be the same members, or the ledger's adapter hashes would name models never scored."""
+    from es_core.backends.base import AdapterRef
+    from es_core.backends.embedded import EmbeddedBackend
+    from es_core.countdown.problems import load_problems
+    from es_core.countdown.prompt import render_prompts
+    from es_core.es import member_plan
+    from es_core.evaluation import score_member
+    from es_core.models import load_tokenizer, resolve_base_model
+    from es_core.settings import load_settings
+    from tasks.evaluate import evaluate_population
+    from tasks.population import init_population, perturb
+
+    settings = load_settings(str(tiny_config(tmp_path)), [f"data_dir={tmp_path / 'data'}", "es.sigma=0.5"])
+    base = resolve_base_model(settings.model, model_cache)
+    artifacts = str(tmp_path / "artifacts")
+    center = init_population.fn(artifacts, str(base.path), base.sha256, settings.lora.layers, settings.lora.modules,
+                                settings.lora.rank, settings.lora.lora_alpha, settings.lora.init_std, 3)
+    members = [(m.index, m.seed, m.sign) for m in member_plan(3, 0, 4, True)]
+    problems, _ = load_problems(settings.data)
+    prompts = render_prompts(problems[:3], "raw", load_tokenizer(base.path))
+    backend = EmbeddedBackend.from_settings(settings, base.path)
+    try:
+        from_seeds = evaluate_population.fn(backend, artifacts, center, members, 0.5, "both", problems[:3], prompts, 6, "paper", "k")["scores"]
+        files = perturb.fn(artifacts, center, members, 0.5, "both")
+        completions = backend.generate([AdapterRef(f"m{i}", Path(path)) for i, (_, path) in enumerate(files)], prompts, 6)
+    finally:
+        backend.close()
+    from_files = [score_member(problems[:3], prompts, c) for c in completions]
+    texts = [[s.completion for s in score.samples] for score in from_seeds]
+    assert texts == [[s.completion for s in score.samples] for score in from_files]
+    assert len({tuple(t) for t in texts}) > 1, "sigma 0.5 should make members decode differently"

@@ -59,6 +59,9 @@ class EmbeddedBackend:
                          scaling: float | None = None) -> list[list[Completion]]:
         """As generate, from LoRA tensors in memory (no file I/O); scaling defaults to settings.lora's."""
         s = self.scaling if scaling is None else float(scaling)
+        for tensors in members:
+            if tensors is not None:
+                check_adapter_matches(tensors, self.engine.targets, self.engine.rank)
         return self._complete(list(members), [s] * len(members), prompts, max_new_tokens)
 
     def close(self) -> None:
