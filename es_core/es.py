@@ -6,9 +6,9 @@ into weights w_i (z-scores in the paper); the centre moves by
 (sigma is not divided out, as in the paper's code). No file, Prefect, CUDA or logging here: the
 `ESState` returned is the checkpoint.
 
-Where we depart from the paper's code: noise is regenerated from an integer seed per member with
-an independent CPU stream per tensor (the paper reused one seed for every tensor, correlating the
-noise); members can come in antithetic pairs (+eps, -eps); theta is LoRA A and B, not full weights;
+Where we depart from the paper's code: noise is regenerated from an integer seed per member as
+one CPU stream cut into the tensors (the paper reseeded every tensor with the same seed, which
+correlates the noise of tensors of the same shape); members can come in antithetic pairs (+eps, -eps); theta is LoRA A and B, not full weights;
 Adam on the same gradient estimate is an option. Never an "advantage-weighted average of members":
 the z-scores sum to zero, so such an average divides by zero.
 """
@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from es_core.lora import LoRATensors
+from es_core.lora import LoRATensors, StackedLoRA
 from es_core.seeding import hash_int
 
 # --- members and their noise ------------------------------------------------------------------
@@ -54,17 +54,23 @@ def _moves(key: str, perturb: str) -> bool:
     return perturb == "both" or key.endswith(f"lora_{perturb}.weight")
 
 
-def tensor_noise(seed: int, key: str, shape: Sequence[int]) -> torch.Tensor:
-    """eps for one tensor of one member: its own CPU stream, bit-identical on every machine."""
-    generator = torch.Generator(device="cpu").manual_seed(hash_int(f"{int(seed)}:{key}"))
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+def member_noise(center: LoRATensors, seed: int, perturb: str = "both") -> dict[str, torch.Tensor]:
+    """eps of one member for every tensor the noise moves: one CPU stream per seed, drawn in one
+    call and cut into the tensors in sorted key order; bit-identical on every machine."""
+    keys = [k for k in sorted(center) if _moves(k, perturb)]
+    generator = torch.Generator(device="cpu").manual_seed(hash_int(f"es-member-noise:{int(seed)}"))
+    flat = torch.randn(sum(center[k].numel() for k in keys), generator=generator, dtype=torch.float32)
+    out, offset = {}, 0
+    for key in keys:
+        n = center[key].numel()
+        out[key] = flat[offset:offset + n].view(center[key].shape)
+        offset += n
+    return out
 
 
 def iter_noise(center: LoRATensors, seed: int, perturb: str = "both") -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, eps) for each tensor the noise moves, one tensor at a time."""
-    for key, value in center.items():
-        if _moves(key, perturb):
-            yield key, tensor_noise(seed, key, value.shape)
+    """(key, eps) for each tensor the noise moves."""
+    yield from member_noise(center, seed, perturb).items()
 
 
 def perturb_center(center: LoRATensors, member: Member, sigma: float, perturb: str = "both") -> LoRATensors:
@@ -75,18 +81,21 @@ def perturb_center(center: LoRATensors, member: Member, sigma: float, perturb: s
     return out
 
 
-def perturb_population(center: LoRATensors, members: Sequence[Member], sigma: float, perturb: str = "both") -> list[LoRATensors]:
-    """perturb_center for every member, drawing each seed's noise once (antithetic partners share it)."""
-    noise: dict[int, dict[str, torch.Tensor]] = {}
-    out = []
-    for member in members:
-        if member.seed not in noise:
-            noise[member.seed] = dict(iter_noise(center, member.seed, perturb))
-        tensors = dict(center)
-        for key, eps in noise[member.seed].items():
-            tensors[key] = center[key] + (sigma * member.sign) * eps
-        out.append(tensors)
-    return out
+def stacked_population(center: LoRATensors, members: Sequence[Member], sigma: float, perturb: str = "both") -> StackedLoRA:
+    """perturb_center for every member, stacked per key: bit-identical values (the same float32
+    ops, broadcast over members), each seed's noise drawn once, a few ops per key."""
+    seeds = list(dict.fromkeys(m.seed for m in members))
+    row = torch.tensor([seeds.index(m.seed) for m in members], dtype=torch.long)
+    coef = torch.tensor([sigma * m.sign for m in members], dtype=torch.float32)
+    noise = [member_noise(center, seed, perturb) for seed in seeds]
+    stacked = {}
+    for key, value in center.items():
+        if _moves(key, perturb):
+            eps = torch.stack([n[key] for n in noise]).index_select(0, row)
+            stacked[key] = value.unsqueeze(0) + coef.view(-1, *([1] * value.dim())) * eps
+        else:
+            stacked[key] = value.unsqueeze(0).expand(len(members), *value.shape)
+    return StackedLoRA(stacked, len(members))
 
 
 # --- fitness shaping: rewards -> weights, one signature -----------------------------------------

@@ -34,6 +34,25 @@ PEFT_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+\.layers\.(?P<layer>\d+)\..*\.(?P<module>[A-Za-z0-9_]+))\.lora_(?P<factor>[AB])\.weight$")
 
 
+@dataclass(frozen=True)
+class StackedLoRA:
+    """The LoRA tensors of `size` members stacked per key ([size, *shape]), as a population is
+    built from one centre: one tensor op per key instead of one per member and key."""
+
+    tensors: dict[str, torch.Tensor]
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+    def member(self, i: int) -> LoRATensors:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+    def take(self, indices) -> "StackedLoRA":
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return StackedLoRA({k: v.index_select(0, idx) for k, v in self.tensors.items()}, len(idx))
+
+
 class AdapterError(ValueError):
     """A missing, corrupt or mismatched adapter folder: one line naming the file."""
 

@@ -10,6 +10,7 @@ and ends bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,8 +58,9 @@ def resolve_settings(config_path: str | None, overrides: list[str] | None, run_i
     return settings, run_id or new_run_id(settings.run_name), False
 
 
-def _settle_quietly(pending: list, logger) -> None:
+def _settle_quietly(pending: list, gate, logger) -> None:
     """On a failure, let generations already scored reach the ledger before the error surfaces."""
+    gate.set()
     for future in pending:
         try:
             future.result(raise_on_failure=True)
@@ -106,12 +108,16 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
     progress = RunProgress(run_id, es.generations, start)
 
     backend = open_backend(settings, Path(base["path"]), data.run_dir(run_id), run_id)
-    # The ledger commit and UI artifacts of generation g run in the background while g + 1
-    # decodes (one at a time, in order); a kill before a commit lands only means the resume
-    # redoes that generation from cached task results. Anything that reads the ledger waits.
+    # The ledger commit and UI artifacts of generation g, and the adapter files of g + 1's members,
+    # are written in the background while g + 1 decodes: they wait for `gate`, set once decoding is
+    # under way, so that they never hold the GIL while the short CPU steps between two decodes run.
+    # A kill before a commit lands only means the resume redoes that generation from cached task
+    # results. Anything that reads the ledger settles first.
     pending: list = []
+    gate = threading.Event()
 
     def settle() -> None:
+        gate.set()  # nothing is decoding now: let them run
         while pending:
             pending.pop(0).result(raise_on_failure=True)
 
@@ -149,9 +155,9 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
             # --- score every member on this generation's prompts ------------------------------------
             if settings.backend.kind == "embedded":
                 # the engine builds the members from the seeds; their adapter artifacts are written meanwhile
-                written = perturb_task.submit(*perturb_args)
+                written = perturb_task.submit(*perturb_args, gate=gate)
                 result = persisted(evaluate_population, data)(
-                    quote(backend), artifacts_dir, center_sha, members, es.sigma, es.perturb, batch, prompts, **evaluation
+                    quote(backend), artifacts_dir, center_sha, members, es.sigma, es.perturb, batch, prompts, **evaluation, gate=gate
                 )
                 scores, generate_seconds = result["scores"], result["generate_seconds"]
             else:
@@ -161,6 +167,7 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
                 results = [f.result() for f in futures]
                 scores = [r["score"] for r in results]
                 generate_seconds = max(r["generate_seconds"] for r in results)
+            gate.set()  # (a cached evaluation never decoded)
             rewards = [s.reward_mean for s in scores]
 
             # --- move the centre ------------------------------------------------------------------
@@ -193,8 +200,10 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
                 for sample in s.samples
             ]
             settle()
-            committed = commit_generation.submit(str(data.root), generation_row, member_rows, sample_rows)
-            pending.extend([committed, publish_generation.submit(quote(progress), g, generation_row, member_rows, wait_for=[committed])])
+            gate = threading.Event()  # the next generation's decoding
+            # quote(): Prefect would otherwise walk the 1,000+ sample rows looking for futures
+            committed = commit_generation.submit(str(data.root), quote(generation_row), quote(member_rows), quote(sample_rows), gate=gate)
+            pending.extend([committed, publish_generation.submit(quote(progress), g, quote(generation_row), quote(member_rows), gate=gate, wait_for=[committed])])
             center_sha = update["center_sha256"]
 
             if eval_due(g + 1):
@@ -202,7 +211,7 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
                 heldout_eval(g + 1, "centre", (f"centre_g{g + 1}", center_sha))
         settle()
     except BaseException:
-        _settle_quietly(pending, logger)
+        _settle_quietly(pending, gate, logger)
         ledger.set_run_status(run_id, "failed")
         raise
     finally:

@@ -1,8 +1,9 @@
 """What every task shares: where a run's files live and how results are cached.
 
 Cache keys are content: the task's source plus its inputs, which are artifact hashes, seeds and
-settings values (never tensors or models). Engines and servers travel as `backend`, excluded from
-the key. Results persist under the data dir, so a re-run or a resume skips finished work. (Prefect's
+settings values (never tensors or models). Engines and servers travel as `backend`, and the event
+that lets background work start once decoding is under way as `gate`: both excluded from the key.
+Results persist under the data dir, so a re-run or a resume skips finished work. (Prefect's
 DEFAULT policy keys on the flow run id, which a re-run does not share.)
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
-CONTENT_CACHE = (INPUTS - "backend") + TASK_SOURCE
+CONTENT_CACHE = (INPUTS - "backend" - "gate") + TASK_SOURCE
 NO_CACHE = NO_CACHE
 
 
@@ -50,3 +51,10 @@ class DataDir:
 def persisted(task, data_dir: DataDir):
     """The task with its results written under this data dir."""
     return task.with_options(result_storage=data_dir.result_storage(), persist_result=True)
+
+
+def wait_for_gate(gate) -> None:
+    """Background work of a generation starts once the GPU is decoding (see the flow): before that
+    it would take the GIL from the short CPU steps that decoding waits on."""
+    if gate is not None:
+        gate.wait()

@@ -13,7 +13,7 @@ from artifacts.checkpoints import load_checkpoint
 from artifacts.store import ArtifactStore
 from es_core.backends.base import AdapterRef
 from es_core.countdown.problems import Problem
-from es_core.es import Member, perturb_population
+from es_core.es import Member, stacked_population
 from es_core.evaluation import MemberScore, heldout_summary, score_member
 from tasks.common import CONTENT_CACHE
 
@@ -42,6 +42,7 @@ def evaluate_population(
     max_new_tokens: int,
     reward_kind: str,
     model_key: str,
+    gate=None,
 ) -> dict:
     """Greedy completions of every prompt under every member (index, seed, sign) of a generation in
     one batched call of the embedded engine, scored.
@@ -49,12 +50,14 @@ def evaluate_population(
     The members are built in memory from the centre checkpoint and their seeds: the same float32
     tensors `perturb` writes as adapter artifacts (a safetensors round trip is exact), so decoding
     need not wait for those files, which are written meanwhile. The cache key is that content: the
-    centre's hash, the seeds and sigma; `model_key` (base model sha + backend) is only part of it."""
+    centre's hash, the seeds and sigma; `model_key` (base model sha + backend) is only part of it.
+    `gate` is set once decoding is under way (background work waits for it)."""
     store = ArtifactStore(Path(artifacts_dir))
     state, spec = load_checkpoint(store, center_sha256)
-    tensors = perturb_population(state.center, [Member(*m) for m in members], sigma, perturb_factor)
+    tensors = stacked_population(state.center, [Member(*m) for m in members], sigma, perturb_factor)
     started = time.perf_counter()
-    completions = backend.generate_tensors(tensors, prompts, max_new_tokens, scaling=spec.lora_alpha / spec.rank)
+    completions = backend.generate_tensors(tensors, prompts, max_new_tokens, scaling=spec.lora_alpha / spec.rank,
+                                           on_decode=gate.set if gate is not None else None)
     seconds = time.perf_counter() - started
     return {"scores": [score_member(problems, prompts, member, reward_kind) for member in completions], "generate_seconds": seconds}
 

@@ -7,12 +7,13 @@ from pathlib import Path
 from prefect import task
 
 from artifacts.ledger import Ledger
-from tasks.common import NO_CACHE
+from tasks.common import NO_CACHE, wait_for_gate
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def commit_generation(data_dir: str, generation: dict, members: list[dict], samples: list[dict]) -> None:
+def commit_generation(data_dir: str, generation: dict, members: list[dict], samples: list[dict], gate=None) -> None:
     """Members, samples and the generation row land in one transaction, or not at all."""
+    wait_for_gate(gate)
     Ledger(Path(data_dir)).commit_generation(generation, members, samples)
 
 
@@ -23,6 +24,7 @@ def record_eval(data_dir: str, row: dict) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def publish_generation(progress, generation: int, row: dict, members: list[dict]) -> None:
+def publish_generation(progress, generation: int, row: dict, members: list[dict], gate=None) -> None:
     """The console line, progress bar and member table of a committed generation (Prefect UI)."""
+    wait_for_gate(gate)
     progress.generation(generation, row, members)

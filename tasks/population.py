@@ -8,9 +8,9 @@ from prefect import task
 
 from artifacts.checkpoints import load_checkpoint, put_adapter_folder, put_checkpoint
 from artifacts.store import ArtifactStore
-from es_core.es import ESState, Member, es_update, perturb_center
+from es_core.es import ESState, Member, es_update, stacked_population
 from es_core.lora import init_center, find_targets_in_folder, spec_from_tensors
-from tasks.common import CONTENT_CACHE
+from tasks.common import CONTENT_CACHE, wait_for_gate
 
 
 @task(cache_policy=CONTENT_CACHE)
@@ -23,14 +23,15 @@ def init_population(artifacts_dir: str, base_model_path: str, base_model_sha256:
 
 
 @task(cache_policy=CONTENT_CACHE)
-def perturb(artifacts_dir: str, center_sha256: str, members: list[tuple[int, int, int]], sigma: float, perturb_factor: str) -> list[tuple[str, str]]:
+def perturb(artifacts_dir: str, center_sha256: str, members: list[tuple[int, int, int]], sigma: float, perturb_factor: str, gate=None) -> list[tuple[str, str]]:
     """Materialise a generation's member adapters (centre + sigma * sign * eps(seed)); returns (sha256, path) each."""
+    wait_for_gate(gate)
     store = ArtifactStore(Path(artifacts_dir))
     state, spec = load_checkpoint(store, center_sha256)
+    population = stacked_population(state.center, [Member(*m) for m in members], sigma, perturb_factor)
     shas = []
-    for index, seed, sign in members:
-        tensors = perturb_center(state.center, Member(index, seed, sign), sigma, perturb_factor)
-        ref = put_adapter_folder(store, tensors, spec)
+    for i in range(len(population)):
+        ref = put_adapter_folder(store, population.member(i), spec)
         shas.append((ref.sha256, str(ref.path)))
     return shas
 

@@ -12,13 +12,13 @@ from es_core.es import (
     es_update,
     estimate_gradient,
     iter_noise,
+    member_noise,
     member_plan,
     noise_seed,
     optimizer_tensors,
     perturb_center,
-    perturb_population,
+    stacked_population,
     state_from_tensors,
-    tensor_noise,
     tensors_sha256,
     zscore,
 )
@@ -31,20 +31,21 @@ def center():
 
 
 def test_noise_is_regenerated_bit_for_bit_from_the_seed():
-    a = tensor_noise(12345, A, (2, 8))
-    b = tensor_noise(12345, A, (2, 8))
-    assert torch.equal(a, b) and a.dtype == torch.float32
-    # a fixed reference value: the same on every machine (CPU torch.Generator, mt19937)
-    assert tensors_sha256({"eps": tensor_noise(7, "k", (4,))}) == tensors_sha256({"eps": tensor_noise(7, "k", (4,))})
+    c = center()
+    a, b = member_noise(c, 12345), member_noise(c, 12345)
+    assert a.keys() == c.keys() and all(torch.equal(a[k], b[k]) and a[k].shape == c[k].shape for k in c)
+    assert a[A].dtype == torch.float32 and not torch.equal(a[A], member_noise(c, 12346)[A])
+    assert dict(iter_noise(c, 12345, "B")).keys() == {B}
 
 
 def test_noise_streams_are_independent_per_tensor_member_and_generation():
-    # the paper's code reused one seed for every tensor; here each tensor has its own stream
-    same_shape = tensor_noise(1, "x.lora_A.weight", (4096,)), tensor_noise(1, "y.lora_A.weight", (4096,))
-    corr = torch.corrcoef(torch.stack(same_shape))[0, 1]
+    # the paper's code reseeded every tensor alike; here tensors of one shape get different noise
+    big = {"x.lora_A.weight": torch.zeros(4096), "y.lora_A.weight": torch.zeros(4096)}
+    eps = member_noise(big, 1)
+    corr = torch.corrcoef(torch.stack(list(eps.values())))[0, 1]
     assert abs(float(corr)) < 0.06
     assert noise_seed(0, 0, 0) != noise_seed(0, 0, 1) != noise_seed(0, 1, 0) != noise_seed(1, 0, 0)
-    eps = tensor_noise(noise_seed(0, 3, 1), A, (100_000,))
+    eps = member_noise({A: torch.zeros(100_000)}, noise_seed(0, 3, 1))[A]
     assert abs(float(eps.mean())) < 0.02 and abs(float(eps.std()) - 1) < 0.02
 
 
@@ -60,18 +61,20 @@ def test_antithetic_plan_pairs_share_a_seed_with_opposite_signs():
 def test_perturb_center_adds_sigma_times_signed_noise():
     c = center()
     plus, minus = perturb_center(c, Member(0, 99, 1), 0.01), perturb_center(c, Member(1, 99, -1), 0.01)
-    eps_a = tensor_noise(99, A, c[A].shape)
+    eps_a = member_noise(c, 99)[A]
     torch.testing.assert_close(plus[A], c[A] + 0.01 * eps_a, rtol=0, atol=0)
     torch.testing.assert_close((plus[A] + minus[A]) / 2, c[A])
     only_b = perturb_center(c, Member(0, 99, 1), 0.01, perturb="B")
     assert torch.equal(only_b[A], c[A]) and not torch.equal(only_b[B], c[B])
 
 
-def test_perturb_population_is_perturb_center_bit_for_bit():
+def test_stacked_population_is_perturb_center_bit_for_bit():
     c = center()
     plan = member_plan(5, 2, 6, antithetic=True) + member_plan(5, 3, 2, antithetic=False)
     for perturb in ("both", "A"):
-        population = perturb_population(c, plan, 0.03, perturb)
+        stacked = stacked_population(c, plan, 0.03, perturb)
+        population = [stacked.member(i) for i in range(len(stacked))]
+        assert len(stacked) == len(plan) and stacked.take([2, 0]).member(1)[A].equal(population[0][A])
         for member, tensors in zip(plan, population):
             expected = perturb_center(c, member, 0.03, perturb)
             assert tensors.keys() == expected.keys()
@@ -101,7 +104,7 @@ def test_update_matches_a_hand_computation():
     r = torch.tensor(rewards, dtype=torch.float64)
     z = (r - r.mean()) / (r.std(unbiased=False) + 1e-8)
     for key in c:
-        by_hand = c[key].double() + alpha / 4 * sum(float(z[i]) * tensor_noise(m.seed, key, c[key].shape).double() for i, m in enumerate(members))
+        by_hand = c[key].double() + alpha / 4 * sum(float(z[i]) * member_noise(c, m.seed)[key].double() for i, m in enumerate(members))
         torch.testing.assert_close(new.center[key].double(), by_hand, rtol=1e-5, atol=1e-7)
     assert new.generation == 1 and metrics["reward_max"] == 1.0
     assert metrics["update_norm"] > 0
@@ -125,7 +128,7 @@ def test_antithetic_pairs_with_equal_rewards_cancel():
         assert torch.equal(g, torch.zeros_like(g))
     # an unequal pair moves along its own noise only
     grad = estimate_gradient(c, plan, torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64))
-    torch.testing.assert_close(grad[A], 2 / 4 * tensor_noise(plan[0].seed, A, c[A].shape))
+    torch.testing.assert_close(grad[A], 2 / 4 * member_noise(c, plan[0].seed)[A])
 
 
 def test_update_is_deterministic_and_noise_is_never_stored():

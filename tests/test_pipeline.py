@@ -177,7 +177,7 @@ def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(t
     from tasks.evaluate import evaluate_population
     from tasks.population import init_population, perturb
 
-    settings = load_settings(str(tiny_config(tmp_path)), [f"data_dir={tmp_path / 'data'}", "es.sigma=0.5"])
+    settings = load_settings(str(tiny_config(tmp_path)), [f"data_dir={tmp_path / 'data'}", "es.sigma=0.5", "generation.max_batch_rows=6"])
     base = resolve_base_model(settings.model, model_cache)
     artifacts = str(tmp_path / "artifacts")
     center = init_population.fn(artifacts, str(base.path), base.sha256, settings.lora.layers, settings.lora.modules,

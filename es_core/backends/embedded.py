@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from es_core.backends.base import AdapterRef, Completion
 from es_core.engine.generate import GenerationOutput, PopulationEngine
 from es_core.engine.model import Decoder
-from es_core.lora import LoRATensors, check_adapter_matches, find_targets, load_adapter
+from es_core.lora import LoRATensors, StackedLoRA, check_adapter_matches, find_targets, load_adapter
 from es_core.models import load_causal_lm, load_tokenizer
 from es_core.settings import Settings
 
@@ -55,22 +55,25 @@ class EmbeddedBackend:
             scalings.append(spec.lora_alpha / spec.rank)
         return self._complete(members, scalings, prompts, max_new_tokens)
 
-    def generate_tensors(self, members: Sequence[LoRATensors | None], prompts: Sequence[str], max_new_tokens: int,
-                         scaling: float | None = None) -> list[list[Completion]]:
-        """As generate, from LoRA tensors in memory (no file I/O); scaling defaults to settings.lora's."""
+    def generate_tensors(self, members: Sequence[LoRATensors | None] | StackedLoRA, prompts: Sequence[str], max_new_tokens: int,
+                         scaling: float | None = None, on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
+        """As generate, from LoRA tensors in memory (no file I/O): a list of members, or a population
+        stacked per key (`es.stacked_population`); scaling defaults to settings.lora's. `on_decode`:
+        see PopulationEngine.generate."""
         s = self.scaling if scaling is None else float(scaling)
-        for tensors in members:
+        stacked = isinstance(members, StackedLoRA)
+        for tensors in ([members.member(0)] if stacked and len(members) else [] if stacked else members):
             if tensors is not None:
                 check_adapter_matches(tensors, self.engine.targets, self.engine.rank)
-        return self._complete(list(members), [s] * len(members), prompts, max_new_tokens)
+        return self._complete(members if stacked else list(members), [s] * len(members), prompts, max_new_tokens, on_decode)
 
     def close(self) -> None:
         self.engine.close()
 
-    def _complete(self, members, scalings, prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
+    def _complete(self, members, scalings, prompts: Sequence[str], max_new_tokens: int, on_decode=None) -> list[list[Completion]]:
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         with self._lock:
-            out: GenerationOutput = self.engine.generate(ids, members, max_new_tokens, scalings)
+            out: GenerationOutput = self.engine.generate(ids, members, max_new_tokens, scalings, on_decode=on_decode)
         texts = self.tokenizer.batch_decode([t for row in out.tokens for t in row], skip_special_tokens=True)
         result, k = [], 0
         for row, stops in zip(out.tokens, out.stopped):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from es_core.engine.attention import sdpa_decode, triton_available, triton_decode
 from es_core.engine.model import Decoder, attention_in, attention_out_mlp, greedy_head
 from es_core.engine.population_lora import PopulationLoRA
-from es_core.lora import LoRATarget, LoRATensors
+from es_core.lora import LoRATarget, LoRATensors, StackedLoRA
 
 
 @dataclass
@@ -128,22 +128,27 @@ class PopulationEngine:
     # --- public ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], members: Sequence[LoRATensors | None], max_new_tokens: int,
-                 scalings: Sequence[float] | float = 1.0, eos_ids: Sequence[int] | None = None) -> GenerationOutput:
-        """Greedy completion of every prompt under every member (None: the base model)."""
+    def generate(self, prompts: Sequence[Sequence[int]], members: Sequence[LoRATensors | None] | StackedLoRA, max_new_tokens: int,
+                 scalings: Sequence[float] | float = 1.0, eos_ids: Sequence[int] | None = None,
+                 on_decode: Callable[[], None] | None = None) -> GenerationOutput:
+        """Greedy completion of every prompt under every member (None: the base model). `on_decode`
+        is called once the first chunk's decoding is under way: on CUDA this thread then mostly waits
+        on the GPU, so it is when other CPU work of the caller costs decoding least."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
         if not members or not prompts:
-            return GenerationOutput([[] for _ in members], [[] for _ in members])
+            return GenerationOutput([[] for _ in range(len(members))], [[] for _ in range(len(members))])
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         scalings = [float(scalings)] * len(members) if isinstance(scalings, (int, float)) else [float(s) for s in scalings]
         eos = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
         self.stats = EngineStats()
-        tokens = [[[] for _ in prompts] for _ in members]
-        stopped = [[False for _ in prompts] for _ in members]
+        tokens = [[[] for _ in prompts] for _ in range(len(members))]
+        stopped = [[False for _ in prompts] for _ in range(len(members))]
         for mems, prs in plan_chunks(len(members), len(prompts), self.max_batch_rows):
-            rows = self._run_chunk([prompts[p] for p in prs], [members[m] for m in mems], [scalings[m] for m in mems], max_new_tokens, eos)
+            chunk = members.take(mems) if isinstance(members, StackedLoRA) else [members[m] for m in mems]
+            rows = self._run_chunk([prompts[p] for p in prs], chunk, [scalings[m] for m in mems], max_new_tokens, eos, on_decode)
+            on_decode = None
             for i, m in enumerate(mems):
                 for j, p in enumerate(prs):
                     tokens[m][p], stopped[m][p] = rows[i * len(prs) + j]
@@ -157,7 +162,7 @@ class PopulationEngine:
 
     # --- one chunk ------------------------------------------------------------------------
 
-    def _run_chunk(self, prompts, members, scalings, max_new: int, eos: tuple[int, ...]) -> list[tuple[list[int], bool]]:
+    def _run_chunk(self, prompts, members, scalings, max_new: int, eos: tuple[int, ...], on_decode=None) -> list[tuple[list[int], bool]]:
         dev = self.decoder.device
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         groups, per = len(members), len(prompts)
@@ -186,6 +191,8 @@ class PopulationEngine:
 
         # decode: token 0 came from the prefill; step i writes token i
         steps = 1
+        if on_decode is not None:
+            on_decode()
         for i in range(1, max_new):
             write = t_pad + i - 1
             kv_len = min(_round_up(write + 1, self.bucket), cache_len) if self.attention == "sdpa" else cache_len

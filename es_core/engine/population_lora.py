@@ -19,7 +19,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from es_core.lora import LoRATarget, LoRATensors, check_adapter_matches
+from es_core.lora import LoRATarget, LoRATensors, StackedLoRA, check_adapter_matches
 
 GROUP_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
 GROUPS = ("qkv", "o", "gate_up", "down")
@@ -93,12 +93,13 @@ class PopulationLoRA:
             self._b[layer, group] = torch.zeros(n_slots, self._out[group], k, dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
-    def set_members(self, members: Sequence[LoRATensors | None], scalings: Sequence[float]) -> None:
+    def set_members(self, members: Sequence[LoRATensors | None] | StackedLoRA, scalings: Sequence[float]) -> None:
         """Fill slot g with member g (None: zeros, the base model). Buffers keep their addresses
         while the number of members stays the same (captured CUDA graphs stay valid)."""
         if len(members) != len(scalings):
             raise ValueError(f"{len(members)} members but {len(scalings)} scalings")
-        for m in members:
+        stacked = isinstance(members, StackedLoRA)
+        for m in [members.member(0)] if stacked and len(members) else [] if stacked else members:
             if m is not None:
                 check_adapter_matches(m, self.targets, self.rank)
         if len(members) != self.n_slots:
@@ -109,8 +110,12 @@ class PopulationLoRA:
             a_buf, b_buf = self._a[key], self._b[key]
             for p in parts:
                 t = p.target
-                a = torch.stack([_get(m, t.key_a, (r, t.in_features)) for m in members])  # [G, r, in]
-                b = torch.stack([_get(m, t.key_b, (t.out_features, r)) for m in members]) * scale  # [G, out, r]
+                if stacked:
+                    a = _get_stacked(members, t.key_a, (r, t.in_features))  # [G, r, in]
+                    b = _get_stacked(members, t.key_b, (t.out_features, r)) * scale  # [G, out, r]
+                else:
+                    a = torch.stack([_get(m, t.key_a, (r, t.in_features)) for m in members])
+                    b = torch.stack([_get(m, t.key_b, (t.out_features, r)) for m in members]) * scale
                 a_buf[:, p.block * w:p.block * w + r].copy_(a)
                 b_buf[:, p.offset:p.offset + t.out_features, p.block * w:p.block * w + r].copy_(b)
 
@@ -132,3 +137,9 @@ def _get(member: LoRATensors | None, key: str, shape: tuple[int, int]) -> torch.
     if member is None or key not in member:
         return torch.zeros(shape, dtype=torch.float32)
     return member[key].detach().to("cpu", torch.float32)
+
+
+def _get_stacked(members: StackedLoRA, key: str, shape: tuple[int, int]) -> torch.Tensor:
+    if key not in members.tensors:
+        return torch.zeros((len(members), *shape), dtype=torch.float32)
+    return members.tensors[key].detach().to("cpu", torch.float32)
