@@ -54,18 +54,32 @@ def _moves(key: str, perturb: str) -> bool:
     return perturb == "both" or key.endswith(f"lora_{perturb}.weight")
 
 
+def _noise_layout(center: LoRATensors, perturb: str) -> tuple[list[str], int]:
+    keys = [k for k in sorted(center) if _moves(k, perturb)]
+    return keys, sum(center[k].numel() for k in keys)
+
+
+def _draw_noise(seed: int, total: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(hash_int(f"es-member-noise:{int(seed)}"))
+    return torch.randn(total, generator=generator, dtype=torch.float32, out=out)
+
+
+def _split(flat: torch.Tensor, center: LoRATensors, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Views of flat[..., total] as the tensors of `keys` (a leading member axis is kept)."""
+    out, offset = {}, 0
+    lead = flat.shape[:-1]
+    for key in keys:
+        n = center[key].numel()
+        out[key] = flat[..., offset:offset + n].view(*lead, *center[key].shape)
+        offset += n
+    return out
+
+
 def member_noise(center: LoRATensors, seed: int, perturb: str = "both") -> dict[str, torch.Tensor]:
     """eps of one member for every tensor the noise moves: one CPU stream per seed, drawn in one
     call and cut into the tensors in sorted key order; bit-identical on every machine."""
-    keys = [k for k in sorted(center) if _moves(k, perturb)]
-    generator = torch.Generator(device="cpu").manual_seed(hash_int(f"es-member-noise:{int(seed)}"))
-    flat = torch.randn(sum(center[k].numel() for k in keys), generator=generator, dtype=torch.float32)
-    out, offset = {}, 0
-    for key in keys:
-        n = center[key].numel()
-        out[key] = flat[offset:offset + n].view(center[key].shape)
-        offset += n
-    return out
+    keys, total = _noise_layout(center, perturb)
+    return _split(_draw_noise(seed, total), center, keys)
 
 
 def iter_noise(center: LoRATensors, seed: int, perturb: str = "both") -> Iterator[tuple[str, torch.Tensor]]:
@@ -83,18 +97,17 @@ def perturb_center(center: LoRATensors, member: Member, sigma: float, perturb: s
 
 def stacked_population(center: LoRATensors, members: Sequence[Member], sigma: float, perturb: str = "both") -> StackedLoRA:
     """perturb_center for every member, stacked per key: bit-identical values (the same float32
-    ops, broadcast over members), each seed's noise drawn once, a few ops per key."""
+    ops, on one [members, parameters] matrix), each seed's noise drawn once, a few ops per key."""
+    keys, total = _noise_layout(center, perturb)
     seeds = list(dict.fromkeys(m.seed for m in members))
+    eps = torch.empty(len(seeds), total, dtype=torch.float32)
+    for i, seed in enumerate(seeds):
+        _draw_noise(seed, total, out=eps[i])
     row = torch.tensor([seeds.index(m.seed) for m in members], dtype=torch.long)
     coef = torch.tensor([sigma * m.sign for m in members], dtype=torch.float32)
-    noise = [member_noise(center, seed, perturb) for seed in seeds]
-    stacked = {}
-    for key, value in center.items():
-        if _moves(key, perturb):
-            eps = torch.stack([n[key] for n in noise]).index_select(0, row)
-            stacked[key] = value.unsqueeze(0) + coef.view(-1, *([1] * value.dim())) * eps
-        else:
-            stacked[key] = value.unsqueeze(0).expand(len(members), *value.shape)
+    flat_center = torch.cat([center[k].reshape(-1) for k in keys]) if keys else torch.empty(0)
+    moved = _split(flat_center.unsqueeze(0) + coef.unsqueeze(1) * eps.index_select(0, row), center, keys)
+    stacked = {key: moved[key] if key in moved else value.unsqueeze(0).expand(len(members), *value.shape) for key, value in center.items()}
     return StackedLoRA(stacked, len(members))
 
 

@@ -141,6 +141,9 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
         if start > 0 and eval_due(start):  # a kill between a commit and its evaluation
             heldout_eval(start, "centre", (f"centre_g{start}", center_sha))
 
+        # with_options builds a new task object: once, not once per generation
+        perturb_task, aggregate_task = persisted(perturb, data), persisted(aggregate, data)
+        evaluate_population_task, evaluate_member_task = persisted(evaluate_population, data), persisted(evaluate_member, data)
         for g in range(start, es.generations):
             started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
 
@@ -149,21 +152,20 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
             members = [(m.index, m.seed, m.sign) for m in plan]
             batch = batch_for_generation(train, g, settings.data.prompts_per_generation)
             prompts = render_prompts(batch, settings.prompt.style, tokenizer)
-            perturb_task = persisted(perturb, data)
             perturb_args = (artifacts_dir, center_sha, members, es.sigma, es.perturb)
 
             # --- score every member on this generation's prompts ------------------------------------
             if settings.backend.kind == "embedded":
                 # the engine builds the members from the seeds; their adapter artifacts are written meanwhile
                 written = perturb_task.submit(*perturb_args, gate=gate)
-                result = persisted(evaluate_population, data)(
+                result = evaluate_population_task(
                     quote(backend), artifacts_dir, center_sha, members, es.sigma, es.perturb, batch, prompts, **evaluation, gate=gate
                 )
                 scores, generate_seconds = result["scores"], result["generate_seconds"]
             else:
                 member_adapters = perturb_task(*perturb_args)  # the servers load the files
                 adapters = [(f"g{g}_m{m.index:03d}", sha) for m, (sha, _) in zip(plan, member_adapters)]
-                futures = [persisted(evaluate_member, data).submit(quote(backend), artifacts_dir, a, batch, prompts, **evaluation) for a in adapters]
+                futures = [evaluate_member_task.submit(quote(backend), artifacts_dir, a, batch, prompts, **evaluation) for a in adapters]
                 results = [f.result() for f in futures]
                 scores = [r["score"] for r in results]
                 generate_seconds = max(r["generate_seconds"] for r in results)
@@ -171,7 +173,7 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
             rewards = [s.reward_mean for s in scores]
 
             # --- move the centre ------------------------------------------------------------------
-            update = persisted(aggregate, data)(
+            update = aggregate_task(
                 artifacts_dir, center_sha, members, rewards, es.learning_rate, es.shaping, es.optimizer, es.perturb,
                 (es.adam_beta1, es.adam_beta2, es.adam_eps),
             )
