@@ -34,7 +34,7 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(Q, K, V, O, Start, Write, scale_log2,
                        s_qn, s_qh, s_qg, s_kn, s_kh, s_kl, s_vn, s_vh, s_vl, s_on, s_oh, s_og,
-                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr):
+                       G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, NUM_STAGES: tl.constexpr):
         n = tl.program_id(0)
         h = tl.program_id(1)
         offs_g = tl.arange(0, G_PAD)
@@ -48,8 +48,8 @@ if triton is not None:
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        l0 = (start // BLOCK_L) * BLOCK_L
-        while l0 < end:
+        # a `for` over tl.range (not a while) lets Triton pipeline the loads of the next blocks
+        for l0 in tl.range((start // BLOCK_L) * BLOCK_L, end, BLOCK_L, num_stages=NUM_STAGES):
             offs = l0 + offs_l
             valid = (offs >= start) & (offs < end)
             k = tl.load(k_base + offs[:, None] * s_kl + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -62,13 +62,12 @@ if triton is not None:
             v = tl.load(v_base + offs[:, None] * s_vl + offs_d[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-            l0 += BLOCK_L
         acc = acc / l_i[:, None]
         tl.store(O + n * s_on + h * s_oh + offs_g[:, None] * s_og + offs_d[None, :], acc.to(O.dtype.element_ty), mask=offs_g[:, None] < G)
 
 
 def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: torch.Tensor, write: torch.Tensor,
-                  block_l: int = 64) -> torch.Tensor:
+                  block_l: int = 64, num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
     """q [N, Hkv, G, hd], caches [N, Hkv, L, hd], start [N] (first valid slot of each row), write [1]
     (the slot of the token just written) -> [N, Hkv, G, hd]; attends to slots start..write."""
     n, hkv, g, d = q.shape
@@ -78,7 +77,7 @@ def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q, k_cache, v_cache, out, start, write, (d ** -0.5) * 1.4426950408889634,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        G=g, G_PAD=g_pad, D=d, BLOCK_L=block_l, num_warps=4,
+        G=g, G_PAD=g_pad, D=d, BLOCK_L=block_l, NUM_STAGES=num_stages, num_warps=num_warps,
     )
     return out
 
