@@ -163,7 +163,7 @@ class ESState:
 
 
 def estimate_gradient(center: LoRATensors, members: Sequence[Member], weights: torch.Tensor, perturb: str = "both") -> LoRATensors:
-    """(1/N) * sum_i w_i * sign_i * eps_i, regenerating one noise at a time (never N copies).
+    """(1/N) * sum_i w_i * sign_i * eps_i as one [seeds] x [seeds, parameters] product.
 
     Antithetic partners share a seed, so each seed's noise is drawn once with its summed weight."""
     coefficient: dict[int, float] = {}
@@ -171,11 +171,15 @@ def estimate_gradient(center: LoRATensors, members: Sequence[Member], weights: t
         coefficient[member.seed] = coefficient.get(member.seed, 0.0) + member.sign * weight
     n = len(members)
     grad = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in center.items()}
-    for seed, c in coefficient.items():
-        if c == 0.0:
-            continue
-        for key, eps in iter_noise(center, seed, perturb):
-            grad[key].add_(eps, alpha=c / n)
+    seeds = [seed for seed, c in coefficient.items() if c != 0.0]
+    keys, total = _noise_layout(center, perturb)
+    if not seeds or not keys:
+        return grad
+    eps = torch.empty(len(seeds), total, dtype=torch.float32)
+    for i, seed in enumerate(seeds):
+        _draw_noise(seed, total, out=eps[i])
+    scale = torch.tensor([coefficient[seed] / n for seed in seeds], dtype=torch.float32)
+    grad.update({k: v.clone() for k, v in _split(scale @ eps, center, keys).items()})
     return grad
 
 
