@@ -8,8 +8,9 @@ into weights w_i (z-scores in the paper); the centre moves by
 
 Where we depart from the paper's code: noise is regenerated from an integer seed per member as
 one CPU stream cut into the tensors (the paper reseeded every tensor with the same seed, which
-correlates the noise of tensors of the same shape); members can come in antithetic pairs (+eps, -eps); theta is LoRA A and B, not full weights;
-Adam on the same gradient estimate is an option. Never an "advantage-weighted average of members":
+correlates the noise of tensors of the same shape); members can come in antithetic pairs
+(+eps, -eps); theta is LoRA A and B, not full weights; Adam on the same gradient estimate is an
+option. Never an "advantage-weighted average of members":
 the z-scores sum to zero, so such an average divides by zero.
 """
 
@@ -64,6 +65,14 @@ def _draw_noise(seed: int, total: int, out: torch.Tensor | None = None) -> torch
     return torch.randn(total, generator=generator, dtype=torch.float32, out=out)
 
 
+def _noise_matrix(seeds: Sequence[int], total: int) -> torch.Tensor:
+    """[len(seeds), total]: row i is seed i's noise, drawn straight into place."""
+    eps = torch.empty(len(seeds), total, dtype=torch.float32)
+    for i, seed in enumerate(seeds):
+        _draw_noise(seed, total, out=eps[i])
+    return eps
+
+
 def _split(flat: torch.Tensor, center: LoRATensors, keys: list[str]) -> dict[str, torch.Tensor]:
     """Views of flat[..., total] as the tensors of `keys` (a leading member axis is kept)."""
     out, offset = {}, 0
@@ -100,9 +109,7 @@ def stacked_population(center: LoRATensors, members: Sequence[Member], sigma: fl
     ops, on one [members, parameters] matrix), each seed's noise drawn once, a few ops per key."""
     keys, total = _noise_layout(center, perturb)
     seeds = list(dict.fromkeys(m.seed for m in members))
-    eps = torch.empty(len(seeds), total, dtype=torch.float32)
-    for i, seed in enumerate(seeds):
-        _draw_noise(seed, total, out=eps[i])
+    eps = _noise_matrix(seeds, total)
     row = torch.tensor([seeds.index(m.seed) for m in members], dtype=torch.long)
     coef = torch.tensor([sigma * m.sign for m in members], dtype=torch.float32)
     flat_center = torch.cat([center[k].reshape(-1) for k in keys]) if keys else torch.empty(0)
@@ -175,9 +182,7 @@ def estimate_gradient(center: LoRATensors, members: Sequence[Member], weights: t
     keys, total = _noise_layout(center, perturb)
     if not seeds or not keys:
         return grad
-    eps = torch.empty(len(seeds), total, dtype=torch.float32)
-    for i, seed in enumerate(seeds):
-        _draw_noise(seed, total, out=eps[i])
+    eps = _noise_matrix(seeds, total)
     scale = torch.tensor([coefficient[seed] / n for seed in seeds], dtype=torch.float32)
     grad.update({k: v.clone() for k, v in _split(scale @ eps, center, keys).items()})
     return grad

@@ -18,15 +18,20 @@ from es_core.evaluation import MemberScore, heldout_summary, score_member
 from tasks.common import CONTENT_CACHE
 
 
+def _scored(generate, problems: list[Problem], prompts: list[str], reward_kind: str) -> tuple[list[MemberScore], float]:
+    """Each member's scores from `generate()` (completions[member][prompt]) and its seconds."""
+    started = time.perf_counter()
+    completions = generate()
+    seconds = time.perf_counter() - started
+    return [score_member(problems, prompts, member, reward_kind) for member in completions], seconds
+
+
 def _generate_and_score(backend, artifacts_dir: str, adapters: list[tuple[str, str | None]], problems: list[Problem], prompts: list[str],
                         max_new_tokens: int, reward_kind: str) -> tuple[list[MemberScore], float]:
     """Scores of each adapter (sha None: the base model) and the seconds spent decoding."""
     store = ArtifactStore(Path(artifacts_dir))
     refs = [AdapterRef(name, store.get(sha) if sha else None) for name, sha in adapters]
-    started = time.perf_counter()
-    completions = backend.generate(refs, prompts, max_new_tokens)
-    seconds = time.perf_counter() - started
-    return [score_member(problems, prompts, member, reward_kind) for member in completions], seconds
+    return _scored(lambda: backend.generate(refs, prompts, max_new_tokens), problems, prompts, reward_kind)
 
 
 @task(cache_policy=CONTENT_CACHE)
@@ -55,11 +60,10 @@ def evaluate_population(
     store = ArtifactStore(Path(artifacts_dir))
     state, spec = load_checkpoint(store, center_sha256)
     tensors = stacked_population(state.center, [Member(*m) for m in members], sigma, perturb_factor)
-    started = time.perf_counter()
-    completions = backend.generate_tensors(tensors, prompts, max_new_tokens, scaling=spec.lora_alpha / spec.rank,
-                                           on_decode=gate.set if gate is not None else None)
-    seconds = time.perf_counter() - started
-    return {"scores": [score_member(problems, prompts, member, reward_kind) for member in completions], "generate_seconds": seconds}
+    on_decode = gate.set if gate is not None else None
+    scores, seconds = _scored(lambda: backend.generate_tensors(tensors, prompts, max_new_tokens, scaling=spec.lora_alpha / spec.rank, on_decode=on_decode),
+                              problems, prompts, reward_kind)
+    return {"scores": scores, "generate_seconds": seconds}
 
 
 @task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])

@@ -61,11 +61,9 @@ class EmbeddedBackend:
         stacked per key (`es.stacked_population`); scaling defaults to settings.lora's. `on_decode`:
         see PopulationEngine.generate."""
         s = self.scaling if scaling is None else float(scaling)
-        stacked = isinstance(members, StackedLoRA)
-        for tensors in ([members.member(0)] if stacked and len(members) else [] if stacked else members):
-            if tensors is not None:
-                check_adapter_matches(tensors, self.engine.targets, self.engine.rank)
-        return self._complete(members if stacked else list(members), [s] * len(members), prompts, max_new_tokens, on_decode)
+        # the engine checks every member against its targets when it fills the slots
+        population = members if isinstance(members, StackedLoRA) else list(members)
+        return self._complete(population, [s] * len(members), prompts, max_new_tokens, on_decode)
 
     def close(self) -> None:
         self.engine.close()

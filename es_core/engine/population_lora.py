@@ -99,7 +99,8 @@ class PopulationLoRA:
         if len(members) != len(scalings):
             raise ValueError(f"{len(members)} members but {len(scalings)} scalings")
         stacked = isinstance(members, StackedLoRA)
-        for m in [members.member(0)] if stacked and len(members) else [] if stacked else members:
+        # a stacked population shares one layout: its first member stands for all
+        for m in (members.member(0),) if stacked and len(members) else () if stacked else members:
             if m is not None:
                 check_adapter_matches(m, self.targets, self.rank)
         if len(members) != self.n_slots:
