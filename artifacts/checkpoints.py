@@ -4,14 +4,12 @@ for Adam, the optimizer moments beside it. Its sha256 is the centre's id in the 
 from __future__ import annotations
 
 import json
-import tempfile
 from collections import OrderedDict
-from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from es_core.es import ESState, optimizer_tensors, state_from_tensors
-from es_core.lora import AdapterSpec, LoRATensors, load_adapter, save_adapter
+from es_core.lora import AdapterSpec, LoRATensors, adapter_files, load_adapter, safetensors_bytes
 
 OPTIMIZER_FILE = "es_optimizer.safetensors"
 STATE_FILE = "es_state.json"
@@ -31,22 +29,15 @@ def _remember(store, sha256: str, value: tuple[ESState, AdapterSpec]) -> None:
 
 
 def put_adapter_folder(store, tensors: LoRATensors, spec: AdapterSpec, extra: dict[str, bytes] | None = None):
-    """Write a PEFT folder (and extra files) to a temporary place and store it by content."""
-    with tempfile.TemporaryDirectory(prefix="es-adapter-") as tmp:
-        folder = save_adapter(tensors, Path(tmp) / "adapter", spec)
-        for name, data in (extra or {}).items():
-            (folder / name).write_bytes(data)
-        return store.put_dir(folder)
+    """Store a PEFT folder (and extra files) by content, straight from memory."""
+    return store.put_files({**adapter_files(tensors, spec), **(extra or {})})
 
 
 def put_checkpoint(store, state: ESState, spec: AdapterSpec):
     extra = {STATE_FILE: (json.dumps({"generation": state.generation}, sort_keys=True) + "\n").encode()}
     moments = optimizer_tensors(state)
     if moments:
-        with tempfile.TemporaryDirectory(prefix="es-optimizer-") as tmp:
-            path = Path(tmp) / OPTIMIZER_FILE
-            save_file({k: v.contiguous() for k, v in sorted(moments.items())}, str(path), metadata={"format": "pt"})
-            extra[OPTIMIZER_FILE] = path.read_bytes()
+        extra[OPTIMIZER_FILE] = safetensors_bytes(moments)
     ref = put_adapter_folder(store, state.center, spec, extra)
     _remember(store, ref.sha256, (state, spec))
     return ref

@@ -29,7 +29,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -195,16 +194,23 @@ class ArtifactStore:
         if "/" in name or name in ("", ".", ".."):
             raise ArtifactError(f"artifact file name {name!r} must be a plain file name")
         _check_name(name, Path(name))
-        return self._put(iter([(name, _BytesReader(bytes(data)))]))
+        return self.put_files({name: bytes(data)})
+
+    def put_files(self, files: dict[str, bytes]) -> ArtifactRef:
+        """Store a folder given as {relative path: bytes}: nothing written outside the store first."""
+        if not files:
+            raise ArtifactError("an empty folder is not an artifact")
+        for rel in files:
+            _check_name(rel, Path(rel))
+            if rel.startswith("/") or any(part in ("", ".", "..") for part in rel.split("/")):
+                raise ArtifactError(f"artifact file name {rel!r} must be a relative path")
+        return self._put((rel, _BytesReader(files[rel])) for rel in sorted(files))
 
     def put_adapter(self, tensors, spec) -> ArtifactRef:
-        """Write a PEFT adapter folder (es_core.lora.save_adapter) and store it: identical adapters
-        get one artifact."""
-        from es_core.lora import save_adapter  # torch is imported only by those who store tensors
+        """Store a PEFT adapter folder (es_core.lora.adapter_files): identical adapters get one artifact."""
+        from es_core.lora import adapter_files  # torch is imported only by those who store tensors
 
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="adapter-", dir=self.tmp) as work:
-            return self.put_dir(save_adapter(tensors, Path(work) / "adapter", spec))
+        return self.put_files(adapter_files(tensors, spec))
 
     def _put(self, entries: Iterator[tuple[str, BinaryIO]]) -> ArtifactRef:
         self.tmp.mkdir(parents=True, exist_ok=True)

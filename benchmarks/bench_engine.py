@@ -161,7 +161,6 @@ def bench_model(name: str, args, device, methods: set[str], memory_check: bool) 
     print(f"prompts: {len(ids)} x {min(lens)}..{max(lens)} tokens; LoRA on {len(targets)} Linears ({len(layers)} layers)", flush=True)
     decoder = Decoder.from_hf(model)
     ranks = [int(r) for r in args.ranks.split(",")]
-    rows = args.members * args.prompts
 
     if "d" in methods:
         for rank in ranks:
@@ -305,7 +304,7 @@ def profile_engine(decoder, targets, rank, members, ids, device, pad_id) -> None
                 engine._decode_step(s, s.cache_len)
             torch.cuda.synchronize()
     events = prof.key_averages()
-    print(events.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70), flush=True)
+    print(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90), flush=True)
     groups: dict[str, float] = {}
     for e in events:
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)

@@ -104,16 +104,62 @@ def perturb_center(center: LoRATensors, member: Member, sigma: float, perturb: s
     return out
 
 
-def stacked_population(center: LoRATensors, members: Sequence[Member], sigma: float, perturb: str = "both") -> StackedLoRA:
+@dataclass(frozen=True)
+class PopulationNoise:
+    """The noise of a generation's distinct seeds, row i = noise(seeds[i]) over `layout`'s tensors
+    (the keys the noise moves and their sizes): drawn once, reused by the members' build, the
+    adapter files and the update, and drawable ahead of time since it depends on seeds only."""
+
+    seeds: tuple[int, ...]
+    layout: tuple[tuple[str, int], ...]
+    eps: torch.Tensor  # [len(seeds), total] float32
+
+    def rows(self, seeds: Sequence[int]) -> torch.Tensor:
+        """eps of these seeds, in this order (the matrix itself when they are `self.seeds`)."""
+        if tuple(seeds) == self.seeds:
+            return self.eps
+        return self.eps.index_select(0, torch.tensor([self.seeds.index(s) for s in seeds], dtype=torch.long))
+
+    def signed(self, members: Sequence[Member], sigma: float) -> torch.Tensor:
+        """[members, total]: sigma * sign_i * eps_i, the members' offsets from the centre."""
+        row = torch.tensor([self.seeds.index(m.seed) for m in members], dtype=torch.long)
+        coef = torch.tensor([sigma * m.sign for m in members], dtype=torch.float32)
+        return coef.unsqueeze(1) * self.eps.index_select(0, row)
+
+
+def noise_layout(center: LoRATensors, perturb: str = "both") -> tuple[tuple[str, int], ...]:
+    """(key, numel) of every tensor the noise moves, in the order the noise stream is cut."""
+    keys, _ = _noise_layout(center, perturb)
+    return tuple((k, center[k].numel()) for k in keys)
+
+
+def draw_population_noise(layout: tuple[tuple[str, int], ...], members: Sequence[Member]) -> PopulationNoise:
+    seeds = tuple(dict.fromkeys(m.seed for m in members))
+    return PopulationNoise(seeds, tuple(layout), _noise_matrix(seeds, sum(n for _, n in layout)))
+
+
+def _checked_noise(noise: PopulationNoise | None, center: LoRATensors, members: Sequence[Member], perturb: str) -> PopulationNoise:
+    layout = noise_layout(center, perturb)
+    if noise is None:
+        return draw_population_noise(layout, members)
+    if noise.layout != layout or not {m.seed for m in members} <= set(noise.seeds):
+        raise ValueError("the noise given was drawn for other seeds or another LoRA layout")
+    return noise
+
+
+def _flat(center: LoRATensors, keys: Sequence[str]) -> torch.Tensor:
+    return torch.cat([center[k].reshape(-1) for k in keys]) if keys else torch.empty(0)
+
+
+def stacked_population(center: LoRATensors, members: Sequence[Member], sigma: float, perturb: str = "both",
+                       noise: PopulationNoise | None = None, signed: torch.Tensor | None = None) -> StackedLoRA:
     """perturb_center for every member, stacked per key: bit-identical values (the same float32
-    ops, on one [members, parameters] matrix), each seed's noise drawn once, a few ops per key."""
-    keys, total = _noise_layout(center, perturb)
-    seeds = list(dict.fromkeys(m.seed for m in members))
-    eps = _noise_matrix(seeds, total)
-    row = torch.tensor([seeds.index(m.seed) for m in members], dtype=torch.long)
-    coef = torch.tensor([sigma * m.sign for m in members], dtype=torch.float32)
-    flat_center = torch.cat([center[k].reshape(-1) for k in keys]) if keys else torch.empty(0)
-    moved = _split(flat_center.unsqueeze(0) + coef.unsqueeze(1) * eps.index_select(0, row), center, keys)
+    ops, on one [members, parameters] matrix), each seed's noise drawn once (or taken from `noise`;
+    `signed`: its `signed(members, sigma)`, computed ahead), a few ops per key."""
+    noise = _checked_noise(noise, center, members, perturb)
+    keys = [k for k, _ in noise.layout]
+    offsets = noise.signed(members, sigma) if signed is None else signed
+    moved = _split(_flat(center, keys).unsqueeze(0) + offsets, center, keys)
     stacked = {key: moved[key] if key in moved else value.unsqueeze(0).expand(len(members), *value.shape) for key, value in center.items()}
     return StackedLoRA(stacked, len(members))
 
@@ -169,22 +215,27 @@ class ESState:
     adam_step: int = 0
 
 
-def estimate_gradient(center: LoRATensors, members: Sequence[Member], weights: torch.Tensor, perturb: str = "both") -> LoRATensors:
-    """(1/N) * sum_i w_i * sign_i * eps_i as one [seeds] x [seeds, parameters] product.
-
-    Antithetic partners share a seed, so each seed's noise is drawn once with its summed weight."""
+def _gradient_flat(members: Sequence[Member], weights: torch.Tensor, noise: PopulationNoise) -> torch.Tensor:
+    """(1/N) * sum_i w_i * sign_i * eps_i over the flat layout, as one [seeds] x [seeds, parameters]
+    product. Antithetic partners share a seed, so each seed's noise enters once with its summed weight."""
     coefficient: dict[int, float] = {}
     for member, weight in zip(members, weights.tolist()):
         coefficient[member.seed] = coefficient.get(member.seed, 0.0) + member.sign * weight
     n = len(members)
-    grad = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in center.items()}
     seeds = [seed for seed, c in coefficient.items() if c != 0.0]
-    keys, total = _noise_layout(center, perturb)
-    if not seeds or not keys:
-        return grad
-    eps = _noise_matrix(seeds, total)
+    total = sum(k for _, k in noise.layout)
+    if not seeds or not total:
+        return torch.zeros(total, dtype=torch.float32)
     scale = torch.tensor([coefficient[seed] / n for seed in seeds], dtype=torch.float32)
-    grad.update({k: v.clone() for k, v in _split(scale @ eps, center, keys).items()})
+    return scale @ noise.rows(seeds)
+
+
+def estimate_gradient(center: LoRATensors, members: Sequence[Member], weights: torch.Tensor, perturb: str = "both",
+                      noise: PopulationNoise | None = None) -> LoRATensors:
+    """(1/N) * sum_i w_i * sign_i * eps_i per tensor (zero for the tensors the noise does not move)."""
+    noise = _checked_noise(noise, center, members, perturb)
+    grad = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in center.items()}
+    grad.update(_split(_gradient_flat(members, weights, noise), center, [k for k, _ in noise.layout]))
     return grad
 
 
@@ -198,16 +249,23 @@ def es_update(
     perturb: str = "both",
     adam_betas: tuple[float, float] = (0.9, 0.999),
     adam_eps: float = 1e-8,
+    noise: PopulationNoise | None = None,
 ) -> tuple[ESState, dict]:
-    """theta_{g+1} from theta_g, the members' seeds and their rewards. Pure: returns a new state."""
+    """theta_{g+1} from theta_g, the members' seeds and their rewards (`noise`: the generation's,
+    if drawn already). Pure: returns a new state."""
     if len(members) != len(rewards):
         raise ValueError(f"{len(members)} members but {len(rewards)} rewards")
     weights = SHAPING[shaping](rewards)
-    grad = estimate_gradient(state.center, members, weights, perturb)
+    noise = _checked_noise(noise, state.center, members, perturb)
+    keys = [k for k, _ in noise.layout]
+    grad_flat = _gradient_flat(members, weights, noise)
     if optimizer == "sgd":
-        step = {k: learning_rate * g for k, g in grad.items()}
-        new_state = replace(state, generation=state.generation + 1)
+        # one flat vector rather than a few ops per tensor: hundreds of small tensors at rank 1
+        step_flat = learning_rate * grad_flat
+        moved = _split(_flat(state.center, keys) + step_flat, state.center, keys)
+        new_state = replace(state, generation=state.generation + 1, center={k: moved.get(k, v) for k, v in state.center.items()})
     elif optimizer == "adam":
+        grad = estimate_gradient(state.center, members, weights, perturb, noise)
         b1, b2 = adam_betas
         t = state.adam_step + 1
         m_prev = state.adam_m or {k: torch.zeros_like(g) for k, g in grad.items()}
@@ -215,11 +273,11 @@ def es_update(
         m = {k: b1 * m_prev[k] + (1 - b1) * g for k, g in grad.items()}
         v = {k: b2 * v_prev[k] + (1 - b2) * g * g for k, g in grad.items()}
         step = {k: learning_rate * (m[k] / (1 - b1**t)) / ((v[k] / (1 - b2**t)).sqrt() + adam_eps) for k in grad}
-        new_state = replace(state, generation=state.generation + 1, adam_m=m, adam_v=v, adam_step=t)
+        center = {k: (v + step[k]) if k in step else v for k, v in state.center.items()}
+        new_state = replace(state, generation=state.generation + 1, center=center, adam_m=m, adam_v=v, adam_step=t)
+        step_flat = torch.cat([step[k].reshape(-1) for k in sorted(step)]) if step else torch.zeros(0)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}")
-    center = {k: (v + step[k]) if k in step else v for k, v in state.center.items()}
-    new_state = replace(new_state, center=center)
     finite = [float(r) for r in rewards if math.isfinite(float(r))]
     metrics = {
         "reward_mean": sum(finite) / len(finite) if finite else float("nan"),
@@ -227,8 +285,8 @@ def es_update(
         "reward_max": max(finite) if finite else float("nan"),
         "reward_min": min(finite) if finite else float("nan"),
         "failed_members": len(rewards) - len(finite),
-        "grad_norm": math.sqrt(sum(float((g.double() ** 2).sum()) for g in grad.values())),
-        "update_norm": math.sqrt(sum(float((s.double() ** 2).sum()) for s in step.values())),
+        "grad_norm": float(grad_flat.double().norm()),
+        "update_norm": float(step_flat.double().norm()),
         "weights": [float(w) for w in weights],
     }
     return new_state, metrics

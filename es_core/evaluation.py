@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 from es_core.backends.base import Completion
@@ -33,13 +33,34 @@ class MemberScore:
     samples: tuple[SampleScore, ...]
     server: str = ""
 
+    def __reduce__(self):
+        # Prefect persists every evaluation result with cloudpickle, whose Python hook runs once per
+        # object: a population's 1,024 samples as objects took 12 ms of each generation on a 2-core
+        # machine, as columns of plain values 2 ms (and each prompt text is stored once).
+        columns = [[getattr(s, f) for s in self.samples] for f in _SAMPLE_FIELDS]
+        return _unpack_member_score, (self.reward_mean, self.format_rate, self.accuracy, self.tokens, columns, self.server)
 
-def score_member(problems: Sequence[Problem], prompts: Sequence[str], completions: Sequence[Completion], reward_kind: RewardKind = "paper") -> MemberScore:
+
+_SAMPLE_FIELDS = tuple(f.name for f in fields(SampleScore))
+
+
+def _unpack_member_score(reward_mean, format_rate, accuracy, tokens, columns: list[list], server: str) -> MemberScore:
+    samples = tuple(SampleScore(*values) for values in zip(*columns)) if columns and columns[0] else ()
+    return MemberScore(reward_mean, format_rate, accuracy, tokens, samples, server)
+
+
+def score_member(problems: Sequence[Problem], prompts: Sequence[str], completions: Sequence[Completion], reward_kind: RewardKind = "paper",
+                 memo: dict | None = None) -> MemberScore:
+    """`memo` (shared between the members of a population): reward parts by (prompt index, text);
+    greedy members close to one centre often write the same completion."""
     if not (len(problems) == len(prompts) == len(completions)):
         raise ValueError(f"{len(problems)} problems, {len(prompts)} prompts, {len(completions)} completions")
+    memo = {} if memo is None else memo
     samples = []
-    for problem, prompt, completion in zip(problems, prompts, completions):
-        parts = score_parts(completion.text, problem.numbers, problem.target, reward_kind)
+    for i, (problem, prompt, completion) in enumerate(zip(problems, prompts, completions)):
+        parts = memo.get((i, completion.text))
+        if parts is None:
+            parts = memo[i, completion.text] = score_parts(completion.text, problem.numbers, problem.target, reward_kind)
         samples.append(
             SampleScore(problem.id, prompt, completion.text, parts.reward, parts.format_reward, parts.format_ok, parts.correct, completion.completion_tokens)
         )
@@ -52,6 +73,13 @@ def score_member(problems: Sequence[Problem], prompts: Sequence[str], completion
         samples=tuple(samples),
         server=completions[0].server if completions else "",
     )
+
+
+def score_population(problems: Sequence[Problem], prompts: Sequence[str], completions: Sequence[Sequence[Completion]],
+                     reward_kind: RewardKind = "paper") -> list[MemberScore]:
+    """score_member for each member's completions, each distinct (prompt, completion) scored once."""
+    memo: dict = {}
+    return [score_member(problems, prompts, member, reward_kind, memo) for member in completions]
 
 
 def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:

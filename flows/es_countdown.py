@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tasks.common import DataDir, persisted
 from tasks.evaluate import evaluate_heldout, evaluate_member, evaluate_population
 from tasks.ledger import commit_generation, publish_generation, record_eval
 from tasks.model import prepare_base_model
+from tasks.noise import NoisePool
 from tasks.population import aggregate, init_population, perturb
 
 
@@ -115,6 +117,8 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
     # results. Anything that reads the ledger settles first.
     pending: list = []
     gate = threading.Event()
+    noise = NoisePool()  # each generation's noise, drawn once, the next one's while this one decodes
+    lookahead = ThreadPoolExecutor(1, thread_name_prefix="es-lookahead")  # and its prompts (10 ms of chat templates)
 
     def settle() -> None:
         gate.set()  # nothing is decoding now: let them run
@@ -127,7 +131,7 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
             done = ledger.query("SELECT count(*) FROM evals WHERE run_id = ? AND generation = ? AND split = 'heldout' AND model = ?", [run_id, label, model])[1][0][0]
             if done:
                 return
-            summary = persisted(evaluate_heldout, data)(quote(backend), artifacts_dir, adapter, heldout, heldout_prompts, **evaluation)
+            summary = persisted(evaluate_heldout, data)(quote(backend), artifacts_dir, adapter, quote(heldout), quote(heldout_prompts), **evaluation)
             record_eval(str(data.root), {"run_id": run_id, "generation": label, "split": "heldout", "model": model, "adapter_sha256": adapter[1], **summary})
             progress.heldout(label, model, summary)
 
@@ -144,28 +148,40 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
         # with_options builds a new task object: once, not once per generation
         perturb_task, aggregate_task = persisted(perturb, data), persisted(aggregate, data)
         evaluate_population_task, evaluate_member_task = persisted(evaluate_population, data), persisted(evaluate_member, data)
+
+        def training_inputs(generation: int, after: threading.Event | None = None) -> tuple[list, list[str]]:
+            if after is not None:
+                after.wait()
+            batch = batch_for_generation(train, generation, settings.data.prompts_per_generation)
+            return batch, render_prompts(batch, settings.prompt.style, tokenizer)
+
+        upcoming = None
         for g in range(start, es.generations):
             started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
 
             # --- members: centre + sigma * sign * eps(seed) ------------------------------------------
             plan = member_plan(es.seed, g, es.population, es.antithetic)
             members = [(m.index, m.seed, m.sign) for m in plan]
-            batch = batch_for_generation(train, g, settings.data.prompts_per_generation)
-            prompts = render_prompts(batch, settings.prompt.style, tokenizer)
-            perturb_args = (artifacts_dir, center_sha, members, es.sigma, es.perturb)
+            batch, prompts = upcoming.result() if upcoming is not None else training_inputs(g)
+            upcoming = lookahead.submit(training_inputs, g + 1, gate) if g + 1 < es.generations else None
+            # quote(): Prefect would walk every list element looking for futures (same cache keys)
+            perturb_args = (artifacts_dir, center_sha, quote(members), es.sigma, es.perturb)
+            if settings.backend.kind == "embedded" and g + 1 < es.generations:
+                noise.prefetch(member_plan(es.seed, g + 1, es.population, es.antithetic), es.sigma, es.perturb, gate)
 
             # --- score every member on this generation's prompts ------------------------------------
             if settings.backend.kind == "embedded":
                 # the engine builds the members from the seeds; their adapter artifacts are written meanwhile
-                written = perturb_task.submit(*perturb_args, gate=gate)
+                written = perturb_task.submit(*perturb_args, gate=gate, noise=quote(noise))
                 result = evaluate_population_task(
-                    quote(backend), artifacts_dir, center_sha, members, es.sigma, es.perturb, batch, prompts, **evaluation, gate=gate
+                    quote(backend), artifacts_dir, center_sha, quote(members), es.sigma, es.perturb, quote(batch), quote(prompts), **evaluation,
+                    gate=gate, noise=quote(noise),
                 )
                 scores, generate_seconds = result["scores"], result["generate_seconds"]
             else:
-                member_adapters = perturb_task(*perturb_args)  # the servers load the files
+                member_adapters = perturb_task(*perturb_args, noise=quote(noise))  # the servers load the files
                 adapters = [(f"g{g}_m{m.index:03d}", sha) for m, (sha, _) in zip(plan, member_adapters)]
-                futures = [evaluate_member_task.submit(quote(backend), artifacts_dir, a, batch, prompts, **evaluation) for a in adapters]
+                futures = [evaluate_member_task.submit(quote(backend), artifacts_dir, a, quote(batch), quote(prompts), **evaluation) for a in adapters]
                 results = [f.result() for f in futures]
                 scores = [r["score"] for r in results]
                 generate_seconds = max(r["generate_seconds"] for r in results)
@@ -174,8 +190,8 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
 
             # --- move the centre ------------------------------------------------------------------
             update = aggregate_task(
-                artifacts_dir, center_sha, members, rewards, es.learning_rate, es.shaping, es.optimizer, es.perturb,
-                (es.adam_beta1, es.adam_beta2, es.adam_eps),
+                artifacts_dir, center_sha, quote(members), quote(rewards), es.learning_rate, es.shaping, es.optimizer, es.perturb,
+                (es.adam_beta1, es.adam_beta2, es.adam_eps), noise=quote(noise),
             )
             if settings.backend.kind == "embedded":
                 member_adapters = written.result(raise_on_failure=True)
@@ -217,6 +233,7 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
         ledger.set_run_status(run_id, "failed")
         raise
     finally:
+        lookahead.shutdown(wait=False)
         backend.close()
 
     ledger.set_run_status(run_id, "completed")

@@ -14,8 +14,9 @@ from artifacts.store import ArtifactStore
 from es_core.backends.base import AdapterRef
 from es_core.countdown.problems import Problem
 from es_core.es import Member, stacked_population
-from es_core.evaluation import MemberScore, heldout_summary, score_member
+from es_core.evaluation import MemberScore, heldout_summary, score_population
 from tasks.common import CONTENT_CACHE
+from tasks.noise import NoisePool, population_args
 
 
 def _scored(generate, problems: list[Problem], prompts: list[str], reward_kind: str) -> tuple[list[MemberScore], float]:
@@ -23,7 +24,7 @@ def _scored(generate, problems: list[Problem], prompts: list[str], reward_kind: 
     started = time.perf_counter()
     completions = generate()
     seconds = time.perf_counter() - started
-    return [score_member(problems, prompts, member, reward_kind) for member in completions], seconds
+    return score_population(problems, prompts, completions, reward_kind), seconds
 
 
 def _generate_and_score(backend, artifacts_dir: str, adapters: list[tuple[str, str | None]], problems: list[Problem], prompts: list[str],
@@ -48,6 +49,7 @@ def evaluate_population(
     reward_kind: str,
     model_key: str,
     gate=None,
+    noise: NoisePool | None = None,
 ) -> dict:
     """Greedy completions of every prompt under every member (index, seed, sign) of a generation in
     one batched call of the embedded engine, scored.
@@ -56,10 +58,12 @@ def evaluate_population(
     tensors `perturb` writes as adapter artifacts (a safetensors round trip is exact), so decoding
     need not wait for those files, which are written meanwhile. The cache key is that content: the
     centre's hash, the seeds and sigma; `model_key` (base model sha + backend) is only part of it.
-    `gate` is set once decoding is under way (background work waits for it)."""
+    `gate` is set once decoding is under way (background work waits for it); `noise`, the run's
+    pool of noise drawn ahead (none: drawn here)."""
     store = ArtifactStore(Path(artifacts_dir))
     state, spec = load_checkpoint(store, center_sha256)
-    tensors = stacked_population(state.center, [Member(*m) for m in members], sigma, perturb_factor)
+    plan = [Member(*m) for m in members]
+    tensors = stacked_population(state.center, plan, sigma, perturb_factor, *population_args(noise, state.center, plan, sigma, perturb_factor))
     on_decode = gate.set if gate is not None else None
     scores, seconds = _scored(lambda: backend.generate_tensors(tensors, prompts, max_new_tokens, scaling=spec.lora_alpha / spec.rank, on_decode=on_decode),
                               problems, prompts, reward_kind)

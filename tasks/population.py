@@ -11,6 +11,7 @@ from artifacts.store import ArtifactStore
 from es_core.es import ESState, Member, es_update, stacked_population
 from es_core.lora import init_center, find_targets_in_folder, spec_from_tensors
 from tasks.common import CONTENT_CACHE, wait_for_gate
+from tasks.noise import NoisePool, population_args as _noise
 
 
 @task(cache_policy=CONTENT_CACHE)
@@ -23,12 +24,14 @@ def init_population(artifacts_dir: str, base_model_path: str, base_model_sha256:
 
 
 @task(cache_policy=CONTENT_CACHE)
-def perturb(artifacts_dir: str, center_sha256: str, members: list[tuple[int, int, int]], sigma: float, perturb_factor: str, gate=None) -> list[tuple[str, str]]:
+def perturb(artifacts_dir: str, center_sha256: str, members: list[tuple[int, int, int]], sigma: float, perturb_factor: str, gate=None,
+            noise: NoisePool | None = None) -> list[tuple[str, str]]:
     """Materialise a generation's member adapters (centre + sigma * sign * eps(seed)); returns (sha256, path) each."""
     wait_for_gate(gate)
     store = ArtifactStore(Path(artifacts_dir))
     state, spec = load_checkpoint(store, center_sha256)
-    population = stacked_population(state.center, [Member(*m) for m in members], sigma, perturb_factor)
+    plan = [Member(*m) for m in members]
+    population = stacked_population(state.center, plan, sigma, perturb_factor, *_noise(noise, state.center, plan, sigma, perturb_factor))
     shas = []
     for i in range(len(population)):
         ref = put_adapter_folder(store, population.member(i), spec)
@@ -37,11 +40,13 @@ def perturb(artifacts_dir: str, center_sha256: str, members: list[tuple[int, int
 
 
 @task(cache_policy=CONTENT_CACHE)
-def aggregate(artifacts_dir: str, center_sha256: str, members: list[tuple[int, int, int]], rewards: list[float], learning_rate: float, shaping: str, optimizer: str, perturb_factor: str, adam: tuple[float, float, float]) -> dict:
+def aggregate(artifacts_dir: str, center_sha256: str, members: list[tuple[int, int, int]], rewards: list[float], learning_rate: float, shaping: str,
+              optimizer: str, perturb_factor: str, adam: tuple[float, float, float], noise: NoisePool | None = None) -> dict:
     """theta_{g+1} = theta_g + alpha * (1/N) * sum_i w_i eps_i; returns the new centre's sha256 and metrics."""
     store = ArtifactStore(Path(artifacts_dir))
     state, spec = load_checkpoint(store, center_sha256)
     plan = [Member(i, seed, sign) for i, seed, sign in members]
-    new_state, metrics = es_update(state, plan, rewards, learning_rate, shaping, optimizer, perturb_factor, adam[:2], adam[2])
+    drawn = noise.get(state.center, plan, perturb_factor) if noise is not None else None
+    new_state, metrics = es_update(state, plan, rewards, learning_rate, shaping, optimizer, perturb_factor, adam[:2], adam[2], drawn)
     ref = put_checkpoint(store, new_state, spec)
     return {"center_sha256": ref.sha256, "center_path": str(ref.path), **metrics}

@@ -2,7 +2,6 @@
 a process worker on pool `gpu`, `prefect deployment run es-countdown/gpu` waited on until
 Completed; then the same flow run retried as the UI's retry button does it."""
 
-import json
 import os
 import signal
 import socket

@@ -165,3 +165,29 @@ def test_adam_state_round_trips_through_tensors():
     back = state_from_tensors(state.center, state.generation, optimizer_tensors(state))
     assert back.adam_step == 1 and tensors_sha256(back.adam_m) == tensors_sha256(state.adam_m)
     assert optimizer_tensors(ESState(c)) == {}
+
+
+def test_noise_drawn_ahead_gives_the_same_population_and_update():
+    """The pool's noise (tasks/noise.py) must not change a run by a bit: members, update, sha."""
+    import threading
+
+    from tasks.noise import NoisePool, population_args
+
+    c = {A: torch.randn(2, 8, generator=torch.Generator().manual_seed(3)), B: torch.randn(6, 2, generator=torch.Generator().manual_seed(4))}
+    pool = NoisePool()
+    for g, perturb in [(0, "both"), (1, "B")]:
+        plan = member_plan(7, g, 6)
+        pool.get(c, member_plan(7, 99, 6), perturb)  # the run's layout becomes known
+        gate = threading.Event()
+        pool.prefetch(plan, 0.05, perturb, gate)
+        gate.set()
+        fresh = stacked_population(c, plan, 0.05, perturb)
+        pooled = stacked_population(c, plan, 0.05, perturb, *population_args(pool, c, plan, 0.05, perturb))
+        assert all(torch.equal(fresh.tensors[k], pooled.tensors[k]) for k in c)
+        rewards = [0.1, 0.5, 0.2, 0.9, 0.0, 0.3]
+        plain, m1 = es_update(ESState(c), plan, rewards, 0.1, perturb=perturb)
+        drawn, m2 = es_update(ESState(c), plan, rewards, 0.1, perturb=perturb, noise=pool.get(c, plan, perturb))
+        assert tensors_sha256(plain.center) == tensors_sha256(drawn.center)
+        assert m1["update_norm"] == pytest.approx(m2["update_norm"], rel=1e-12)
+    with pytest.raises(ValueError, match="other seeds"):
+        es_update(ESState(c), member_plan(7, 5, 6), [0.0] * 6, 0.1, noise=pool.get(c, member_plan(7, 0, 6), "both"))

@@ -15,6 +15,7 @@ from es_core.lora import (
     find_targets,
     init_center,
     load_adapter,
+    safetensors_bytes,
     save_adapter,
     spec_from_tensors,
 )
@@ -95,6 +96,18 @@ def test_peft_round_trip_same_tensors_same_logits(tmp_path, rank, alpha):
     ours = merged_logits(model, tensors, alpha / rank, ids)
     torch.testing.assert_close(peft_logits, ours, rtol=1e-4, atol=1e-5)
     assert (peft_logits - base_logits).abs().max() > 1e-3  # the adapter really changes the model
+
+
+def test_adapter_bytes_are_what_safetensors_torch_writes():
+    """Artifact ids of adapters stay what they were when safetensors.torch.save wrote them."""
+    from safetensors.torch import save
+
+    targets = find_targets(tiny_model(), [0, 1, 2], MODULES)
+    for rank in (1, 4):
+        tensors = random_adapter(targets, rank, seed=rank)
+        assert safetensors_bytes(tensors) == save({k: v.contiguous() for k, v in sorted(tensors.items())}, metadata={"format": "pt"})
+    moments = {"adam_m.x": torch.randn(3, 2), "adam_step": torch.tensor([7], dtype=torch.int64)}
+    assert safetensors_bytes(moments) == save(dict(sorted(moments.items())), metadata={"format": "pt"})
 
 
 def test_missing_and_corrupt_adapter_files_are_one_line_errors(tmp_path):

@@ -1,6 +1,5 @@
 """The es-countdown flow under Prefect's test harness: records, caching, resume, replay, bad input."""
 
-import json
 import os
 import signal
 import subprocess

@@ -97,3 +97,26 @@ def test_tinyzero_variant():
     assert score_parts(GOOD, [44, 19, 35], 98, kind="tinyzero").reward == 1.0
     assert score_parts("t</think>\n<answer>1 + 1</answer>", [44, 19, 35], 98, kind="tinyzero").reward == 0.1
     assert score_parts("no tags at all", [44, 19, 35], 98, kind="tinyzero").reward == 0.0
+
+
+def test_population_scores_survive_prefects_result_serializer():
+    """A population's scores go through the task result store (columns, one-line base64) intact,
+    and scoring each distinct completion once gives what scoring each member alone gives."""
+    from es_core.backends.base import Completion
+    from es_core.countdown.problems import Problem
+    from es_core.evaluation import score_member, score_population
+    from tasks.common import OneLinePickleSerializer
+    from prefect.serializers import Serializer
+
+    problems = [Problem("p0", (3, 5, 7), 22), Problem("p1", (2, 9, 4), 14)]
+    prompts = ["first prompt", "second prompt"]
+    texts = ["3*5+7=22</think>\n<answer>3 * 5 + 7</answer>", "no idea", "</think>\n<answer>9 + 4 + 2</answer>"]
+    members = [[Completion(texts[(m + p) % 3], 10 + m, "stop", "embedded") for p in range(2)] for m in range(4)]
+    scores = score_population(problems, prompts, members)
+    assert scores == [score_member(problems, prompts, c) for c in members]
+    assert scores[0].samples[0].correct and not scores[1].samples[0].correct
+    serializer = OneLinePickleSerializer()
+    blob = serializer.dumps({"scores": scores, "generate_seconds": 1.5})
+    assert b"\n" not in blob
+    back = Serializer(type="es-pickle").loads(blob)
+    assert back == {"scores": scores, "generate_seconds": 1.5}
