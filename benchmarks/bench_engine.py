@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", default="all", help="'all' or a count of first layers carrying LoRA")
     p.add_argument("--memory-check", action="store_true", help="also: 64 members of rank 8 in one batch at the last model")
     p.add_argument("--variants", default="compile", help="engine variants for (d): compile (the default engine), graphs "
-                   "(no torch.compile), eager (no compile, no graphs), sdpa (SDPA decode attention), nolora (base rows only)")
+                   "(no torch.compile), eager (no compile, no graphs), sdpa (SDPA decode attention), nolora (base rows only), bmm / fused "
+                   "(LoRA as batched matmuls / as reductions compiled into the layer, whatever the rank)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of (d)'s decode step")
     p.add_argument("--smoke", action="store_true", help="CPU-sized: smollm2-135m, 4 members x 4 prompts, rank 1, 32 tokens")
     p.add_argument("--sanity", action="store_true", help="first check the CUDA path: graphs == eager, compiled ~ eager, base rows ~ HF")
@@ -227,8 +228,8 @@ def bench_engine(name, decoder, targets, rank, members, ids, new_tokens, device,
     if variant == "nolora":
         targets, members = [], [None] * len(members)
     engine = PopulationEngine(decoder, targets, rank, pad_id=pad_id, eos_ids=(), max_batch_rows=len(members) * len(ids),
-                              compile=variant in ("compile", "sdpa", "nolora"), cuda_graphs=variant != "eager",
-                              attention="sdpa" if variant == "sdpa" else "auto")
+                              compile=variant in ("compile", "sdpa", "nolora", "bmm", "fused"), cuda_graphs=variant != "eager",
+                              attention="sdpa" if variant == "sdpa" else "auto", lora_kernel=variant if variant in ("bmm", "fused") else "auto")
     scal = 2.0  # alpha = 2 r
     t0 = time.perf_counter()
     engine.generate(ids, members, new_tokens, scal)

@@ -10,8 +10,8 @@ from es_core.backends.base import AdapterRef
 from es_core.backends.embedded import EmbeddedBackend
 from es_core.engine.generate import PopulationEngine, plan_chunks
 from es_core.engine.model import Decoder
-from es_core.engine.population_lora import lora_delta
-from es_core.lora import AdapterError, LoRATensors, find_targets, init_center, save_adapter, spec_from_tensors
+from es_core.engine.population_lora import PopulationLoRA, lora_delta, lora_delta_fused
+from es_core.lora import AdapterError, LoRATarget, LoRATensors, StackedLoRA, find_targets, init_center, save_adapter, spec_from_tensors
 from es_core.models import load_causal_lm, load_tokenizer, resolve_base_model
 from es_core.settings import ModelSettings, settings_from_dict
 
@@ -75,14 +75,28 @@ def write_adapters(members, targets, rank, alpha, folder: Path) -> list[Path | N
 
 def test_lora_delta_applies_each_rows_own_member_and_zero_slots_are_the_base():
     g = torch.Generator().manual_seed(0)
-    members, rows, t, d_in, d_out, r = 3, 4, 2, 16, 12, 3
-    a, b = torch.randn(members, r, d_in, generator=g), torch.randn(members, d_out, r, generator=g)
-    a[1], b[1] = 0, 0  # slot 1 is the base model
+    members, rows, t, d_in, r = 3, 4, 2, 16, 3
+    parts = {"q": 12, "k": 4, "v": 4}  # a fused q/k/v Linear with LoRA on q and v only
+    a = {p: torch.randn(members, r, d_in, generator=g) for p in parts}
+    b = {p: torch.randn(members, n, r, generator=g) for p, n in parts.items()}
+    for p in parts:
+        a[p][1], b[p][1] = 0, 0  # slot 1 is the base model
+    lora = PopulationLoRA({"qkv": tuple((f"{p}_proj", n) for p, n in parts.items()), "o": (), "gate_up": (), "down": ()},
+                          {"qkv": d_in, "o": d_in, "gate_up": d_in, "down": d_in}, 1,
+                          [LoRATarget(f"model.layers.0.self_attn.{p}_proj", 0, f"{p}_proj", d_in, parts[p]) for p in ("q", "v")], r, torch.float32, "cpu")
+    tensors = {}
+    for p in ("q", "v"):
+        tensors[f"base_model.model.model.layers.0.self_attn.{p}_proj.lora_A.weight"] = a[p]
+        tensors[f"base_model.model.model.layers.0.self_attn.{p}_proj.lora_B.weight"] = b[p]
+    lora.set_members(StackedLoRA(tensors, members), [1.0] * members)
     x = torch.randn(members * rows, t, d_in, generator=g)
-    got = lora_delta(x, a, b)
+    group = lora.layer(0).qkv
+    got, fused = lora_delta(x, group), lora_delta_fused(x, group)
     for n in range(members * rows):
         m = n // rows  # member-major rows
-        assert torch.allclose(got[n], x[n] @ a[m].T @ b[m].T, atol=1e-5)
+        expected = torch.cat([x[n] @ a["q"][m].T @ b["q"][m].T, torch.zeros(t, 4), x[n] @ a["v"][m].T @ b["v"][m].T], dim=-1)
+        assert torch.allclose(got[n], expected, atol=1e-5)
+    assert torch.allclose(fused, got, atol=1e-5)
     assert torch.count_nonzero(got[rows:2 * rows]) == 0
 
 
@@ -98,10 +112,11 @@ def test_plan_chunks_covers_every_row_once_within_the_budget():
 # --- parity with PEFT ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("lora_kernel", ["bmm", "fused"])
 @pytest.mark.parametrize("layers,modules", [([0, 3, 11], ALL_MODULES), ([1, 2], ["q_proj", "v_proj", "down_proj"])])
-def test_tiny_llama_each_member_matches_peft_token_for_token(tiny_path, tmp_path, layers, modules):
+def test_tiny_llama_each_member_matches_peft_token_for_token(tiny_path, tmp_path, layers, modules, lora_kernel):
     rank, alpha, max_new = 4, 8.0, 10
-    engine, targets, ids, tok = build_engine(tiny_path, layers, modules, rank)
+    engine, targets, ids, tok = build_engine(tiny_path, layers, modules, rank, lora_kernel=lora_kernel)
     members = [random_member(targets, rank, seed, 0.3) for seed in (1, 2)] + [None, random_member(targets, rank, 3, 0.3)]
     out = engine.generate(ids, members, max_new, scalings=alpha / rank)
     want = peft_greedy(tiny_path, write_adapters(members, targets, rank, alpha, tmp_path), TEXTS, max_new, tok.eos_token_id)
@@ -180,7 +195,8 @@ def test_decoding_ends_early_once_every_row_has_stopped(tiny_setup):
 
 
 def test_backend_reads_adapter_folders_and_returns_completions_per_adapter_and_prompt(tiny_path, tmp_path):
-    settings = settings_from_dict({"model": {"name": "tiny-llama"}, "lora": {"rank": 2, "alpha": 6.0, "layers": [0, 4]},
+    # float32 on the CPU, as PEFT's reference (on a GPU the backend would decode in bf16)
+    settings = settings_from_dict({"model": {"name": "tiny-llama", "device": "cpu"}, "lora": {"rank": 2, "alpha": 6.0, "layers": [0, 4]},
                                    "generation": {"compile": False, "max_batch_rows": 5}})
     backend = EmbeddedBackend.from_settings(settings, tiny_path)
     targets = backend.engine.targets
@@ -226,6 +242,12 @@ def test_triton_decode_attention_matches_masked_sdpa():
         want = sdpa_decode(q.float(), k.float(), v.float(), mask)
         got = triton_decode(q, k, v, start, write).float()
         assert (got - want).norm() / want.norm() < 1e-2
+        # the new token's K/V given apart: the kernel writes them into slot `write` and attends to them
+        k_new, v_new = k[:, :, length - 5].clone(), v[:, :, length - 5].clone()
+        k[:, :, length - 5], v[:, :, length - 5] = 7.0, -7.0
+        fused = triton_decode(q, k, v, start, write, k_new, v_new).float()
+        assert (fused - want).norm() / want.norm() < 1e-2
+        assert torch.equal(k[:, :, length - 5], k_new) and torch.equal(v[:, :, length - 5], v_new)
 
 
 @pytest.mark.gpu

@@ -70,8 +70,10 @@ class _Session:
         self.k = [torch.zeros(rows, cfg.n_kv_heads, cache_len, cfg.head_dim, dtype=d.dtype, device=dev) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
         self.cos, self.sin = d.rope_tables(cache_len)  # [cache_len, hd]
+        # cuBLAS ran rank-wide bmm faster at widths of 8 (see PopulationLoRA); the fused reductions need no padding
+        bmm = engine.lora_kernel == "bmm"
         self.lora = PopulationLoRA(cfg.fused_out, cfg.fused_in, cfg.n_layers, engine.targets, engine.rank, d.dtype, dev,
-                                   pad_rank_to=8 if dev.type == "cuda" else 1)
+                                   pad_rank_to=8 if dev.type == "cuda" and bmm else 1, compact=not bmm)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)  # last token of each row
         self.positions = torch.zeros(rows, dtype=torch.long, device=dev)  # its RoPE position
         self.write = torch.zeros(1, dtype=torch.long, device=dev)  # cache slot it is written to
@@ -89,6 +91,9 @@ class _Session:
         self.layer_lora = [self.lora.layer(i) for i in range(self.lora.n_layers)]
 
 
+FUSED_MAX_RANK = 2  # H100, 1,024 rows: fused reductions beat the bmm pairs at rank 1, lost at rank 8
+
+
 class PopulationEngine:
     """Greedy completions of token-id prompts under a population of LoRA members, batched.
 
@@ -96,11 +101,14 @@ class PopulationEngine:
     call. `compile` (CUDA): torch.compile the layer's pure parts; `cuda_graphs` (CUDA, default on):
     capture the decode step. `attention`: "triton" (CUDA default: reads each row's valid slots
     only, one graph for all steps) or "sdpa" (masked SDPA over the cache filled so far, rounded up
-    to `bucket` slots: one graph per bucket). `bucket` also rounds the cache length."""
+    to `bucket` slots: one graph per bucket). `bucket` also rounds the cache length. `lora_kernel`:
+    "fused" (the LoRA as reductions torch.compile fuses into the layer's own kernels; the default when
+    compiled at rank <= FUSED_MAX_RANK; eager, it is slow and memory-hungry) or "bmm" (batched
+    matmuls; the default otherwise, and always the prefill's)."""
 
     def __init__(self, decoder: Decoder, targets: Sequence[LoRATarget], rank: int, *, pad_id: int, eos_ids: Sequence[int],
                  max_batch_rows: int = 1024, compile: bool = True, cuda_graphs: bool | None = None, bucket: int = 64,
-                 prefill_tokens: int = 32768, check_every: int = 16, attention: str = "auto"):
+                 prefill_tokens: int = 32768, check_every: int = 16, attention: str = "auto", lora_kernel: str = "auto"):
         self.decoder, self.targets, self.rank = decoder, list(targets), int(rank)
         self.pad_id, self.eos_ids = int(pad_id), tuple(int(e) for e in eos_ids)
         self.max_batch_rows, self.bucket, self.prefill_tokens, self.check_every = int(max_batch_rows), int(bucket), int(prefill_tokens), int(check_every)
@@ -112,6 +120,9 @@ class PopulationEngine:
         if attention == "triton" and not triton_available(decoder.device):
             raise ValueError("attention='triton' needs CUDA and Triton")
         self.attention = ("triton" if triton_available(decoder.device) else "sdpa") if attention == "auto" else attention
+        if lora_kernel not in ("auto", "fused", "bmm"):
+            raise ValueError(f"lora_kernel must be auto, fused or bmm (got {lora_kernel!r})")
+        self.lora_kernel = ("fused" if self.compiled and self.rank <= FUSED_MAX_RANK else "bmm") if lora_kernel == "auto" else lora_kernel
         if self.compiled:
             _raise_recompile_limit(64)
             self._attn_in = torch.compile(attention_in, fullgraph=True, dynamic=False)
@@ -282,17 +293,16 @@ class PopulationEngine:
     def _decode_step(self, s: _Session, kv_len: int) -> None:
         """One token for every row; only in-place updates of the session's buffers (graph-safe)."""
         d, cfg = self.decoder, self.decoder.config
+        fused = self.lora_kernel == "fused"
         s.valid.index_fill_(1, s.write, True)
         x = F.embedding(s.tokens, d.embed)[:, None, :]  # [N, 1, D]
         cos, sin = s.cos[s.positions][:, None, :], s.sin[s.positions][:, None, :]  # [N, 1, hd]
         mask = s.valid[:, None, None, :kv_len]  # [N, 1, 1, L]
         for i, w in enumerate(d.layers):
             lora = s.layer_lora[i]
-            q, k, v = self._attn_in(x, w.attn_norm, w.wqkv, w.bqkv, lora, cos, sin, cfg)
-            s.k[i].index_copy_(2, s.write, k)
-            s.v[i].index_copy_(2, s.write, v)
-            attn = self._attend(s, i, q, kv_len, mask)
-            x = self._attn_out(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, w.w2, lora, cfg)
+            q, k, v = self._attn_in(x, w.attn_norm, w.wqkv, w.bqkv, lora, cos, sin, cfg, fused)
+            attn = self._attend(s, i, q, k, v, kv_len, mask)
+            x = self._attn_out(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, w.w2, lora, cfg, fused)
         nxt = self._head(x[:, 0], d.norm, d.lm_head, cfg.eps)  # [N]
         nxt = torch.where(s.done, s.pad, nxt)  # finished rows keep padding
         s.out.index_copy_(1, s.step, nxt[:, None])
@@ -302,14 +312,17 @@ class PopulationEngine:
         s.write.add_(1)
         s.step.add_(1)
 
-    def _attend(self, s: _Session, i: int, q: torch.Tensor, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
-        """q: [N, H, 1, hd] -> [N, H, 1, hd]. Grouped-query heads are folded into the query length
-        so each KV head is read once (no repeat_kv copy)."""
+    def _attend(self, s: _Session, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
+        """q: [N, H, 1, hd], the new token's k and v [N, Hkv, 1, hd] -> [N, H, 1, hd], the cache
+        written. Grouped-query heads are folded into the query length so each KV head is read once
+        (no repeat_kv copy); the Triton kernel also writes k and v into the cache itself."""
         n, h, _, hd = q.shape
         qg = q.reshape(n, self.decoder.config.n_kv_heads, -1, hd)  # [N, Hkv, H/Hkv, hd]
         if self.attention == "triton":
-            out = triton_decode(qg, s.k[i], s.v[i], s.start, s.write)
+            out = triton_decode(qg, s.k[i], s.v[i], s.start, s.write, k[:, :, 0], v[:, :, 0])
         else:
+            s.k[i].index_copy_(2, s.write, k)
+            s.v[i].index_copy_(2, s.write, v)
             out = sdpa_decode(qg, s.k[i][:, :, :kv_len], s.v[i][:, :, :kv_len], mask)
         return out.reshape(n, h, 1, hd)
 

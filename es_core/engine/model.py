@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from es_core.engine.population_lora import LayerLoRA, lora_delta
+from es_core.engine.population_lora import LayerLoRA, lora_delta, lora_delta_fused
 
 SUPPORTED = ("llama", "qwen2")
 
@@ -164,13 +164,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def attention_in(x, norm_w, wqkv, bqkv, lora: LayerLoRA, cos, sin, cfg: DecoderConfig):
-    """x: [N, T, D] -> q [N, H, T, hd], k and v [N, Hkv, T, hd] (RoPE applied to q and k)."""
+def attention_in(x, norm_w, wqkv, bqkv, lora: LayerLoRA, cos, sin, cfg: DecoderConfig, fused: bool = False):
+    """x: [N, T, D] -> q [N, H, T, hd], k and v [N, Hkv, T, hd] (RoPE applied to q and k).
+    `fused`: the LoRA as reductions (population_lora.lora_delta_fused), for torch.compile."""
+    delta = lora_delta_fused if fused else lora_delta
     n, t, _ = x.shape
     h = rms_norm(x, norm_w, cfg.eps)
     qkv = F.linear(h, wqkv, bqkv)  # [N, T, q_out + 2 kv_out]
     if lora.qkv is not None:
-        qkv = qkv + lora_delta(h, *lora.qkv)
+        qkv = qkv + delta(h, lora.qkv)
     q, k, v = qkv.split([cfg.q_out, cfg.kv_out, cfg.kv_out], dim=-1)
     q = q.view(n, t, cfg.n_heads, cfg.head_dim)
     k = k.view(n, t, cfg.n_kv_heads, cfg.head_dim)
@@ -181,23 +183,24 @@ def attention_in(x, norm_w, wqkv, bqkv, lora: LayerLoRA, cos, sin, cfg: DecoderC
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def attention_out_mlp(x, attn, wo, bo, mlp_norm, w13, w2, lora: LayerLoRA, cfg: DecoderConfig):
+def attention_out_mlp(x, attn, wo, bo, mlp_norm, w13, w2, lora: LayerLoRA, cfg: DecoderConfig, fused: bool = False):
     """x: [N, T, D] residual, attn: [N, H, T, hd] -> the layer's output [N, T, D]."""
+    delta = lora_delta_fused if fused else lora_delta
     n, t, _ = x.shape
     a = attn.transpose(1, 2).reshape(n, t, cfg.q_out)
     o = F.linear(a, wo, bo)
     if lora.o is not None:
-        o = o + lora_delta(a, *lora.o)
+        o = o + delta(a, lora.o)
     x = x + o
     h = rms_norm(x, mlp_norm, cfg.eps)
     gu = F.linear(h, w13)  # [N, T, 2 I]
     if lora.gate_up is not None:
-        gu = gu + lora_delta(h, *lora.gate_up)
+        gu = gu + delta(h, lora.gate_up)
     gate, up = gu.split([cfg.intermediate, cfg.intermediate], dim=-1)
     m = F.silu(gate) * up
     d = F.linear(m, w2)
     if lora.down is not None:
-        d = d + lora_delta(m, *lora.down)
+        d = d + delta(m, lora.down)
     return x + d
 
 

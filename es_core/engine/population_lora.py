@@ -1,15 +1,23 @@
 """A population of LoRA adapters applied in one batched pass: y = W x + scaling_m * B[m] (A[m] x).
 
 Rows of a batch are member-major: N = G * R rows, member slot g owns rows g*R .. (g+1)*R - 1
-(every member sees the same R prompts). The LoRA path is then two batched matmuls over the G
-members, with no Python loop over members and no per-row gather of A and B: `x.view(G, R*T, in)
-@ A^T -> [G, R*T, r] @ B^T -> [G, R*T, out]`. A slot whose A and B are zero is the base model.
+(every member sees the same R prompts), so no Python loop over members and no per-row gather of
+A and B. A slot whose A and B are zero is the base model.
 
-Fused Linears (q/k/v, gate/up, as in gpt-fast) share one LoRA pair: the A's of the parts that carry
-LoRA are stacked along the rank ([G, k*r, in]) and the B's placed block-diagonally in
-[G, out_total, k*r], so each fused Linear costs two bmm whatever the number of parts. The member's
-scaling (alpha / r) is folded into B when the slots are filled. Slots are cast to the model dtype
-on the device; the adapters themselves stay float32 in files.
+Fused Linears (q/k/v, gate/up, as in gpt-fast) share one set of slots: the A's of the parts that
+carry LoRA are stacked along the rank ([G, k*w, in], part j in rank block j); B is block-diagonal,
+[G, out, k*w], or compact, [G, out, w] (output o's row of the B of the part that owns o). Two ways
+to apply them:
+- `lora_delta`: batched matmuls, u = x A^T per member, then u B^T (block-diagonal: two bmm per
+  fused Linear) or u_j B_j^T per part (compact); any length: the prefill, and the CPU path;
+- `lora_delta_fused`: the same sums written as two reductions (u over `in`, the delta over the
+  rank) for torch.compile, which fuses the first into the layer's norm or activation and the second
+  into the op that consumes the Linear's output (rotary, SiLU, the residual add). On an H100 at 1,024
+  rows the bmm pairs cost as much as the base matmuls (cuBLAS on rank-wide operands), and the delta
+  of gate/up, as large as that Linear's output, went through memory twice; the reductions win at
+  rank 1 and lose at rank 8 (README, engine benchmark).
+The member's scaling (alpha / r) is folded into B when the slots are filled. Slots are cast to the
+model dtype on the device; the adapters themselves stay float32 in files.
 """
 
 from __future__ import annotations
@@ -25,24 +33,58 @@ GROUP_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "g
 GROUPS = ("qkv", "o", "gate_up", "down")
 
 
-class LayerLoRA(NamedTuple):
-    """One layer's (a [G, k*r, in], b [G, out, k*r]) per fused Linear, None where no LoRA."""
+class LoRAGroup(NamedTuple):
+    """One fused Linear's slots (lo..hi of them)."""
 
-    qkv: tuple[torch.Tensor, torch.Tensor] | None = None
-    o: tuple[torch.Tensor, torch.Tensor] | None = None
-    gate_up: tuple[torch.Tensor, torch.Tensor] | None = None
-    down: tuple[torch.Tensor, torch.Tensor] | None = None
+    a: torch.Tensor  # [G, k*w, in]: part j's A in rows j*w .. j*w + r
+    b: torch.Tensor  # scaled; compact [G, out, w]: each output's B row (zero where no part carries
+    #                  LoRA); else block-diagonal [G, out, k*w]: part j's B in columns j*w .. j*w + r
+    parts: tuple[tuple[int, int, int], ...]  # (rank block j, first output, outputs) of each part with LoRA
+    index: torch.Tensor  # [out, w] long: j*w + c, the column of u that output o's c-th B entry multiplies
+    compact: bool = True
+
+
+class LayerLoRA(NamedTuple):
+    """One layer's slots per fused Linear, None where no LoRA."""
+
+    qkv: LoRAGroup | None = None
+    o: LoRAGroup | None = None
+    gate_up: LoRAGroup | None = None
+    down: LoRAGroup | None = None
 
 
 NO_LORA = LayerLoRA()
 
 
-def lora_delta(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """h: [N, T, in], a: [G, k*r, in], b: [G, out, k*r] (scaled) -> [N, T, out], N = G * R."""
+def lora_delta(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
+    """h: [N, T, in] -> [N, T, out] with batched matmuls (N = G * R): two in all when B is
+    block-diagonal ([G, out, k*w]), one per part when it is compact."""
     n, t, d_in = h.shape
+    a, b = group.a, group.b
+    g, out, w = a.shape[0], b.shape[1], b.shape[2]
+    u = torch.bmm(h.reshape(g, (n // g) * t, d_in), a.transpose(1, 2))  # [G, R*T, k*w]
+    if not group.compact or len(group.parts) == 1 and group.parts[0][1:] == (0, out):
+        return torch.bmm(u, b.transpose(1, 2)).reshape(n, t, out)
+    pieces, pos = [], 0
+    for j, first, size in group.parts:
+        if first > pos:
+            pieces.append(u.new_zeros(g, u.shape[1], first - pos))
+        pieces.append(torch.bmm(u[:, :, j * w:(j + 1) * w], b[:, first:first + size].transpose(1, 2)))
+        pos = first + size
+    if pos < out:
+        pieces.append(u.new_zeros(g, u.shape[1], out - pos))
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)).reshape(n, t, out)
+
+
+def lora_delta_fused(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
+    """lora_delta as reductions, for torch.compile to fuse into its neighbours (float32 sums);
+    compact B only. Eager, it materializes [G, R*T, k*w, in]: the compiled decode step only."""
+    n, t, d_in = h.shape
+    a, b = group.a, group.b
     g = a.shape[0]
-    u = torch.bmm(h.reshape(g, (n // g) * t, d_in), a.transpose(1, 2))  # [G, R*T, k*r]
-    return torch.bmm(u, b.transpose(1, 2)).reshape(n, t, b.shape[1])  # [N, T, out]
+    u = (h.reshape(g, (n // g) * t, 1, d_in) * a.unsqueeze(1)).sum(-1, dtype=torch.float32)  # [G, R*T, k*w]
+    delta = (u[:, :, group.index] * b.unsqueeze(1)).sum(-1)  # [G, R*T, out, w] -> [G, R*T, out]
+    return delta.to(h.dtype).reshape(n, t, b.shape[1])
 
 
 @dataclass(frozen=True)
@@ -56,8 +98,10 @@ class PopulationLoRA:
     """Stacked slots for every fused Linear of every layer that carries LoRA."""
 
     def __init__(self, fused_out: dict[str, tuple[tuple[str, int], ...]], fused_in: dict[str, int], n_layers: int,
-                 targets: Sequence[LoRATarget], rank: int, dtype: torch.dtype, device: torch.device, pad_rank_to: int = 1):
+                 targets: Sequence[LoRATarget], rank: int, dtype: torch.dtype, device: torch.device, pad_rank_to: int = 1,
+                 compact: bool = True):
         self.targets, self.rank, self.dtype, self.device = list(targets), int(rank), dtype, torch.device(device)
+        self.compact = bool(compact)  # B compact (lora_delta_fused, or one bmm per part) or block-diagonal (one bmm)
         # Each part's rank block is zero-padded to a multiple of pad_rank_to (exact: zero rows of A,
         # zero columns of B). On an H100, rank 1 (blocks of width 1-3) ran slower than rank 8:
         # 13.2 vs 11.8 ms per decode step at 1.5B, cuBLAS bmm being slow on unaligned widths.
@@ -84,13 +128,26 @@ class PopulationLoRA:
         self.n_slots = 0
         self._a: dict[tuple[int, str], torch.Tensor] = {}
         self._b: dict[tuple[int, str], torch.Tensor] = {}
+        self._index: dict[tuple[int, str], torch.Tensor] = {}
+        self._layout: dict[tuple[int, str], tuple[tuple[int, int, int], ...]] = {
+            key: tuple((p.block, p.offset, p.target.out_features) for p in parts) for key, parts in self._parts.items()
+        }
+        shared: dict[tuple, torch.Tensor] = {}  # layers with the same parts share one index tensor
+        for key, layout in self._layout.items():
+            sig = (key[1], layout)
+            if sig not in shared:
+                owner = torch.zeros(self._out[key[1]], dtype=torch.long)
+                for j, first, size in layout:
+                    owner[first:first + size] = j
+                shared[sig] = (owner[:, None] * self.block + torch.arange(self.block)[None, :]).to(self.device)
+            self._index[key] = shared[sig]
 
     def _allocate(self, n_slots: int) -> None:
         self.n_slots = n_slots
         for (layer, group), parts in self._parts.items():
             k = len(parts) * self.block
             self._a[layer, group] = torch.zeros(n_slots, k, self._in[group], dtype=self.dtype, device=self.device)
-            self._b[layer, group] = torch.zeros(n_slots, self._out[group], k, dtype=self.dtype, device=self.device)
+            self._b[layer, group] = torch.zeros(n_slots, self._out[group], self.block if self.compact else k, dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
     def set_members(self, members: Sequence[LoRATensors | None] | StackedLoRA, scalings: Sequence[float]) -> None:
@@ -118,15 +175,19 @@ class PopulationLoRA:
                     a = torch.stack([_get(m, t.key_a, (r, t.in_features)) for m in members])
                     b = torch.stack([_get(m, t.key_b, (t.out_features, r)) for m in members]) * scale
                 a_buf[:, p.block * w:p.block * w + r].copy_(a)
-                b_buf[:, p.offset:p.offset + t.out_features, p.block * w:p.block * w + r].copy_(b)
+                col = 0 if self.compact else p.block * w
+                b_buf[:, p.offset:p.offset + t.out_features, col:col + r].copy_(b)
 
     def layer(self, i: int, lo: int = 0, hi: int | None = None) -> LayerLoRA:
         """Layer i's slots lo..hi (a view: the addresses of the full buffers)."""
         hi = self.n_slots if hi is None else hi
-        return LayerLoRA(*[(self._a[i, g][lo:hi], self._b[i, g][lo:hi]) if (i, g) in self._a else None for g in GROUPS])
+        return LayerLoRA(*[
+            LoRAGroup(self._a[i, g][lo:hi], self._b[i, g][lo:hi], self._layout[i, g], self._index[i, g], self.compact) if (i, g) in self._a else None
+            for g in GROUPS
+        ])
 
     def bytes_per_step(self) -> int:
-        """Bytes of A and B one decode step reads (zero blocks of B included)."""
+        """Bytes of A and B one decode step reads (rank padding included)."""
         return sum(t.numel() * t.element_size() for t in [*self._a.values(), *self._b.values()])
 
     def flops_per_row(self) -> int:
