@@ -193,8 +193,7 @@ class ArtifactStore:
         """Store bytes as a one-file artifact holding the file `name` (e.g. samples.jsonl)."""
         if "/" in name or name in ("", ".", ".."):
             raise ArtifactError(f"artifact file name {name!r} must be a plain file name")
-        _check_name(name, Path(name))
-        return self.put_files({name: bytes(data)})
+        return self.put_files({name: bytes(data)})  # which checks the name's characters
 
     def put_files(self, files: dict[str, bytes]) -> ArtifactRef:
         """Store a folder given as {relative path: bytes}: nothing written outside the store first."""

@@ -55,11 +55,6 @@ def _moves(key: str, perturb: str) -> bool:
     return perturb == "both" or key.endswith(f"lora_{perturb}.weight")
 
 
-def _noise_layout(center: LoRATensors, perturb: str) -> tuple[list[str], int]:
-    keys = [k for k in sorted(center) if _moves(k, perturb)]
-    return keys, sum(center[k].numel() for k in keys)
-
-
 def _draw_noise(seed: int, total: int, out: torch.Tensor | None = None) -> torch.Tensor:
     generator = torch.Generator(device="cpu").manual_seed(hash_int(f"es-member-noise:{int(seed)}"))
     return torch.randn(total, generator=generator, dtype=torch.float32, out=out)
@@ -87,8 +82,8 @@ def _split(flat: torch.Tensor, center: LoRATensors, keys: list[str]) -> dict[str
 def member_noise(center: LoRATensors, seed: int, perturb: str = "both") -> dict[str, torch.Tensor]:
     """eps of one member for every tensor the noise moves: one CPU stream per seed, drawn in one
     call and cut into the tensors in sorted key order; bit-identical on every machine."""
-    keys, total = _noise_layout(center, perturb)
-    return _split(_draw_noise(seed, total), center, keys)
+    layout = noise_layout(center, perturb)
+    return _split(_draw_noise(seed, sum(n for _, n in layout)), center, [k for k, _ in layout])
 
 
 def iter_noise(center: LoRATensors, seed: int, perturb: str = "both") -> Iterator[tuple[str, torch.Tensor]]:
@@ -129,8 +124,7 @@ class PopulationNoise:
 
 def noise_layout(center: LoRATensors, perturb: str = "both") -> tuple[tuple[str, int], ...]:
     """(key, numel) of every tensor the noise moves, in the order the noise stream is cut."""
-    keys, _ = _noise_layout(center, perturb)
-    return tuple((k, center[k].numel()) for k in keys)
+    return tuple((k, center[k].numel()) for k in sorted(center) if _moves(k, perturb))
 
 
 def draw_population_noise(layout: tuple[tuple[str, int], ...], members: Sequence[Member]) -> PopulationNoise:
@@ -234,8 +228,13 @@ def estimate_gradient(center: LoRATensors, members: Sequence[Member], weights: t
                       noise: PopulationNoise | None = None) -> LoRATensors:
     """(1/N) * sum_i w_i * sign_i * eps_i per tensor (zero for the tensors the noise does not move)."""
     noise = _checked_noise(noise, center, members, perturb)
+    return _per_tensor(_gradient_flat(members, weights, noise), center, [k for k, _ in noise.layout])
+
+
+def _per_tensor(grad_flat: torch.Tensor, center: LoRATensors, keys: list[str]) -> LoRATensors:
+    """The flat gradient as one tensor per key of the centre (zero where the noise does not move)."""
     grad = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in center.items()}
-    grad.update(_split(_gradient_flat(members, weights, noise), center, [k for k, _ in noise.layout]))
+    grad.update(_split(grad_flat, center, keys))
     return grad
 
 
@@ -265,7 +264,7 @@ def es_update(
         moved = _split(_flat(state.center, keys) + step_flat, state.center, keys)
         new_state = replace(state, generation=state.generation + 1, center={k: moved.get(k, v) for k, v in state.center.items()})
     elif optimizer == "adam":
-        grad = estimate_gradient(state.center, members, weights, perturb, noise)
+        grad = _per_tensor(grad_flat, state.center, keys)
         b1, b2 = adam_betas
         t = state.adam_step + 1
         m_prev = state.adam_m or {k: torch.zeros_like(g) for k, g in grad.items()}

@@ -10,10 +10,9 @@ DEFAULT policy keys on the flow run id, which a re-run does not share.)
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from pathlib import Path
-
-import base64
 
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.serializers import PickleSerializer

@@ -3,8 +3,9 @@
 A generation's noise depends on its seeds only (never on rewards), so the flow asks for generation
 g + 1's while g decodes; g + 1's member build, adapter files and update then take it from here
 instead of each drawing it (45 ms a draw at SmolLM2 rank 1, 32 members, on a 2-core machine), and
-the members' offsets sigma * sign * eps come precomputed too. Values are what `es.draw_population_noise` returns: a run is bit-identical with or
-without a pool. Travels into tasks as `noise`, which no cache key includes.
+the members' offsets sigma * sign * eps come precomputed too. Values are what
+`es.draw_population_noise` returns: a run is bit-identical with or without a pool. Travels into
+tasks as `noise`, which no cache key includes.
 """
 
 from __future__ import annotations
@@ -41,17 +42,11 @@ class NoisePool:
         self._layout: dict[str, tuple[tuple[str, int], ...]] = {}  # perturb -> the run's layout, once seen
 
     def get(self, center: LoRATensors, members: Sequence[Member], perturb: str) -> PopulationNoise:
-        layout = noise_layout(center, perturb)
-        with self._lock:
-            self._layout[perturb] = layout
-        return self._noise(layout, members)[1]
+        return self._noise(self._seen(center, perturb), members)[1]
 
     def signed(self, center: LoRATensors, members: Sequence[Member], sigma: float, perturb: str) -> tuple[PopulationNoise, torch.Tensor]:
         """The noise and the members' offsets sigma * sign * eps (computed ahead when prefetched)."""
-        layout = noise_layout(center, perturb)
-        with self._lock:
-            self._layout[perturb] = layout
-        entry, noise = self._noise(layout, members)
+        entry, noise = self._noise(self._seen(center, perturb), members)
         offsets = entry.signed.get(_signed_key(members, sigma))
         return noise, offsets if offsets is not None else noise.signed(members, sigma)
 
@@ -74,6 +69,13 @@ class NoisePool:
                 pass
 
         threading.Thread(target=work, name="es-noise-prefetch", daemon=True).start()
+
+    def _seen(self, center: LoRATensors, perturb: str) -> tuple[tuple[str, int], ...]:
+        """The centre's noise layout, remembered for `prefetch`."""
+        layout = noise_layout(center, perturb)
+        with self._lock:
+            self._layout[perturb] = layout
+        return layout
 
     def _entry(self, layout, members: Sequence[Member]) -> tuple[_Entry, bool]:
         """(the entry for these seeds, whether this caller created it and so must draw it)."""

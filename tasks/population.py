@@ -11,7 +11,7 @@ from artifacts.store import ArtifactStore
 from es_core.es import ESState, Member, es_update, stacked_population
 from es_core.lora import init_center, find_targets_in_folder, spec_from_tensors
 from tasks.common import CONTENT_CACHE, wait_for_gate
-from tasks.noise import NoisePool, population_args as _noise
+from tasks.noise import NoisePool, population_args
 
 
 @task(cache_policy=CONTENT_CACHE)
@@ -31,7 +31,7 @@ def perturb(artifacts_dir: str, center_sha256: str, members: list[tuple[int, int
     store = ArtifactStore(Path(artifacts_dir))
     state, spec = load_checkpoint(store, center_sha256)
     plan = [Member(*m) for m in members]
-    population = stacked_population(state.center, plan, sigma, perturb_factor, *_noise(noise, state.center, plan, sigma, perturb_factor))
+    population = stacked_population(state.center, plan, sigma, perturb_factor, *population_args(noise, state.center, plan, sigma, perturb_factor))
     shas = []
     for i in range(len(population)):
         ref = put_adapter_folder(store, population.member(i), spec)
