@@ -109,6 +109,9 @@ def _isolate_ephemeral_prefect(data_dir: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here, nor on GPU hosts
+    # Prefect waits 20 s for its ephemeral API; a fresh database took 25-28 s to come up on a slow
+    # 2-core machine (imports alone 9 s), and the run then failed before any work
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
     from artifacts.cli import dispatch
 
