@@ -1,11 +1,14 @@
 """Decode attention alone: the Triton kernel's bandwidth over the valid KV slots for a sweep of its
 launch parameters, against SDPA with a mask (also the correctness reference). GPU only.
 
-    python -m benchmarks.bench_attention    # SmolLM2 / Qwen2.5-0.5B / 1.5B decode shapes, 1,024 rows
+    python -m benchmarks.bench_attention                 # SmolLM2 / Qwen2.5-0.5B / 1.5B decode shapes, 1,024 rows
+    python -m benchmarks.bench_attention --write-at 269  # the mean context of the engine benchmark (prompts of
+                                                         # 137-141 tokens + 128): where its decode spends the average step
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 
 import torch
@@ -29,9 +32,14 @@ def timed(fn, reps: int = 20) -> float:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=1024)
+    p.add_argument("--write-at", type=int, default=400, help="the new token's slot: each row attends to start..write-at")
+    p.add_argument("--cache-len", type=int, default=448)
+    args = p.parse_args()
     dev = torch.device("cuda")
     g = torch.Generator(device="cpu").manual_seed(0)
-    rows, cache_len, write_at = 1024, 448, 400
+    rows, cache_len, write_at = args.rows, args.cache_len, args.write_at
     for name, (hkv, grp, hd) in SHAPES.items():
         q = torch.randn(rows, hkv, grp, hd, generator=g).to(dev, torch.bfloat16)
         k = torch.randn(rows, hkv, cache_len, hd, generator=g).to(dev, torch.bfloat16)

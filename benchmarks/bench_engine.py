@@ -169,8 +169,8 @@ def bench_model(name: str, args, device, methods: set[str], memory_check: bool) 
             for variant in args.variants.split(","):
                 out.append(bench_engine(name, decoder, targets, rank, members, ids, args.new_tokens, device, variant, tokenizer.pad_token_id))
                 report(out[-1])
-            if args.profile and rank == ranks[-1]:
-                profile_engine(decoder, targets, rank, members, ids, device, tokenizer.pad_token_id)
+                if args.profile:
+                    profile_engine(decoder, targets, rank, members, ids, device, tokenizer.pad_token_id, variant)
         if memory_check:
             members = make_members(targets, 8, 64)
             out.append(bench_engine(name, decoder, targets, 8, members, ids, args.new_tokens, device, "compile", tokenizer.pad_token_id, tag="memory-check"))
@@ -284,19 +284,24 @@ def roofline(decoder: Decoder, engine: PopulationEngine, ids, new_tokens: int, n
     }
 
 
-def profile_engine(decoder, targets, rank, members, ids, device, pad_id) -> None:
-    """Kernel times of the compiled decode step launched without a graph, decode steps only."""
+def profile_engine(decoder, targets, rank, members, ids, device, pad_id, variant: str = "compile") -> None:
+    """Kernel times of (d)'s decode step (compiled unless the variant is eager or graphs) launched
+    without a graph, decode steps only, at the middle of the 256 tokens."""
     if device.type != "cuda":
         return
     from torch.profiler import ProfilerActivity, profile
 
-    engine = PopulationEngine(decoder, targets, rank, pad_id=pad_id, eos_ids=(), max_batch_rows=len(members) * len(ids), compile=True, cuda_graphs=False)
-    engine.generate(ids, members, 64)
+    if variant == "nolora":
+        targets, members = [], [None] * len(members)
+    engine = PopulationEngine(decoder, targets, rank, pad_id=pad_id, eos_ids=(), max_batch_rows=len(members) * len(ids),
+                              compile=variant not in ("eager", "graphs"), cuda_graphs=False, attention="sdpa" if variant == "sdpa" else "auto",
+                              lora_kernel=variant if variant in ("bmm", "fused") else "auto")
+    engine.generate(ids, members, 256)  # the cache of a 256-token run
     s = engine._session
     t_pad = engine.stats.padded_prompt_len[0]
     steps = 5
     with torch.inference_mode():
-        s.write.fill_(t_pad + 30)
+        s.write.fill_(t_pad + 128)
         s.step.fill_(1)
         engine._decode_step(s, s.cache_len)
         torch.cuda.synchronize()
@@ -305,7 +310,8 @@ def profile_engine(decoder, targets, rank, members, ids, device, pad_id) -> None
                 engine._decode_step(s, s.cache_len)
             torch.cuda.synchronize()
     events = prof.key_averages()
-    print(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90), flush=True)
+    print(f"profile [{variant}] rank {rank}", flush=True)
+    print(events.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
     groups: dict[str, float] = {}
     for e in events:
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)

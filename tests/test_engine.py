@@ -73,9 +73,10 @@ def write_adapters(members, targets, rank, alpha, folder: Path) -> list[Path | N
 # --- the population LoRA layer ------------------------------------------------------------
 
 
-def test_lora_delta_applies_each_rows_own_member_and_zero_slots_are_the_base():
+@pytest.mark.parametrize("r", [1, 3])
+def test_lora_delta_applies_each_rows_own_member_and_zero_slots_are_the_base(r):
     g = torch.Generator().manual_seed(0)
-    members, rows, t, d_in, r = 3, 4, 2, 16, 3
+    members, rows, t, d_in = 3, 4, 2, 16
     parts = {"q": 12, "k": 4, "v": 4}  # a fused q/k/v Linear with LoRA on q and v only
     a = {p: torch.randn(members, r, d_in, generator=g) for p in parts}
     b = {p: torch.randn(members, n, r, generator=g) for p, n in parts.items()}

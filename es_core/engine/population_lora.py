@@ -15,7 +15,8 @@ to apply them:
   into the op that consumes the Linear's output (rotary, SiLU, the residual add). On an H100 at 1,024
   rows the bmm pairs cost as much as the base matmuls (cuBLAS on rank-wide operands), and the delta
   of gate/up, as large as that Linear's output, went through memory twice; the reductions win at
-  rank 1 and lose at rank 8 (README, engine benchmark).
+  rank 1 and lose at rank 8, where each row re-reads its member's B (w values per output) that a
+  bmm reads once for the member's rows (README, engine benchmark).
 The member's scaling (alpha / r) is folded into B when the slots are filled. Slots are cast to the
 model dtype on the device; the adapters themselves stay float32 in files.
 """
@@ -40,7 +41,6 @@ class LoRAGroup(NamedTuple):
     b: torch.Tensor  # scaled; compact [G, out, w]: each output's B row (zero where no part carries
     #                  LoRA); else block-diagonal [G, out, k*w]: part j's B in columns j*w .. j*w + r
     parts: tuple[tuple[int, int, int], ...]  # (rank block j, first output, outputs) of each part with LoRA
-    index: torch.Tensor  # [out, w] long: j*w + c, the column of u that output o's c-th B entry multiplies
     compact: bool = True
 
 
@@ -78,13 +78,23 @@ def lora_delta(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
 
 def lora_delta_fused(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
     """lora_delta as reductions, for torch.compile to fuse into its neighbours (float32 sums);
-    compact B only. Eager, it materializes [G, R*T, k*w, in]: the compiled decode step only."""
+    compact B only. Each part's outputs take its own slice of u: no gather by an index tensor,
+    whose int64 reads cost more than the activations (H100, rank 1: the SiLU kernel took 41 us).
+    Eager, it materializes [G, R*T, k*w, in]: the compiled decode step only."""
     n, t, d_in = h.shape
     a, b = group.a, group.b
-    g = a.shape[0]
+    g, out, w = a.shape[0], b.shape[1], b.shape[2]
     u = (h.reshape(g, (n // g) * t, 1, d_in) * a.unsqueeze(1)).sum(-1, dtype=torch.float32)  # [G, R*T, k*w]
-    delta = (u[:, :, group.index] * b.unsqueeze(1)).sum(-1)  # [G, R*T, out, w] -> [G, R*T, out]
-    return delta.to(h.dtype).reshape(n, t, b.shape[1])
+    pieces, pos = [], 0
+    for j, first, size in group.parts:
+        if first > pos:
+            pieces.append(u.new_zeros(g, u.shape[1], first - pos))
+        pieces.append((u[:, :, None, j * w:(j + 1) * w] * b[:, None, first:first + size]).sum(-1))  # [G, R*T, size]
+        pos = first + size
+    if pos < out:
+        pieces.append(u.new_zeros(g, u.shape[1], out - pos))
+    delta = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+    return delta.to(h.dtype).reshape(n, t, out)
 
 
 @dataclass(frozen=True)
@@ -128,19 +138,9 @@ class PopulationLoRA:
         self.n_slots = 0
         self._a: dict[tuple[int, str], torch.Tensor] = {}
         self._b: dict[tuple[int, str], torch.Tensor] = {}
-        self._index: dict[tuple[int, str], torch.Tensor] = {}
         self._layout: dict[tuple[int, str], tuple[tuple[int, int, int], ...]] = {
             key: tuple((p.block, p.offset, p.target.out_features) for p in parts) for key, parts in self._parts.items()
         }
-        shared: dict[tuple, torch.Tensor] = {}  # layers with the same parts share one index tensor
-        for key, layout in self._layout.items():
-            sig = (key[1], layout)
-            if sig not in shared:
-                owner = torch.zeros(self._out[key[1]], dtype=torch.long)
-                for j, first, size in layout:
-                    owner[first:first + size] = j
-                shared[sig] = (owner[:, None] * self.block + torch.arange(self.block)[None, :]).to(self.device)
-            self._index[key] = shared[sig]
 
     def _allocate(self, n_slots: int) -> None:
         self.n_slots = n_slots
@@ -182,7 +182,7 @@ class PopulationLoRA:
         """Layer i's slots lo..hi (a view: the addresses of the full buffers)."""
         hi = self.n_slots if hi is None else hi
         return LayerLoRA(*[
-            LoRAGroup(self._a[i, g][lo:hi], self._b[i, g][lo:hi], self._layout[i, g], self._index[i, g], self.compact) if (i, g) in self._a else None
+            LoRAGroup(self._a[i, g][lo:hi], self._b[i, g][lo:hi], self._layout[i, g], self.compact) if (i, g) in self._a else None
             for g in GROUPS
         ])
 
