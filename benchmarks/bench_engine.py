@@ -432,8 +432,10 @@ def print_summary(rows: list[Row], device) -> None:
             label = d.rank if not d.extra.get("tag") else f"{d.rank} ({d.extra['tag']}, {d.rows} rows)"
             if d.extra.get("variant", "compile") != "compile":
                 label = f"{label} [{d.extra['variant']}]"
-            print(f"| {model} | {label} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(d)} | "
-                  f"{d.tok_s / a.tok_s if a else float('nan'):.1f}x | {d.tok_s / c.tok_s if c else float('nan'):.2f}x | "
+            def ratio(base, digits, d=d):
+                return f"{d.tok_s / base.tok_s:.{digits}f}x" if base else "-"  # "-" where (a) or (c) did not run
+
+            print(f"| {model} | {label} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(d)} | {ratio(a, 1)} | {ratio(c, 2)} | "
                   f"{100 * d.extra['roofline_fraction']:.0f}% ({d.extra['decode_step_ms']:.2f} vs {d.extra['roofline_step_ms']:.2f} ms/step) | "
                   f"{100 * d.extra['floor_fraction']:.0f}% | {d.peak_gib:.1f} |")
     if device.type != "cuda":
