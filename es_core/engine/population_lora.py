@@ -65,15 +65,8 @@ def lora_delta(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
     u = torch.bmm(h.reshape(g, (n // g) * t, d_in), a.transpose(1, 2))  # [G, R*T, k*w]
     if not group.compact or len(group.parts) == 1 and group.parts[0][1:] == (0, out):
         return torch.bmm(u, b.transpose(1, 2)).reshape(n, t, out)
-    pieces, pos = [], 0
-    for j, first, size in group.parts:
-        if first > pos:
-            pieces.append(u.new_zeros(g, u.shape[1], first - pos))
-        pieces.append(torch.bmm(u[:, :, j * w:(j + 1) * w], b[:, first:first + size].transpose(1, 2)))
-        pos = first + size
-    if pos < out:
-        pieces.append(u.new_zeros(g, u.shape[1], out - pos))
-    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)).reshape(n, t, out)
+    delta = _by_part(u, group.parts, out, lambda j, first, size: torch.bmm(u[:, :, j * w:(j + 1) * w], b[:, first:first + size].transpose(1, 2)))
+    return delta.reshape(n, t, out)
 
 
 def lora_delta_fused(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
@@ -85,16 +78,23 @@ def lora_delta_fused(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
     a, b = group.a, group.b
     g, out, w = a.shape[0], b.shape[1], b.shape[2]
     u = (h.reshape(g, (n // g) * t, 1, d_in) * a.unsqueeze(1)).sum(-1, dtype=torch.float32)  # [G, R*T, k*w]
+    delta = _by_part(u, group.parts, out, lambda j, first, size: (u[:, :, None, j * w:(j + 1) * w] * b[:, None, first:first + size]).sum(-1))
+    return delta.to(h.dtype).reshape(n, t, out)
+
+
+def _by_part(u: torch.Tensor, parts: tuple[tuple[int, int, int], ...], out: int, part_delta) -> torch.Tensor:
+    """[G, R*T, out] from each part's delta, part_delta(j, first, size) -> [G, R*T, size] (compact B:
+    part j's outputs use u's rank block j), zeros for the outputs of parts without LoRA."""
+    g, rows = u.shape[0], u.shape[1]
     pieces, pos = [], 0
-    for j, first, size in group.parts:
+    for j, first, size in parts:
         if first > pos:
-            pieces.append(u.new_zeros(g, u.shape[1], first - pos))
-        pieces.append((u[:, :, None, j * w:(j + 1) * w] * b[:, None, first:first + size]).sum(-1))  # [G, R*T, size]
+            pieces.append(u.new_zeros(g, rows, first - pos))
+        pieces.append(part_delta(j, first, size))
         pos = first + size
     if pos < out:
-        pieces.append(u.new_zeros(g, u.shape[1], out - pos))
-    delta = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
-    return delta.to(h.dtype).reshape(n, t, out)
+        pieces.append(u.new_zeros(g, rows, out - pos))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
 
 @dataclass(frozen=True)
