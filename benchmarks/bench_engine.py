@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write all rows here")
     args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown --variants {sorted(unknown)} (choose from {', '.join(VARIANTS)})")
     if args.smoke:
         args.models, args.ranks, args.members, args.prompts, args.new_tokens = "smollm2-135m", "1", 4, 4, 32
         args.peft_adapters, args.peft_batch_tokens = 2, 32
@@ -223,13 +226,22 @@ def _peak(device) -> float:
 # --- (d) the engine -------------------------------------------------------------------------
 
 
-def bench_engine(name, decoder, targets, rank, members, ids, new_tokens, device, variant, pad_id, tag="") -> Row:
-    _reset_peak(device)
+VARIANTS = ("compile", "graphs", "eager", "sdpa", "nolora", "bmm", "fused")
+
+
+def variant_engine(variant: str, decoder, targets, rank: int, members: list, prompts: int, pad_id: int, cuda_graphs: bool | None = None):
+    """The engine of a --variants name, and the members it runs (nolora: base rows only), all rows in one batch."""
     if variant == "nolora":
         targets, members = [], [None] * len(members)
-    engine = PopulationEngine(decoder, targets, rank, pad_id=pad_id, eos_ids=(), max_batch_rows=len(members) * len(ids),
-                              compile=variant in ("compile", "sdpa", "nolora", "bmm", "fused"), cuda_graphs=variant != "eager",
+    engine = PopulationEngine(decoder, targets, rank, pad_id=pad_id, eos_ids=(), max_batch_rows=len(members) * prompts,
+                              compile=variant not in ("graphs", "eager"), cuda_graphs=variant != "eager" if cuda_graphs is None else cuda_graphs,
                               attention="sdpa" if variant == "sdpa" else "auto", lora_kernel=variant if variant in ("bmm", "fused") else "auto")
+    return engine, members
+
+
+def bench_engine(name, decoder, targets, rank, members, ids, new_tokens, device, variant, pad_id, tag="") -> Row:
+    _reset_peak(device)
+    engine, members = variant_engine(variant, decoder, targets, rank, members, len(ids), pad_id)
     scal = 2.0  # alpha = 2 r
     t0 = time.perf_counter()
     engine.generate(ids, members, new_tokens, scal)
@@ -291,11 +303,7 @@ def profile_engine(decoder, targets, rank, members, ids, device, pad_id, variant
         return
     from torch.profiler import ProfilerActivity, profile
 
-    if variant == "nolora":
-        targets, members = [], [None] * len(members)
-    engine = PopulationEngine(decoder, targets, rank, pad_id=pad_id, eos_ids=(), max_batch_rows=len(members) * len(ids),
-                              compile=variant not in ("eager", "graphs"), cuda_graphs=False, attention="sdpa" if variant == "sdpa" else "auto",
-                              lora_kernel=variant if variant in ("bmm", "fused") else "auto")
+    engine, members = variant_engine(variant, decoder, targets, rank, members, len(ids), pad_id, cuda_graphs=False)
     engine.generate(ids, members, 256)  # the cache of a 256-token run
     s = engine._session
     t_pad = engine.stats.padded_prompt_len[0]
