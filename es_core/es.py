@@ -109,6 +109,14 @@ class PopulationNoise:
     layout: tuple[tuple[str, int], ...]
     eps: torch.Tensor  # [len(seeds), total] float32
 
+    @property
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.layout]
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.layout)
+
     def rows(self, seeds: Sequence[int]) -> torch.Tensor:
         """eps of these seeds, in this order (the matrix itself when they are `self.seeds`)."""
         if tuple(seeds) == self.seeds:
@@ -151,7 +159,7 @@ def stacked_population(center: LoRATensors, members: Sequence[Member], sigma: fl
     ops, on one [members, parameters] matrix), each seed's noise drawn once (or taken from `noise`;
     `signed`: its `signed(members, sigma)`, computed ahead), a few ops per key."""
     noise = _checked_noise(noise, center, members, perturb)
-    keys = [k for k, _ in noise.layout]
+    keys = noise.keys
     offsets = noise.signed(members, sigma) if signed is None else signed
     moved = _split(_flat(center, keys).unsqueeze(0) + offsets, center, keys)
     stacked = {key: moved[key] if key in moved else value.unsqueeze(0).expand(len(members), *value.shape) for key, value in center.items()}
@@ -217,7 +225,7 @@ def _gradient_flat(members: Sequence[Member], weights: torch.Tensor, noise: Popu
         coefficient[member.seed] = coefficient.get(member.seed, 0.0) + member.sign * weight
     n = len(members)
     seeds = [seed for seed, c in coefficient.items() if c != 0.0]
-    total = sum(k for _, k in noise.layout)
+    total = noise.total
     if not seeds or not total:
         return torch.zeros(total, dtype=torch.float32)
     scale = torch.tensor([coefficient[seed] / n for seed in seeds], dtype=torch.float32)
@@ -228,7 +236,7 @@ def estimate_gradient(center: LoRATensors, members: Sequence[Member], weights: t
                       noise: PopulationNoise | None = None) -> LoRATensors:
     """(1/N) * sum_i w_i * sign_i * eps_i per tensor (zero for the tensors the noise does not move)."""
     noise = _checked_noise(noise, center, members, perturb)
-    return _per_tensor(_gradient_flat(members, weights, noise), center, [k for k, _ in noise.layout])
+    return _per_tensor(_gradient_flat(members, weights, noise), center, noise.keys)
 
 
 def _per_tensor(grad_flat: torch.Tensor, center: LoRATensors, keys: list[str]) -> LoRATensors:
@@ -256,7 +264,7 @@ def es_update(
         raise ValueError(f"{len(members)} members but {len(rewards)} rewards")
     weights = SHAPING[shaping](rewards)
     noise = _checked_noise(noise, state.center, members, perturb)
-    keys = [k for k, _ in noise.layout]
+    keys = noise.keys
     grad_flat = _gradient_flat(members, weights, noise)
     if optimizer == "sgd":
         # one flat vector rather than a few ops per tensor: hundreds of small tensors at rank 1
