@@ -1,5 +1,6 @@
 """The embedded population engine: every member's greedy tokens equal PEFT's, in one batch, on CPU."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from peft import PeftModel
 
 from es_core.backends.base import AdapterRef
 from es_core.backends.embedded import EmbeddedBackend
+from es_core.engine import lora_silu
 from es_core.engine.generate import PopulationEngine, plan_chunks
 from es_core.engine.model import Decoder
 from es_core.engine.population_lora import PopulationLoRA, lora_delta, lora_delta_fused
@@ -113,7 +115,13 @@ def test_plan_chunks_covers_every_row_once_within_the_budget():
 # --- parity with PEFT ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lora_kernel", ["bmm", "fused"])
+# The parity test runs the engine on CPU, so its Triton case needs the interpreter; on CUDA the kernel
+# is checked by the graphs/compile test below.
+TRITON_ON_CPU = lora_silu.triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("lora_kernel", ["bmm", "fused", pytest.param("triton", marks=pytest.mark.skipif(
+    not TRITON_ON_CPU, reason="needs Triton's CPU interpreter: TRITON_INTERPRET=1"))])
 @pytest.mark.parametrize("layers,modules", [([0, 3, 11], ALL_MODULES), ([1, 2], ["q_proj", "v_proj", "down_proj"])])
 def test_tiny_llama_each_member_matches_peft_token_for_token(tiny_path, tmp_path, layers, modules, lora_kernel):
     rank, alpha, max_new = 4, 8.0, 10
@@ -262,11 +270,12 @@ def test_cuda_graphs_and_compile_give_the_eager_engines_tokens(tiny_path):
     members = [random_member(targets, 4, s, 0.3) for s in (1, 2)] + [None]
     runs = {}
     for name, kw in {"eager": dict(compile=False, cuda_graphs=False), "graphs": dict(compile=False, cuda_graphs=True),
-                     "sdpa": dict(compile=False, cuda_graphs=False, attention="sdpa"), "compiled": dict(compile=True, cuda_graphs=True)}.items():
+                     "sdpa": dict(compile=False, cuda_graphs=False, attention="sdpa"), "compiled": dict(compile=True, cuda_graphs=True),
+                     "triton": dict(compile=True, cuda_graphs=True, lora_kernel="triton")}.items():
         engine = PopulationEngine(decoder, targets, 4, pad_id=tokenizer.pad_token_id, eos_ids=[], **kw)
         runs[name] = engine.generate(ids, members, 80, scalings=2.0).tokens  # crosses cache buckets
     assert runs["graphs"] == runs["eager"]
     flat = lambda r: [t for m in r for p in m for t in p]
-    for other in ("sdpa", "compiled"):  # other kernels round differently: near-total agreement
+    for other in ("sdpa", "compiled", "triton"):  # other kernels round differently: near-total agreement
         agree = sum(a == b for a, b in zip(flat(runs[other]), flat(runs["eager"]))) / len(flat(runs["eager"]))
         assert agree > 0.9, (other, agree)

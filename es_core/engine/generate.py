@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from es_core.engine.attention import sdpa_decode, triton_available, triton_decode
-from es_core.engine.model import Decoder, attention_in, attention_out_mlp, greedy_head
+from es_core.engine import lora_silu
+from es_core.engine.model import Decoder, attention_in, attention_out_gate_up_shrink, attention_out_mlp, greedy_head, mlp_down
 from es_core.engine.population_lora import PopulationLoRA
 from es_core.lora import LoRATarget, LoRATensors, StackedLoRA
 
@@ -71,9 +72,10 @@ class _Session:
         self.v = [torch.zeros_like(t) for t in self.k]
         self.cos, self.sin = d.rope_tables(cache_len)  # [cache_len, hd]
         # cuBLAS ran rank-wide bmm faster at widths of 8 (see PopulationLoRA); the fused reductions need no padding
-        bmm = engine.lora_kernel == "bmm"
+        bmm = engine.lora_kernel in ("bmm", "triton")
         self.lora = PopulationLoRA(cfg.fused_out, cfg.fused_in, cfg.n_layers, engine.targets, engine.rank, d.dtype, dev,
-                                   pad_rank_to=8 if dev.type == "cuda" and bmm else 1, compact=not bmm)
+                                   pad_rank_to=8 if dev.type == "cuda" and bmm else 1,
+                                   compact=("gate_up",) if engine.lora_kernel == "triton" else not bmm)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)  # last token of each row
         self.positions = torch.zeros(rows, dtype=torch.long, device=dev)  # its RoPE position
         self.write = torch.zeros(1, dtype=torch.long, device=dev)  # cache slot it is written to
@@ -104,7 +106,8 @@ class PopulationEngine:
     to `bucket` slots: one graph per bucket). `bucket` also rounds the cache length. `lora_kernel`:
     "fused" (the LoRA as reductions torch.compile fuses into the layer's own kernels; the default when
     compiled at rank <= FUSED_MAX_RANK; eager, it is slow and memory-hungry) or "bmm" (batched
-    matmuls; the default otherwise, and always the prefill's)."""
+    matmuls; the default otherwise, and always the prefill's) or "triton" (work in progress: bmm, but
+    the gate/up LoRA applied inside the SiLU pass by `lora_silu.silu_lora`; not timed yet)."""
 
     def __init__(self, decoder: Decoder, targets: Sequence[LoRATarget], rank: int, *, pad_id: int, eos_ids: Sequence[int],
                  max_batch_rows: int = 1024, compile: bool = True, cuda_graphs: bool | None = None, bucket: int = 64,
@@ -120,16 +123,21 @@ class PopulationEngine:
         if attention == "triton" and not triton_available(decoder.device):
             raise ValueError("attention='triton' needs CUDA and Triton")
         self.attention = ("triton" if triton_available(decoder.device) else "sdpa") if attention == "auto" else attention
-        if lora_kernel not in ("auto", "fused", "bmm"):
-            raise ValueError(f"lora_kernel must be auto, fused or bmm (got {lora_kernel!r})")
+        if lora_kernel not in ("auto", "fused", "bmm", "triton"):
+            raise ValueError(f"lora_kernel must be auto, fused, bmm or triton (got {lora_kernel!r})")
+        if lora_kernel == "triton" and lora_silu.triton is None:
+            raise ValueError("lora_kernel='triton' needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
         self.lora_kernel = ("fused" if self.compiled and self.rank <= FUSED_MAX_RANK else "bmm") if lora_kernel == "auto" else lora_kernel
         if self.compiled:
             _raise_recompile_limit(64)
             self._attn_in = torch.compile(attention_in, fullgraph=True, dynamic=False)
             self._attn_out = torch.compile(attention_out_mlp, fullgraph=True, dynamic=False)
             self._head = torch.compile(greedy_head, fullgraph=True, dynamic=False)
+            self._attn_out_gu = torch.compile(attention_out_gate_up_shrink, fullgraph=True, dynamic=False)
+            self._mlp_down = torch.compile(mlp_down, fullgraph=True, dynamic=False)
         else:
             self._attn_in, self._attn_out, self._head = attention_in, attention_out_mlp, greedy_head
+            self._attn_out_gu, self._mlp_down = attention_out_gate_up_shrink, mlp_down
         if not cuda:
             torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         self._session: _Session | None = None
@@ -302,7 +310,13 @@ class PopulationEngine:
             lora = s.layer_lora[i]
             q, k, v = self._attn_in(x, w.attn_norm, w.wqkv, w.bqkv, lora, cos, sin, cfg, fused)
             attn = self._attend(s, i, q, k, v, kv_len, mask)
-            x = self._attn_out(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, w.w2, lora, cfg, fused)
+            if self.lora_kernel == "triton" and lora.gate_up is not None:
+                # the gate/up LoRA inside the SiLU pass (lora_silu): the graph is split around that kernel
+                x, gu, u = self._attn_out_gu(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, lora, cfg, False)
+                m = lora_silu.silu_lora(gu.reshape(s.rows, -1), u, lora.gate_up.b, lora.gate_up.parts, s.rows // s.groups)
+                x = self._mlp_down(x, m.unsqueeze(1), w.w2, lora, cfg, False)
+            else:
+                x = self._attn_out(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, w.w2, lora, cfg, fused)
         nxt = self._head(x[:, 0], d.norm, d.lm_head, cfg.eps)  # [N]
         nxt = torch.where(s.done, s.pad, nxt)  # finished rows keep padding
         s.out.index_copy_(1, s.step, nxt[:, None])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from es_core.engine.population_lora import LayerLoRA, lora_delta, lora_delta_fused
+from es_core.engine.population_lora import LayerLoRA, lora_delta, lora_delta_fused, lora_shrink
 
 SUPPORTED = ("llama", "qwen2")
 
@@ -186,6 +186,17 @@ def attention_in(x, norm_w, wqkv, bqkv, lora: LayerLoRA, cos, sin, cfg: DecoderC
 def attention_out_mlp(x, attn, wo, bo, mlp_norm, w13, w2, lora: LayerLoRA, cfg: DecoderConfig, fused: bool = False):
     """x: [N, T, D] residual, attn: [N, H, T, hd] -> the layer's output [N, T, D]."""
     delta = lora_delta_fused if fused else lora_delta
+    x, h, gu = attention_out_gate_up(x, attn, wo, bo, mlp_norm, w13, lora, cfg, fused)
+    if lora.gate_up is not None:
+        gu = gu + delta(h, lora.gate_up)
+    gate, up = gu.split([cfg.intermediate, cfg.intermediate], dim=-1)
+    return mlp_down(x, F.silu(gate) * up, w2, lora, cfg, fused)
+
+
+def attention_out_gate_up(x, attn, wo, bo, mlp_norm, w13, lora: LayerLoRA, cfg: DecoderConfig, fused: bool = False):
+    """attention_out_mlp up to the gate/up Linear: the residual after attention [N, T, D], its norm
+    h (the Linear's input) and the Linear's base output [N, T, 2I], without its LoRA."""
+    delta = lora_delta_fused if fused else lora_delta
     n, t, _ = x.shape
     a = attn.transpose(1, 2).reshape(n, t, cfg.q_out)
     o = F.linear(a, wo, bo)
@@ -193,11 +204,18 @@ def attention_out_mlp(x, attn, wo, bo, mlp_norm, w13, w2, lora: LayerLoRA, cfg: 
         o = o + delta(a, lora.o)
     x = x + o
     h = rms_norm(x, mlp_norm, cfg.eps)
-    gu = F.linear(h, w13)  # [N, T, 2 I]
-    if lora.gate_up is not None:
-        gu = gu + delta(h, lora.gate_up)
-    gate, up = gu.split([cfg.intermediate, cfg.intermediate], dim=-1)
-    m = F.silu(gate) * up
+    return x, h, F.linear(h, w13)
+
+
+def attention_out_gate_up_shrink(x, attn, wo, bo, mlp_norm, w13, lora: LayerLoRA, cfg: DecoderConfig, fused: bool = False):
+    """attention_out_gate_up, and the gate/up LoRA's shrink u = h A^T [N*T, k*w] for silu_lora."""
+    x, h, gu = attention_out_gate_up(x, attn, wo, bo, mlp_norm, w13, lora, cfg, fused)
+    return x, gu, lora_shrink(h, lora.gate_up)
+
+
+def mlp_down(x, m, w2, lora: LayerLoRA, cfg: DecoderConfig, fused: bool = False):
+    """The down Linear of the activation m [N, T, I], added to the residual x [N, T, D]."""
+    delta = lora_delta_fused if fused else lora_delta
     d = F.linear(m, w2)
     if lora.down is not None:
         d = d + delta(m, lora.down)

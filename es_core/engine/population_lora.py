@@ -56,6 +56,13 @@ class LayerLoRA(NamedTuple):
 NO_LORA = LayerLoRA()
 
 
+def lora_shrink(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
+    """u = x A^T of each row's member: h [N, T, in] -> [N*T, k*w] (N = G * R), one bmm."""
+    n, t, d_in = h.shape
+    g = group.a.shape[0]
+    return torch.bmm(h.reshape(g, (n // g) * t, d_in), group.a.transpose(1, 2)).reshape(n * t, -1)
+
+
 def lora_delta(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
     """h: [N, T, in] -> [N, T, out] with batched matmuls (N = G * R): two in all when B is
     block-diagonal ([G, out, k*w]), one per part when it is compact."""
@@ -109,9 +116,10 @@ class PopulationLoRA:
 
     def __init__(self, fused_out: dict[str, tuple[tuple[str, int], ...]], fused_in: dict[str, int], n_layers: int,
                  targets: Sequence[LoRATarget], rank: int, dtype: torch.dtype, device: torch.device, pad_rank_to: int = 1,
-                 compact: bool = True):
+                 compact: bool | Sequence[str] = True):
         self.targets, self.rank, self.dtype, self.device = list(targets), int(rank), dtype, torch.device(device)
-        self.compact = bool(compact)  # B compact (lora_delta_fused, or one bmm per part) or block-diagonal (one bmm)
+        # B compact (lora_delta_fused, silu_lora, or one bmm per part) or block-diagonal (one bmm): all groups, or those named
+        self.compact_groups = frozenset(GROUPS if compact is True else () if compact is False else compact)
         # Each part's rank block is zero-padded to a multiple of pad_rank_to (exact: zero rows of A,
         # zero columns of B). On an H100, rank 1 (blocks of width 1-3) ran slower than rank 8:
         # 13.2 vs 11.8 ms per decode step at 1.5B, cuBLAS bmm being slow on unaligned widths.
@@ -147,7 +155,7 @@ class PopulationLoRA:
         for (layer, group), parts in self._parts.items():
             k = len(parts) * self.block
             self._a[layer, group] = torch.zeros(n_slots, k, self._in[group], dtype=self.dtype, device=self.device)
-            self._b[layer, group] = torch.zeros(n_slots, self._out[group], self.block if self.compact else k, dtype=self.dtype, device=self.device)
+            self._b[layer, group] = torch.zeros(n_slots, self._out[group], self.block if group in self.compact_groups else k, dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
     def set_members(self, members: Sequence[LoRATensors | None] | StackedLoRA, scalings: Sequence[float]) -> None:
@@ -175,14 +183,14 @@ class PopulationLoRA:
                     a = torch.stack([_get(m, t.key_a, (r, t.in_features)) for m in members])
                     b = torch.stack([_get(m, t.key_b, (t.out_features, r)) for m in members]) * scale
                 a_buf[:, p.block * w:p.block * w + r].copy_(a)
-                col = 0 if self.compact else p.block * w
+                col = 0 if key[1] in self.compact_groups else p.block * w
                 b_buf[:, p.offset:p.offset + t.out_features, col:col + r].copy_(b)
 
     def layer(self, i: int, lo: int = 0, hi: int | None = None) -> LayerLoRA:
         """Layer i's slots lo..hi (a view: the addresses of the full buffers)."""
         hi = self.n_slots if hi is None else hi
         return LayerLoRA(*[
-            LoRAGroup(self._a[i, g][lo:hi], self._b[i, g][lo:hi], self._layout[i, g], self.compact) if (i, g) in self._a else None
+            LoRAGroup(self._a[i, g][lo:hi], self._b[i, g][lo:hi], self._layout[i, g], g in self.compact_groups) if (i, g) in self._a else None
             for g in GROUPS
         ])
 
