@@ -21,6 +21,8 @@ try:  # Triton ships with CUDA builds of torch
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
+MAX_WIDTH = 16  # the rank block (after padding) silu_lora reads as one tile
+
 
 def silu_lora_reference(gu: torch.Tensor, u: torch.Tensor, b: torch.Tensor, parts: tuple[tuple[int, int, int], ...], rows_per_member: int) -> torch.Tensor:
     """gu [N, 2I], u [N, k*w] (the shrink x A^T of the parts with LoRA, part j in columns j*w..),
@@ -81,14 +83,14 @@ def silu_lora(gu: torch.Tensor, u: torch.Tensor, b: torch.Tensor, parts: tuple[t
     blocks = {first: j for j, first, size in parts if size == i and first in (0, i)}
     if len(blocks) != len(parts):
         raise ValueError(f"silu_lora needs whole gate/up parts of {i} outputs, got {parts}")
-    if w > 16 or gu.stride(-1) != 1 or u.stride(-1) != 1 or b.stride(-1) != 1:
-        raise ValueError("silu_lora needs rank <= 16 and the last dimension contiguous")
+    if w > MAX_WIDTH or gu.stride(-1) != 1 or u.stride(-1) != 1 or b.stride(-1) != 1:
+        raise ValueError(f"silu_lora needs a rank block <= {MAX_WIDTH} and the last dimension contiguous")
     out = torch.empty(n, i, dtype=gu.dtype, device=gu.device)
     block_rows = max(16, block_rows)  # tl.dot's smallest tile
     grid = (g, triton.cdiv(rows_per_member, block_rows), triton.cdiv(i, block_cols))
     _silu_lora_kernel[grid](
         gu, u, b, out, rows_per_member, i, gu.stride(0), u.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        J_GATE=blocks.get(0, -1), J_UP=blocks.get(i, -1), W=w, W_PAD=16,
+        J_GATE=blocks.get(0, -1), J_UP=blocks.get(i, -1), W=w, W_PAD=MAX_WIDTH,
         BM=block_rows, BN=block_cols, num_warps=num_warps,
         # float32 B gets float32 products (tl.dot would round them to TF32: a float32 model's greedy
         # tokens then drifted from the bmm path's on the GPU); bf16 products are exact either way
