@@ -1,5 +1,6 @@
-"""Decode attention alone: the Triton kernel's bandwidth over the valid KV slots for a sweep of its
-launch parameters, against SDPA with a mask (also the correctness reference). GPU only.
+"""Decode attention alone: the Triton kernel's bandwidth over the valid KV slots with its default
+launch and a sweep of launch parameters, against SDPA with a mask (also the correctness reference),
+each timed as 12 launches in one CUDA graph. GPU only.
 
     python -m benchmarks.bench_attention                 # SmolLM2 / Qwen2.5-0.5B / 1.5B decode shapes, 1,024 rows
     python -m benchmarks.bench_attention --write-at 269  # the mean context of the engine benchmark (prompts of
@@ -13,22 +14,37 @@ import itertools
 
 import torch
 
-from es_core.engine.attention import sdpa_decode, triton_decode
+from es_core.engine.attention import default_launch, sdpa_decode, triton_decode
 
 H100_BANDWIDTH = 3.35e12
 SHAPES = {"smollm2-135m": (3, 3, 64), "qwen2.5-0.5b": (2, 7, 64), "qwen2.5-1.5b": (2, 6, 128)}  # kv heads, q per kv, head dim
 
 
-def timed(fn, reps: int = 20) -> float:
+def timed(fn, launches: int = 12, repeats: int = 7) -> float:
+    """Seconds per call: `launches` calls captured in one CUDA graph (a Triton launch from Python
+    costs about as much CPU time as the kernel runs, which made un-graphed timings vary by 20%),
+    the median of `repeats` replays."""
     fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         fn()
-    end.record()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    graph.replay()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / launches / 1e3)
+    return sorted(times)[repeats // 2]
 
 
 def main() -> None:
@@ -36,6 +52,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--write-at", type=int, default=400, help="the new token's slot: each row attends to start..write-at")
     p.add_argument("--cache-len", type=int, default=448)
+    p.add_argument("--no-sweep", action="store_true", help="the default launch only")
     args = p.parse_args()
     dev = torch.device("cuda")
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -52,16 +69,21 @@ def main() -> None:
         valid_bytes = float(((write_at + 1 - start).sum() * hkv * hd * 2 * 2).item())
         t = timed(lambda: sdpa_decode(q, k, v, mask))
         print(f"{name}: SDPA {t * 1e6:.0f} us, {valid_bytes / t / 1e12:.2f} TB/s")
-        for block_l, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)):
-            try:
-                out = triton_decode(q, k, v, start, write, block_l=block_l, num_warps=warps, num_stages=stages)
-                err = (out.float() - ref.float()).abs().max().item()
-                t = timed(lambda: triton_decode(q, k, v, start, write, block_l=block_l, num_warps=warps, num_stages=stages))
-            except Exception as exc:  # a launch that does not fit (shared memory) is skipped
-                print(f"  block {block_l} warps {warps} stages {stages}: {type(exc).__name__}")
+
+        def report(out, fn) -> str:
+            err = (out.float() - ref.float()).abs().max().item()
+            t = timed(fn)
+            return f"{t * 1e6:6.1f} us  {valid_bytes / t / 1e12:.2f} TB/s ({100 * valid_bytes / t / H100_BANDWIDTH:.0f}% of peak)  max err {err:.3g}"
+        print(f"  default {default_launch(hkv, hd)}: {report(triton_decode(q, k, v, start, write), lambda: triton_decode(q, k, v, start, write))}")
+        for block_l, warps, stages, heads in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3), (1, 2)):
+            if hkv % heads or args.no_sweep:
                 continue
-            print(f"  block {block_l:>3} warps {warps} stages {stages}: {t * 1e6:6.0f} us  {valid_bytes / t / 1e12:.2f} TB/s "
-                  f"({100 * valid_bytes / t / H100_BANDWIDTH:.0f}% of peak)  max err {err:.3g}")
+            launch = dict(block_l=block_l, num_warps=warps, num_stages=stages, heads_per_program=heads)
+            try:
+                line = report(triton_decode(q, k, v, start, write, **launch), lambda: triton_decode(q, k, v, start, write, **launch))
+            except Exception as exc:  # a launch that does not fit (shared memory) is skipped
+                line = type(exc).__name__
+            print(f"  block {block_l:>3} warps {warps} stages {stages} heads/program {heads}: {line}")
 
 
 if __name__ == "__main__":

@@ -230,6 +230,49 @@ def test_backend_rejects_an_adapter_of_another_rank_with_one_line(tiny_path, tmp
     assert "\n" not in str(err.value) and "shape" in str(err.value)
 
 
+# --- kernel choices ----------------------------------------------------------------------------
+
+
+def test_default_lora_kernel_follows_the_rank_and_refuses_a_rank_the_silu_kernel_cannot_take(tiny_path):
+    from es_core.engine.generate import FUSED_MAX_RANK, SILU_MAX_RANK, _default_lora_kernel
+
+    assert _default_lora_kernel(False, 8) == "bmm"  # eager: the fused reductions need the compiler
+    assert _default_lora_kernel(True, FUSED_MAX_RANK) == "fused"
+    assert _default_lora_kernel(True, SILU_MAX_RANK + 1) == "bmm"
+    assert _default_lora_kernel(True, 8) == ("triton" if lora_silu.triton is not None else "bmm")
+    if lora_silu.triton is not None:
+        model = load_causal_lm(tiny_path, "float32", "cpu")
+        with pytest.raises(ValueError, match="rank <= 16"):
+            PopulationEngine(Decoder.from_hf(model), find_targets(model, [0], ["up_proj"]), 17, pad_id=0, eos_ids=[], lora_kernel="triton")
+
+
+@pytest.mark.skipif(not (lora_silu.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")),
+                    reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize("heads_per_program,block_l", [(1, 32), (2, 32), (2, 16)])
+def test_triton_decode_attention_equals_sdpa_in_float32_for_each_launch(heads_per_program, block_l):
+    from es_core.engine.attention import sdpa_decode, triton_decode
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(heads_per_program)
+    n, hkv, grp, hd, length, write = 5, 2, 7, 32, 40, 33
+    q, k, v = (torch.randn(shape, generator=g).to(dev) for shape in [(n, hkv, grp, hd), (n, hkv, length, hd), (n, hkv, length, hd)])
+    start = torch.randint(0, 9, (n,), generator=g, dtype=torch.int32).to(dev)
+    slots = torch.arange(length, device=dev)
+    mask = ((slots[None] >= start[:, None]) & (slots[None] <= write))[:, None, None, :]
+    want = sdpa_decode(q, k, v, mask)
+    launch = dict(heads_per_program=heads_per_program, block_l=block_l)
+    got = triton_decode(q, k.clone(), v.clone(), start, torch.tensor([write], device=dev), **launch)
+    assert torch.allclose(got, want, atol=1e-5)
+    k_new, v_new = k[:, :, write].clone(), v[:, :, write].clone()
+    k_old, v_old = k.clone(), v.clone()
+    k_old[:, :, write], v_old[:, :, write] = 7.0, -7.0
+    fused = triton_decode(q, k_old, v_old, start, torch.tensor([write], device=dev), k_new, v_new, **launch)
+    assert torch.allclose(fused, want, atol=1e-5)
+    assert torch.equal(k_old, k) and torch.equal(v_old, v)  # the kernel wrote the new slot
+    with pytest.raises(ValueError, match="does not divide"):
+        triton_decode(q[:, :1].contiguous(), k[:, :1].contiguous(), v[:, :1].contiguous(), start, torch.tensor([write], device=dev), heads_per_program=2)
+
+
 # --- CUDA only (the device machine; CI has no GPU) ----------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
