@@ -276,8 +276,10 @@ def roofline(decoder: Decoder, engine: PopulationEngine, ids, new_tokens: int, n
     cfg = decoder.config
     el = decoder.embed.element_size()
     weights = decoder.num_parameter_bytes()
+    # the members' A and B at their own rank, B compact: the bytes any kernel must read (the engine's
+    # zero padding of rank 1 to 8 for cuBLAS is its own cost, not the roofline's)
     lora = PopulationLoRA(cfg.fused_out, cfg.fused_in, cfg.n_layers, engine.targets, engine.rank, decoder.dtype, torch.device("meta"),
-                          pad_rank_to=8 if decoder.device.type == "cuda" else 1)
+                          pad_rank_to=1, compact=True)
     lora._allocate(n_members)
     lora_bytes = lora.bytes_per_step()
     kv_per_token = 2 * cfg.n_layers * cfg.kv_out * el
