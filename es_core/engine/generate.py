@@ -98,8 +98,8 @@ SILU_MAX_RANK = lora_silu.MAX_WIDTH  # silu_lora reads a member's B as one tile 
 
 
 def _default_lora_kernel(compiled: bool, rank: int) -> str:
-    """Measured on an H100 (1,024 rows, decode ms/step, 0.5B / 1.5B shapes): rank 1 fused 4.70 /
-    10.02 against 5.36 with the SiLU kernel; rank 8 bmm 5.75 / 11.49, SiLU kernel 5.35 / 10.82."""
+    """Measured on an H100 (1,024 rows, decode ms/step, 0.5B / 1.5B shapes): rank 1 fused 4.70 at
+    0.5B against 5.36 with the SiLU kernel; rank 8 bmm 5.75 / 11.49, SiLU kernel 5.35 / 10.82."""
     if not compiled:  # eager CUDA graphs (or CPU): bmm; the fused reductions need the compiler
         return "bmm"
     if rank <= FUSED_MAX_RANK:
