@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="compile", help="engine variants for (d): compile (the default engine), graphs "
                    "(no torch.compile), eager (no compile, no graphs), sdpa (SDPA decode attention), nolora (base rows only), bmm / fused "
                    "(LoRA as batched matmuls / as reductions compiled into the layer, whatever the rank), triton (bmm, the gate/up LoRA "
-                   "inside the SiLU kernel, es_core/engine/lora_silu.py)")
+                   "inside the SiLU kernel, es_core/engine/lora_silu.py), torch-head (the greedy head as F.linear + argmax, not head_argmax)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of (d)'s decode step")
     p.add_argument("--smoke", action="store_true", help="CPU-sized: smollm2-135m, 4 members x 4 prompts, rank 1, 32 tokens")
     p.add_argument("--sanity", action="store_true", help="first check the CUDA path: graphs == eager, compiled ~ eager, base rows ~ HF")
@@ -227,7 +227,7 @@ def _peak(device) -> float:
 # --- (d) the engine -------------------------------------------------------------------------
 
 
-VARIANTS = ("compile", "graphs", "eager", "sdpa", "nolora", "bmm", "fused", "triton")
+VARIANTS = ("compile", "graphs", "eager", "sdpa", "nolora", "bmm", "fused", "triton", "torch-head")
 
 
 def variant_engine(variant: str, decoder, targets, rank: int, members: list, prompts: int, pad_id: int, cuda_graphs: bool | None = None):
@@ -236,7 +236,8 @@ def variant_engine(variant: str, decoder, targets, rank: int, members: list, pro
         targets, members = [], [None] * len(members)
     engine = PopulationEngine(decoder, targets, rank, pad_id=pad_id, eos_ids=(), max_batch_rows=len(members) * prompts,
                               compile=variant not in ("graphs", "eager"), cuda_graphs=variant != "eager" if cuda_graphs is None else cuda_graphs,
-                              attention="sdpa" if variant == "sdpa" else "auto", lora_kernel=variant if variant in ("bmm", "fused", "triton") else "auto")
+                              attention="sdpa" if variant == "sdpa" else "auto", lora_kernel=variant if variant in ("bmm", "fused", "triton") else "auto",
+                              head="torch" if variant == "torch-head" else "auto")
     return engine, members
 
 
@@ -328,7 +329,8 @@ def profile_engine(decoder, targets, rank, members, ids, device, pad_id, variant
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         n = e.key.lower()
         kind = ("attention" if "decode_kernel" in n or "sdpa" in n or "fmha" in n or "attention" in n else
-                "gemm" if any(x in n for x in ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")) else
+                "gemm" if any(x in n for x in ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas", "head_argmax")) else
+                "LoRA kernel" if "silu_lora" in n else
                 "triton (fused)" if n.startswith("triton") else "other")
         groups[kind] = groups.get(kind, 0.0) + t
     print("per decode step (us): " + ", ".join(f"{k} {v / steps:,.0f}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])), flush=True)

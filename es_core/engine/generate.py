@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from es_core.engine.attention import sdpa_decode, triton_available, triton_decode
+from es_core.engine import head_argmax as fused_head
 from es_core.engine import lora_silu
-from es_core.engine.model import Decoder, attention_in, attention_out_gate_up_shrink, attention_out_mlp, greedy_head, mlp_down
+from es_core.engine.model import Decoder, attention_in, attention_out_gate_up_shrink, attention_out_mlp, greedy_head, mlp_down, rms_norm
 from es_core.engine.population_lora import PopulationLoRA
 from es_core.lora import LoRATarget, LoRATensors, StackedLoRA
 
@@ -119,11 +120,13 @@ class PopulationEngine:
     compiled at rank <= FUSED_MAX_RANK; eager, it is slow and memory-hungry) or "bmm" (batched
     matmuls; always the prefill's) or "triton" (bmm, but the gate/up LoRA applied inside the SiLU pass
     by `lora_silu.silu_lora`: the default when compiled at FUSED_MAX_RANK < rank <= SILU_MAX_RANK,
-    bmm above)."""
+    bmm above). `head`: "triton" (CUDA default: the decode step's greedy matmul and argmax in one
+    kernel, `head_argmax`) or "torch" (F.linear, then argmax; always the prefill's)."""
 
     def __init__(self, decoder: Decoder, targets: Sequence[LoRATarget], rank: int, *, pad_id: int, eos_ids: Sequence[int],
                  max_batch_rows: int = 1024, compile: bool = True, cuda_graphs: bool | None = None, bucket: int = 64,
-                 prefill_tokens: int = 32768, check_every: int = 16, attention: str = "auto", lora_kernel: str = "auto"):
+                 prefill_tokens: int = 32768, check_every: int = 16, attention: str = "auto", lora_kernel: str = "auto",
+                 head: str = "auto"):
         self.decoder, self.targets, self.rank = decoder, list(targets), int(rank)
         self.pad_id, self.eos_ids = int(pad_id), tuple(int(e) for e in eos_ids)
         self.max_batch_rows, self.bucket, self.prefill_tokens, self.check_every = int(max_batch_rows), int(bucket), int(prefill_tokens), int(check_every)
@@ -142,16 +145,22 @@ class PopulationEngine:
         if lora_kernel == "triton" and -(-self.rank // 8) * 8 > SILU_MAX_RANK:
             raise ValueError(f"lora_kernel='triton' takes rank <= {SILU_MAX_RANK} (got {self.rank})")
         self.lora_kernel = _default_lora_kernel(self.compiled, self.rank) if lora_kernel == "auto" else lora_kernel
+        if head not in ("auto", "triton", "torch"):
+            raise ValueError(f"head must be auto, triton or torch (got {head!r})")
+        if head == "triton" and not (cuda and fused_head.triton is not None):
+            raise ValueError("head='triton' needs CUDA and Triton")
+        self.head = ("triton" if cuda and fused_head.triton is not None else "torch") if head == "auto" else head
         if self.compiled:
             _raise_recompile_limit(64)
             self._attn_in = torch.compile(attention_in, fullgraph=True, dynamic=False)
             self._attn_out = torch.compile(attention_out_mlp, fullgraph=True, dynamic=False)
             self._head = torch.compile(greedy_head, fullgraph=True, dynamic=False)
+            self._final_norm = torch.compile(rms_norm, fullgraph=True, dynamic=False)
             self._attn_out_gu = torch.compile(attention_out_gate_up_shrink, fullgraph=True, dynamic=False)
             self._mlp_down = torch.compile(mlp_down, fullgraph=True, dynamic=False)
         else:
             self._attn_in, self._attn_out, self._head = attention_in, attention_out_mlp, greedy_head
-            self._attn_out_gu, self._mlp_down = attention_out_gate_up_shrink, mlp_down
+            self._attn_out_gu, self._mlp_down, self._final_norm = attention_out_gate_up_shrink, mlp_down, rms_norm
         if not cuda:
             torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         self._session: _Session | None = None
@@ -331,7 +340,10 @@ class PopulationEngine:
                 x = self._mlp_down(x, m.unsqueeze(1), w.w2, lora, cfg, False)
             else:
                 x = self._attn_out(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, w.w2, lora, cfg, fused)
-        nxt = self._head(x[:, 0], d.norm, d.lm_head, cfg.eps)  # [N]
+        if self.head == "triton":  # the logits never reach memory (head_argmax)
+            nxt = fused_head.head_argmax(self._final_norm(x[:, 0], d.norm, cfg.eps), d.lm_head)
+        else:
+            nxt = self._head(x[:, 0], d.norm, d.lm_head, cfg.eps)  # [N]
         nxt = torch.where(s.done, s.pad, nxt)  # finished rows keep padding
         s.out.index_copy_(1, s.step, nxt[:, None])
         s.done.logical_or_((nxt[:, None] == s.eos[None, :]).any(-1))
