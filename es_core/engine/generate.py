@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from es_core.engine.attention import sdpa_decode, triton_available, triton_decode
 from es_core.engine import head_argmax as fused_head
 from es_core.engine import lora_silu
-from es_core.engine.model import Decoder, attention_in, attention_out_gate_up_shrink, attention_out_mlp, greedy_head, mlp_down, rms_norm
+from es_core.engine.model import Decoder, attention_in, attention_out_gate_up_shrink, attention_out_mlp, final_norm, greedy_head, mlp_down
 from es_core.engine.population_lora import PopulationLoRA
 from es_core.lora import LoRATarget, LoRATensors, StackedLoRA
 
@@ -155,12 +155,12 @@ class PopulationEngine:
             self._attn_in = torch.compile(attention_in, fullgraph=True, dynamic=False)
             self._attn_out = torch.compile(attention_out_mlp, fullgraph=True, dynamic=False)
             self._head = torch.compile(greedy_head, fullgraph=True, dynamic=False)
-            self._final_norm = torch.compile(rms_norm, fullgraph=True, dynamic=False)
+            self._final_norm = torch.compile(final_norm, fullgraph=True, dynamic=False)
             self._attn_out_gu = torch.compile(attention_out_gate_up_shrink, fullgraph=True, dynamic=False)
             self._mlp_down = torch.compile(mlp_down, fullgraph=True, dynamic=False)
         else:
             self._attn_in, self._attn_out, self._head = attention_in, attention_out_mlp, greedy_head
-            self._attn_out_gu, self._mlp_down, self._final_norm = attention_out_gate_up_shrink, mlp_down, rms_norm
+            self._attn_out_gu, self._mlp_down, self._final_norm = attention_out_gate_up_shrink, mlp_down, final_norm
         if not cuda:
             torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         self._session: _Session | None = None
@@ -297,18 +297,18 @@ class PopulationEngine:
         for g0 in range(0, s.groups, step_groups):
             g1 = min(g0 + step_groups, s.groups)
             rows = slice(g0 * per, g1 * per)
-            x = F.embedding(ids[rows], d.embed)  # [n, T, D]
+            x, mlp_out = F.embedding(ids[rows], d.embed), None  # [n, T, D]; the residual stream is x + mlp_out
             cos, sin = s.cos[positions[rows]], s.sin[positions[rows]]  # [n, T, hd]
             # causal over real keys; a padding query sees itself only (no fully-masked row, no NaN)
             mask = ((causal[None] & real[rows][:, None, :]) | eye[None])[:, None]  # [n, 1, T, T]
             for i, w in enumerate(d.layers):
                 lora = s.lora.layer(i, g0, g1)
-                q, k, v = attention_in(x, w.attn_norm, w.wqkv, w.bqkv, lora, cos, sin, cfg)
+                x, q, k, v = attention_in(x, mlp_out, w.attn_norm, w.wqkv, w.bqkv, lora, cos, sin, cfg)
                 s.k[i][rows, :, :t] = k
                 s.v[i][rows, :, :t] = v
                 attn = F.scaled_dot_product_attention(q, k.repeat_interleave(grp, 1), v.repeat_interleave(grp, 1), attn_mask=mask)
-                x = attention_out_mlp(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, w.w2, lora, cfg)
-            first[rows] = greedy_head(x[:, -1], d.norm, d.lm_head, cfg.eps)
+                x, mlp_out = attention_out_mlp(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, w.w2, lora, cfg)
+            first[rows] = greedy_head(x[:, -1], mlp_out[:, -1], d.norm, d.lm_head, cfg.eps)
         s.valid.zero_()
         s.valid[:, :t] = real
         s.out.fill_(self.pad_id)
@@ -326,24 +326,24 @@ class PopulationEngine:
         d, cfg = self.decoder, self.decoder.config
         fused = self.lora_kernel == "fused"
         s.valid.index_fill_(1, s.write, True)
-        x = F.embedding(s.tokens, d.embed)[:, None, :]  # [N, 1, D]
+        x, mlp_out = F.embedding(s.tokens, d.embed)[:, None, :], None  # [N, 1, D]; the residual stream is x + mlp_out
         cos, sin = s.cos[s.positions][:, None, :], s.sin[s.positions][:, None, :]  # [N, 1, hd]
         mask = s.valid[:, None, None, :kv_len]  # [N, 1, 1, L]
         for i, w in enumerate(d.layers):
             lora = s.layer_lora[i]
-            q, k, v = self._attn_in(x, w.attn_norm, w.wqkv, w.bqkv, lora, cos, sin, cfg, fused)
+            x, q, k, v = self._attn_in(x, mlp_out, w.attn_norm, w.wqkv, w.bqkv, lora, cos, sin, cfg, fused)
             attn = self._attend(s, i, q, k, v, kv_len, mask)
             if self.lora_kernel == "triton" and lora.gate_up is not None:
                 # the gate/up LoRA inside the SiLU pass (lora_silu): the graph is split around that kernel
                 x, gu, u = self._attn_out_gu(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, lora, cfg, False)
                 m = lora_silu.silu_lora(gu.reshape(s.rows, -1), u, lora.gate_up.b, lora.gate_up.parts, s.rows // s.groups)
-                x = self._mlp_down(x, m.unsqueeze(1), w.w2, lora, cfg, False)
+                mlp_out = self._mlp_down(m.unsqueeze(1), w.w2, lora, cfg, False)
             else:
-                x = self._attn_out(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, w.w2, lora, cfg, fused)
+                x, mlp_out = self._attn_out(x, attn, w.wo, w.bo, w.mlp_norm, w.w13, w.w2, lora, cfg, fused)
         if self.head == "triton":  # the logits never reach memory (head_argmax)
-            nxt = fused_head.head_argmax(self._final_norm(x[:, 0], d.norm, cfg.eps), d.lm_head)
+            nxt = fused_head.head_argmax(self._final_norm(x[:, 0], mlp_out[:, 0], d.norm, cfg.eps), d.lm_head)
         else:
-            nxt = self._head(x[:, 0], d.norm, d.lm_head, cfg.eps)  # [N]
+            nxt = self._head(x[:, 0], mlp_out[:, 0], d.norm, d.lm_head, cfg.eps)  # [N]
         nxt = torch.where(s.done, s.pad, nxt)  # finished rows keep padding
         s.out.index_copy_(1, s.step, nxt[:, None])
         s.done.logical_or_((nxt[:, None] == s.eos[None, :]).any(-1))

@@ -164,10 +164,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def attention_in(x, norm_w, wqkv, bqkv, lora: LayerLoRA, cos, sin, cfg: DecoderConfig, fused: bool = False):
-    """x: [N, T, D] -> q [N, H, T, hd], k and v [N, Hkv, T, hd] (RoPE applied to q and k).
-    `fused`: the LoRA as reductions (population_lora.lora_delta_fused), for torch.compile."""
+def attention_in(x, residual, norm_w, wqkv, bqkv, lora: LayerLoRA, cos, sin, cfg: DecoderConfig, fused: bool = False):
+    """x: [N, T, D] and `residual`, the previous layer's MLP output (None before the first layer),
+    -> the residual stream x + residual, q [N, H, T, hd], k and v [N, Hkv, T, hd] (RoPE applied to q
+    and k). The add is left to this function so that it fuses into the norm's kernel (on an H100 it
+    was a kernel of its own after the down matmul: 3 us per layer). `fused`: the LoRA as
+    reductions (population_lora.lora_delta_fused), for torch.compile."""
     delta = lora_delta_fused if fused else lora_delta
+    if residual is not None:
+        x = x + residual
     n, t, _ = x.shape
     h = rms_norm(x, norm_w, cfg.eps)
     qkv = F.linear(h, wqkv, bqkv)  # [N, T, q_out + 2 kv_out]
@@ -180,17 +185,18 @@ def attention_in(x, norm_w, wqkv, bqkv, lora: LayerLoRA, cos, sin, cfg: DecoderC
     c, s = cos[:, :, None, :], sin[:, :, None, :]  # [N, T, 1, hd]
     q = q * c + rotate_half(q) * s
     k = k * c + rotate_half(k) * s
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return x, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def attention_out_mlp(x, attn, wo, bo, mlp_norm, w13, w2, lora: LayerLoRA, cfg: DecoderConfig, fused: bool = False):
-    """x: [N, T, D] residual, attn: [N, H, T, hd] -> the layer's output [N, T, D]."""
+    """x: [N, T, D] residual, attn: [N, H, T, hd] -> the residual after attention and the MLP's
+    output [N, T, D] (the layer's output is their sum, taken by the next attention_in)."""
     delta = lora_delta_fused if fused else lora_delta
     x, h, gu = attention_out_gate_up(x, attn, wo, bo, mlp_norm, w13, lora, cfg, fused)
     if lora.gate_up is not None:
         gu = gu + delta(h, lora.gate_up)
     gate, up = gu.split([cfg.intermediate, cfg.intermediate], dim=-1)
-    return mlp_down(x, F.silu(gate) * up, w2, lora, cfg, fused)
+    return x, mlp_down(F.silu(gate) * up, w2, lora, cfg, fused)
 
 
 def attention_out_gate_up(x, attn, wo, bo, mlp_norm, w13, lora: LayerLoRA, cfg: DecoderConfig, fused: bool = False):
@@ -213,16 +219,21 @@ def attention_out_gate_up_shrink(x, attn, wo, bo, mlp_norm, w13, lora: LayerLoRA
     return x, gu, lora_shrink(h, lora.gate_up)
 
 
-def mlp_down(x, m, w2, lora: LayerLoRA, cfg: DecoderConfig, fused: bool = False):
-    """The down Linear of the activation m [N, T, I], added to the residual x [N, T, D]."""
+def mlp_down(m, w2, lora: LayerLoRA, cfg: DecoderConfig, fused: bool = False):
+    """The down Linear of the activation m [N, T, I] -> [N, T, D]."""
     delta = lora_delta_fused if fused else lora_delta
     d = F.linear(m, w2)
     if lora.down is not None:
         d = d + delta(m, lora.down)
-    return x + d
+    return d
 
 
-def greedy_head(x, norm_w, lm_head, eps: float) -> torch.Tensor:
-    """x: [N, D] last hidden states -> greedy next token ids [N] (first index on ties, as HF)."""
-    logits = F.linear(rms_norm(x, norm_w, eps), lm_head)  # [N, V]
+def final_norm(x, residual, norm_w, eps: float) -> torch.Tensor:
+    """The last layer's residual stream x + residual [N, D], normed for the head."""
+    return rms_norm(x + residual, norm_w, eps)
+
+
+def greedy_head(x, residual, norm_w, lm_head, eps: float) -> torch.Tensor:
+    """x + residual: [N, D] last hidden states -> greedy next token ids [N] (first index on ties, as HF)."""
+    logits = F.linear(final_norm(x, residual, norm_w, eps), lm_head)  # [N, V]
     return logits.argmax(dim=-1)
