@@ -7,7 +7,10 @@ adapters runs in one pass (`population_lora`); prompts are left-padded (an atten
 cache slots and per-row positions); the whole decode step (all layers, cache writes, argmax, EOS
 bookkeeping) is captured as one CUDA graph per attention-length bucket, so each step costs one
 graph launch and attention reads only the filled part of the cache (rounded up to `bucket`).
-On CPU the same step runs eagerly in float32.
+On CUDA three Triton kernels replace generic ops where the profile showed time to win: decode
+attention over each row's valid slots (`attention`), the gate/up LoRA inside the SiLU pass at rank
+> 2 (`lora_silu`) and the greedy head's matmul + argmax (`head_argmax`). On CPU the same step runs
+eagerly in float32, without them.
 
 The engine knows nothing of text, prompts or PEFT files: token ids in, token ids out.
 """

@@ -5,7 +5,10 @@ outside the weights) and HF's Llama/Qwen2 numerics (RMSNorm in float32, rotate-h
 HF model's own `inv_freq`), so greedy tokens match HF/PEFT on CPU float32. Departures: every
 Linear that carries LoRA takes a population of adapters (`population_lora.lora_delta`); the layer
 is split into two pure functions around the attention so that torch.compile never sees the cache
-mutation (the cache write and SDPA run between them, inside the captured CUDA graph).
+mutation (the cache write and SDPA run between them, inside the captured CUDA graph); the second
+splits again around the SiLU-LoRA kernel where that runs (`attention_out_gate_up_shrink`,
+`mlp_down`). The residual stream is carried as a pair (x, the MLP's output) and summed in the next
+norm, where the add costs no kernel of its own.
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ class Decoder:
         return total
 
 
-# --- the layer, as two pure functions around attention ---------------------------------------
+# --- the layer, as pure functions around attention ---------------------------------------------
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

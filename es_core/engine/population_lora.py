@@ -6,7 +6,7 @@ A and B. A slot whose A and B are zero is the base model.
 
 Fused Linears (q/k/v, gate/up, as in gpt-fast) share one set of slots: the A's of the parts that
 carry LoRA are stacked along the rank ([G, k*w, in], part j in rank block j); B is block-diagonal,
-[G, out, k*w], or compact, [G, out, w] (output o's row of the B of the part that owns o). Two ways
+[G, out, k*w], or compact, [G, out, w] (output o's row of the B of the part that owns o). Three ways
 to apply them:
 - `lora_delta`: batched matmuls, u = x A^T per member, then u B^T (block-diagonal: two bmm per
   fused Linear) or u_j B_j^T per part (compact); any length: the prefill, and the CPU path;
@@ -16,7 +16,9 @@ to apply them:
   rows the bmm pairs cost as much as the base matmuls (cuBLAS on rank-wide operands), and the delta
   of gate/up, as large as that Linear's output, went through memory twice; the reductions win at
   rank 1 and lose at rank 8, where each row re-reads its member's B (w values per output) that a
-  bmm reads once for the member's rows (README, engine benchmark).
+  bmm reads once for the member's rows (README, engine benchmark);
+- `lora_silu.silu_lora` (CUDA, ranks 3-16): the gate/up LoRA's expand inside the SiLU kernel, one
+  tile of a member's compact B per program on tensor cores; the other Linears use bmm pairs.
 The member's scaling (alpha / r) is folded into B when the slots are filled. Slots are cast to the
 model dtype on the device; the adapters themselves stay float32 in files.
 """
