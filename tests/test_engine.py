@@ -246,6 +246,22 @@ def test_default_lora_kernel_follows_the_rank_and_refuses_a_rank_the_silu_kernel
             PopulationEngine(Decoder.from_hf(model), find_targets(model, [0], ["up_proj"]), 17, pad_id=0, eos_ids=[], lora_kernel="triton")
 
 
+def test_a_fused_head_that_cannot_launch_falls_back_to_linear_and_argmax_with_a_warning(tiny_path, monkeypatch):
+    from es_core.engine import generate
+    from es_core.engine import head_argmax as fused_head
+
+    decoder = Decoder.from_hf(load_causal_lm(tiny_path, "float32", "cpu"))
+
+    def refuse(x, w):
+        raise RuntimeError("out of resources: shared memory, required: 180000, hardware limit: 101376\nmore")
+
+    monkeypatch.setattr(fused_head, "head_argmax", refuse)
+    with pytest.warns(RuntimeWarning, match="does not run on cpu .*RuntimeError: out of resources.*F.linear"):
+        assert generate._probe_head(decoder) == "torch"
+    monkeypatch.setattr(fused_head, "head_argmax", lambda x, w: (x @ w.T).argmax(-1))
+    assert generate._probe_head(decoder) == "triton"
+
+
 @pytest.mark.skipif(not (lora_silu.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")),
                     reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU")
 @pytest.mark.parametrize("heads_per_program,block_l", [(1, 32), (2, 32), (2, 16)])
@@ -260,7 +276,7 @@ def test_triton_decode_attention_equals_sdpa_in_float32_for_each_launch(heads_pe
     slots = torch.arange(length, device=dev)
     mask = ((slots[None] >= start[:, None]) & (slots[None] <= write))[:, None, None, :]
     want = sdpa_decode(q, k, v, mask)
-    launch = dict(heads_per_program=heads_per_program, block_l=block_l)
+    launch = {"heads_per_program": heads_per_program, "block_l": block_l}
     got = triton_decode(q, k.clone(), v.clone(), start, torch.tensor([write], device=dev), **launch)
     assert torch.allclose(got, want, atol=1e-5)
     k_new, v_new = k[:, :, write].clone(), v[:, :, write].clone()

@@ -11,9 +11,10 @@ from es_core.engine.head_argmax import head_argmax, head_argmax_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 runs = fused_head.triton is not None and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-pytestmark = pytest.mark.skipif(not runs, reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU")
+needs_triton = pytest.mark.skipif(not runs, reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU")
 
 
+@needs_triton
 @pytest.mark.parametrize("rows,dim,vocab", [(5, 32, 100), (37, 48, 1000)])
 def test_head_argmax_equals_linear_then_argmax_in_float32_ties_to_the_lowest_index(rows, dim, vocab):
     g = torch.Generator().manual_seed(rows)
@@ -28,6 +29,7 @@ def test_head_argmax_equals_linear_then_argmax_in_float32_ties_to_the_lowest_ind
     assert got[0].item() == 7
 
 
+@needs_triton
 @pytest.mark.skipif(DEVICE != "cuda", reason="Triton's CPU interpreter reads bfloat16 as raw bits")
 def test_head_argmax_in_bf16_picks_a_maximal_logit_of_the_default_launch():
     g = torch.Generator().manual_seed(0)
@@ -42,6 +44,20 @@ def test_head_argmax_in_bf16_picks_a_maximal_logit_of_the_default_launch():
     assert (got == head_argmax_reference(x, w)).float().mean() > 0.99
 
 
+@needs_triton
 def test_head_argmax_refuses_mixed_dtypes():
     with pytest.raises(ValueError, match="one dtype"):
         head_argmax(torch.zeros(2, 4, device=DEVICE), torch.zeros(3, 4, device=DEVICE, dtype=torch.float64))
+
+
+def test_head_launch_shrinks_to_the_gpus_shared_memory():
+    from es_core.engine.head_argmax import default_launch
+
+    def need(launch, size):
+        return (launch["block_m"] + launch["block_n"]) * launch["block_k"] * size * launch["num_stages"]
+
+    assert default_launch(torch.bfloat16, 232448) == default_launch(torch.bfloat16)  # an H100 keeps the measured tiles
+    for smem in (166912, 101376, 49152):  # A100, consumer GPUs, a small budget
+        launch = default_launch(torch.bfloat16, smem)
+        assert 1.15 * need(launch, 2) <= smem and launch["num_stages"] >= 2
+        assert 1.15 * need(default_launch(torch.float32, smem), 4) <= smem

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -111,6 +112,20 @@ def _default_lora_kernel(compiled: bool, rank: int) -> str:
     return "triton" if lora_silu.triton is not None and rank <= SILU_MAX_RANK else "bmm"
 
 
+def _probe_head(decoder: Decoder) -> str:
+    """"triton" if head_argmax compiles and launches on this GPU, else "torch" with a warning: its
+    launch is sized to the GPU's shared memory, but a GPU it never ran on may still refuse it, and
+    a greedy head that falls back is better than a run that fails at its first decode step."""
+    try:
+        fused_head.head_argmax(torch.zeros(2, decoder.config.hidden, dtype=decoder.dtype, device=decoder.device), decoder.lm_head)
+        return "triton"
+    except Exception as exc:  # noqa: BLE001 - Triton's compile and launch errors have no common base
+        first = (str(exc).splitlines() or [""])[0][:200]
+        warnings.warn(f"the fused greedy head does not run on {decoder.device} ({type(exc).__name__}: {first}); "
+                      "using F.linear + argmax", RuntimeWarning, stacklevel=3)
+        return "torch"
+
+
 class PopulationEngine:
     """Greedy completions of token-id prompts under a population of LoRA members, batched.
 
@@ -153,6 +168,8 @@ class PopulationEngine:
         if head == "triton" and not (cuda and fused_head.triton is not None):
             raise ValueError("head='triton' needs CUDA and Triton")
         self.head = ("triton" if cuda and fused_head.triton is not None else "torch") if head == "auto" else head
+        if head == "auto" and self.head == "triton":
+            self.head = _probe_head(decoder)
         if self.compiled:
             _raise_recompile_limit(64)
             self._attn_in = torch.compile(attention_in, fullgraph=True, dynamic=False)

@@ -11,6 +11,8 @@ overall).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:  # Triton ships with CUDA builds of torch
@@ -52,14 +54,37 @@ if triton is not None:
         tl.store(PI + offs_m * s_pm + pid_n, index, mask=rmask)
 
 
-def default_launch(dtype: torch.dtype) -> dict:
+def default_launch(dtype: torch.dtype, shared_memory: int | None = None) -> dict:
     """H100, 1,024 rows, bf16 (timed in a CUDA graph against compiled F.linear + argmax): tiles of
     128 x 256 x 64, 8 warps, 3 stages: 519 vs 571 us at the 0.5B shape (vocabulary 151,936), 797 vs
     827 us at 1.5B, 152 vs 163 us at SmolLM2; 128 x 128 tiles lost at 1.5B (906 us). float32 tiles
-    are smaller to fit shared memory (the CUDA tests' tiny models)."""
+    are smaller to fit shared memory (the CUDA tests' tiny models). Given a GPU's shared memory per
+    block (bytes), fewer stages, then narrower tiles, until the operand buffers fit with a margin
+    (an A100 has 164 KiB, consumer GPUs about 100 KiB; the H100 default needs 144 KiB)."""
     if dtype == torch.float32:
-        return {"block_m": 64, "block_n": 128, "block_k": 32, "num_warps": 4, "num_stages": 2}
-    return {"block_m": 128, "block_n": 256, "block_k": 64, "num_warps": 8, "num_stages": 3}
+        launch = {"block_m": 64, "block_n": 128, "block_k": 32, "num_warps": 4, "num_stages": 2}
+    else:
+        launch = {"block_m": 128, "block_n": 256, "block_k": 64, "num_warps": 8, "num_stages": 3}
+    if shared_memory is None:
+        return launch
+    size = 4 if dtype == torch.float32 else 2
+
+    def fits() -> bool:  # 15% for the reduction's scratch and layout conversions
+        return 1.15 * (launch["block_m"] + launch["block_n"]) * launch["block_k"] * size * launch["num_stages"] <= shared_memory
+
+    for key, least in (("num_stages", 2), ("block_n", 64), ("block_m", 32), ("block_k", 16)):
+        while not fits() and launch[key] > least:
+            launch[key] = launch[key] - 1 if key == "num_stages" else launch[key] // 2
+    return launch
+
+
+@functools.cache
+def _shared_memory(device: torch.device) -> int | None:
+    """The opt-in shared memory per block of a CUDA device in bytes (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None) or 99 * 1024
 
 
 def head_argmax(x: torch.Tensor, w: torch.Tensor, block_m: int | None = None, block_n: int | None = None,
@@ -69,7 +94,7 @@ def head_argmax(x: torch.Tensor, w: torch.Tensor, block_m: int | None = None, bl
     if x.stride(-1) != 1 or w.stride(-1) != 1 or x.dtype != w.dtype:
         raise ValueError("head_argmax needs x and w of one dtype with the last dimension contiguous")
     given = {"block_m": block_m, "block_n": block_n, "block_k": block_k, "num_warps": num_warps, "num_stages": num_stages}
-    launch = default_launch(x.dtype) | {k: v for k, v in given.items() if v is not None}
+    launch = default_launch(x.dtype, _shared_memory(x.device)) | {k: v for k, v in given.items() if v is not None}
     block_m, block_n, block_k = launch["block_m"], launch["block_n"], launch["block_k"]
     m, k = x.shape
     n = w.shape[0]
