@@ -1,9 +1,9 @@
 """Decode attention: one new query per row over its own slice of a left-padded static KV cache.
 
 A Triton kernel in the style of flash-decoding (Dao et al.) / gpt-fast's decode path, without the
-split over the sequence: one program per row and KV head (or pair of KV heads, one after the other)
-streams the head's keys and values once with an online softmax, the grouped query heads sharing the KV head as the rows of one small
-`tl.dot` (no repeat_kv copy). Each row reads only its valid slots [start, end): the left padding
+split over the sequence: one program per row and KV head (or pair of KV heads, one after the
+other) streams the head's keys and values once with an online softmax, the grouped query heads
+sharing the KV head as the rows of one small `tl.dot` (no repeat_kv copy). Each row reads only its valid slots [start, end): the left padding
 and the unwritten tail of the cache are skipped, so no mask and no per-step shape change (one CUDA
 graph serves every step). `end` is read from a device tensor inside the kernel for that reason.
 

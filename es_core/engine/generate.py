@@ -99,7 +99,7 @@ class _Session:
 
 
 FUSED_MAX_RANK = 2  # H100, 1,024 rows: fused reductions beat the bmm pairs at rank 1, lost at rank 8
-SILU_MAX_RANK = lora_silu.MAX_WIDTH  # silu_lora reads a member's B as one tile of the (padded) rank
+SILU_MAX_RANK = lora_silu.MAX_WIDTH  # silu_lora reads a member's B as one tile of the rank (padded to 8 or 16)
 
 
 def _default_lora_kernel(compiled: bool, rank: int) -> str:
@@ -160,16 +160,14 @@ class PopulationEngine:
             raise ValueError(f"lora_kernel must be auto, fused, bmm or triton (got {lora_kernel!r})")
         if lora_kernel == "triton" and lora_silu.triton is None:
             raise ValueError("lora_kernel='triton' needs Triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
-        if lora_kernel == "triton" and -(-self.rank // 8) * 8 > SILU_MAX_RANK:
+        if lora_kernel == "triton" and self.rank > SILU_MAX_RANK:
             raise ValueError(f"lora_kernel='triton' takes rank <= {SILU_MAX_RANK} (got {self.rank})")
         self.lora_kernel = _default_lora_kernel(self.compiled, self.rank) if lora_kernel == "auto" else lora_kernel
         if head not in ("auto", "triton", "torch"):
             raise ValueError(f"head must be auto, triton or torch (got {head!r})")
-        if head == "triton" and not (cuda and fused_head.triton is not None):
+        if head == "triton" and not triton_available(decoder.device):
             raise ValueError("head='triton' needs CUDA and Triton")
-        self.head = ("triton" if cuda and fused_head.triton is not None else "torch") if head == "auto" else head
-        if head == "auto" and self.head == "triton":
-            self.head = _probe_head(decoder)
+        self.head = (_probe_head(decoder) if triton_available(decoder.device) else "torch") if head == "auto" else head
         if self.compiled:
             _raise_recompile_limit(64)
             self._attn_in = torch.compile(attention_in, fullgraph=True, dynamic=False)

@@ -68,10 +68,10 @@ def lora_shrink(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
 def lora_delta(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
     """h: [N, T, in] -> [N, T, out] with batched matmuls (N = G * R): two in all when B is
     block-diagonal ([G, out, k*w]), one per part when it is compact."""
-    n, t, d_in = h.shape
-    a, b = group.a, group.b
-    g, out, w = a.shape[0], b.shape[1], b.shape[2]
-    u = torch.bmm(h.reshape(g, (n // g) * t, d_in), a.transpose(1, 2))  # [G, R*T, k*w]
+    n, t, _ = h.shape
+    b = group.b
+    g, out, w = b.shape[0], b.shape[1], b.shape[2]
+    u = lora_shrink(h, group).view(g, (n // g) * t, -1)  # [G, R*T, k*w]
     if not group.compact or len(group.parts) == 1 and group.parts[0][1:] == (0, out):
         return torch.bmm(u, b.transpose(1, 2)).reshape(n, t, out)
     delta = _by_part(u, group.parts, out, lambda j, first, size: torch.bmm(u[:, :, j * w:(j + 1) * w], b[:, first:first + size].transpose(1, 2)))
