@@ -5,12 +5,19 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ES_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# The Triton kernels (attention, SiLU-LoRA, greedy head) run on CUDA, or on CPU under Triton's
+# interpreter (TRITON_INTERPRET=1 with triton installed); CI's CPU has neither and skips them.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_KERNELS_RUN = importlib.util.find_spec("triton") is not None and (KERNEL_DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+needs_triton_kernels = pytest.mark.skipif(not TRITON_KERNELS_RUN, reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from es_core.engine.population_lora import PopulationLoRA, lora_delta, lora_delt
 from es_core.lora import AdapterError, LoRATarget, LoRATensors, StackedLoRA, find_targets, init_center, save_adapter, spec_from_tensors
 from es_core.models import load_causal_lm, load_tokenizer, resolve_base_model
 from es_core.settings import ModelSettings, settings_from_dict
+from tests.conftest import needs_triton_kernels
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TEXTS = [
@@ -262,8 +263,7 @@ def test_a_fused_head_that_cannot_launch_falls_back_to_linear_and_argmax_with_a_
     assert generate._probe_head(decoder) == "triton"
 
 
-@pytest.mark.skipif(not (lora_silu.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")),
-                    reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU")
+@needs_triton_kernels
 @pytest.mark.parametrize("heads_per_program,block_l", [(1, 32), (2, 32), (2, 16)])
 def test_triton_decode_attention_equals_sdpa_in_float32_for_each_launch(heads_per_program, block_l):
     from es_core.engine.attention import sdpa_decode, triton_decode

@@ -1,17 +1,12 @@
 """The greedy head's fused matmul + argmax against F.linear + argmax: on CUDA, or on CPU under
 Triton's interpreter (TRITON_INTERPRET=1 with triton installed); skipped where neither runs."""
 
-import os
-
 import pytest
 import torch
 
-from es_core.engine import head_argmax as fused_head
 from es_core.engine.head_argmax import head_argmax, head_argmax_reference
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-runs = fused_head.triton is not None and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-needs_triton = pytest.mark.skipif(not runs, reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU")
+from tests.conftest import KERNEL_DEVICE as DEVICE
+from tests.conftest import needs_triton_kernels as needs_triton
 
 
 @needs_triton

@@ -1,19 +1,16 @@
 """The gate/up SiLU-with-LoRA kernel against its reference: on CUDA, or on CPU under Triton's
 interpreter (TRITON_INTERPRET=1 with triton installed); skipped where neither runs."""
 
-import os
-
 import pytest
 import torch
 
-from es_core.engine import lora_silu
 from es_core.engine.lora_silu import silu_lora, silu_lora_reference
 from es_core.engine.population_lora import PopulationLoRA
 from es_core.lora import LoRATarget, StackedLoRA
+from tests.conftest import KERNEL_DEVICE as DEVICE
+from tests.conftest import needs_triton_kernels
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-runs = lora_silu.triton is not None and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-pytestmark = pytest.mark.skipif(not runs, reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU")
+pytestmark = needs_triton_kernels
 
 
 def population(members: int, d_in: int, inter: int, rank: int, modules: tuple[str, ...], dtype):
