@@ -14,9 +14,9 @@ import itertools
 
 import torch
 
+from benchmarks.gpu_peaks import gpu_peaks
 from es_core.engine.attention import default_launch, sdpa_decode, triton_decode
 
-H100_BANDWIDTH = 3.35e12
 SHAPES = {"smollm2-135m": (3, 3, 64), "qwen2.5-0.5b": (2, 7, 64), "qwen2.5-1.5b": (2, 6, 128)}  # kv heads, q per kv, head dim
 
 
@@ -53,8 +53,11 @@ def main() -> None:
     p.add_argument("--write-at", type=int, default=400, help="the new token's slot: each row attends to start..write-at")
     p.add_argument("--cache-len", type=int, default=448)
     p.add_argument("--no-sweep", action="store_true", help="the default launch only")
+    p.add_argument("--bandwidth", type=float, default=None, help="peak memory bandwidth, bytes/s (default: the GPU's datasheet)")
     args = p.parse_args()
     dev = torch.device("cuda")
+    peaks = gpu_peaks(dev, args.bandwidth)
+    print(f"{torch.cuda.get_device_name(dev)}; peak: {peaks.describe()}")
     g = torch.Generator(device="cpu").manual_seed(0)
     rows, cache_len, write_at = args.rows, args.cache_len, args.write_at
     for name, (hkv, grp, hd) in SHAPES.items():
@@ -73,7 +76,7 @@ def main() -> None:
         def report(out, fn) -> str:
             err = (out.float() - ref.float()).abs().max().item()
             t = timed(fn)
-            return f"{t * 1e6:6.1f} us  {valid_bytes / t / 1e12:.2f} TB/s ({100 * valid_bytes / t / H100_BANDWIDTH:.0f}% of peak)  max err {err:.3g}"
+            return f"{t * 1e6:6.1f} us  {valid_bytes / t / 1e12:.2f} TB/s ({100 * valid_bytes / t / peaks.bandwidth:.0f}% of peak)  max err {err:.3g}"
         print(f"  default {default_launch(hkv, hd)}: {report(triton_decode(q, k, v, start, write), lambda: triton_decode(q, k, v, start, write))}")
         for block_l, warps, stages, heads in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3), (1, 2)):
             if hkv % heads or args.no_sweep:

@@ -39,8 +39,8 @@ from es_core.lora import find_targets, init_center, save_adapter, spec_from_tens
 from es_core.models import load_causal_lm, load_tokenizer, resolve_base_model, resolve_device
 from es_core.settings import DEFAULT_LORA_MODULES, ModelSettings
 
-H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3 datasheet
-H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM datasheet (dense)
+from benchmarks.gpu_peaks import Peaks, gpu_peaks
+
 MODELS = ["smollm2-135m", "qwen2.5-0.5b-random", "qwen2.5-1.5b-random"]
 
 
@@ -80,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=os.environ.get("ES_MODEL_CACHE", str(Path(tempfile.gettempdir()) / "es-models")))
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write all rows here")
+    p.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth of the roofline, bytes/s (default: the GPU's datasheet)")
+    p.add_argument("--bf16-flops", type=float, default=None, help="dense bf16 FLOP/s of the FLOP floor (default: the GPU's datasheet)")
+    p.add_argument("--summarize", nargs="+", metavar="JSON", help="print the table of rows saved by earlier runs' --json "
+                   "(for example --methods d and --methods a,c run as two GPU commands), run nothing")
     args = p.parse_args(argv)
+    if args.summarize:
+        print_summary([Row(**row) for path in args.summarize for row in json.loads(Path(path).read_text())], torch.device("cuda"))
+        return 0
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         p.error(f"unknown --variants {sorted(unknown)} (choose from {', '.join(VARIANTS)})")
@@ -91,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args.peaks = gpu_peaks(device, args.bandwidth, args.bf16_flops)
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, dtype {dtype}", flush=True)
+          f"torch {torch.__version__}, dtype {dtype}; roofline ceilings {args.peaks.describe()}", flush=True)
     results: list[Row] = []
     methods = set(args.methods.split(","))
     models = args.models.split(",")
@@ -171,13 +179,14 @@ def bench_model(name: str, args, device, methods: set[str], memory_check: bool) 
         for rank in ranks:
             members = make_members(targets, rank, args.members)
             for variant in args.variants.split(","):
-                out.append(bench_engine(name, decoder, targets, rank, members, ids, args.new_tokens, device, variant, tokenizer.pad_token_id))
+                out.append(bench_engine(name, decoder, targets, rank, members, ids, args.new_tokens, device, variant, tokenizer.pad_token_id, args.peaks))
                 report(out[-1])
                 if args.profile:
-                    profile_engine(decoder, targets, rank, members, ids, device, tokenizer.pad_token_id, variant)
+                    profile_engine(decoder, targets, rank, members, ids, device, tokenizer.pad_token_id, args.peaks, variant)
         if memory_check:
             members = make_members(targets, 8, 64)
-            out.append(bench_engine(name, decoder, targets, 8, members, ids, args.new_tokens, device, "compile", tokenizer.pad_token_id, tag="memory-check"))
+            out.append(bench_engine(name, decoder, targets, 8, members, ids, args.new_tokens, device, "compile", tokenizer.pad_token_id, args.peaks,
+                                    tag="memory-check"))
             report(out[-1])
     if "c" in methods:
         out.append(bench_hf_static(name, model, tokenizer, texts, args.members, args.new_tokens, device))
@@ -241,7 +250,7 @@ def variant_engine(variant: str, decoder, targets, rank: int, members: list, pro
     return engine, members
 
 
-def bench_engine(name, decoder, targets, rank, members, ids, new_tokens, device, variant, pad_id, tag="") -> Row:
+def bench_engine(name, decoder, targets, rank, members, ids, new_tokens, device, variant, pad_id, peaks: Peaks, tag="") -> Row:
     _reset_peak(device)
     engine, members = variant_engine(variant, decoder, targets, rank, members, len(ids), pad_id)
     scal = 2.0  # alpha = 2 r
@@ -257,7 +266,7 @@ def bench_engine(name, decoder, targets, rank, members, ids, new_tokens, device,
     st = engine.stats
     rows = len(members) * len(ids)
     decode_tok_s = rows * st.decode_steps / st.decode_s if st.decode_s else 0.0
-    roof = roofline(decoder, engine, ids, new_tokens, len(members))
+    roof = roofline(decoder, engine, ids, new_tokens, len(members), peaks)
     extra = {
         "variant": variant, "tag": tag, "first_call_s": first, "setup_s": setup, "prefill_s": st.prefill_s, "decode_s": st.decode_s,
         "load_members_s": st.load_s, "decode_tok_s": decode_tok_s, "decode_step_ms": 1e3 * st.decode_s / max(1, st.decode_steps), **roof,
@@ -270,12 +279,11 @@ def bench_engine(name, decoder, targets, rank, members, ids, new_tokens, device,
     return row
 
 
-def roofline(decoder: Decoder, engine: PopulationEngine, ids, new_tokens: int, n_members: int) -> dict:
+def roofline(decoder: Decoder, engine: PopulationEngine, ids, new_tokens: int, n_members: int, peaks: Peaks) -> dict:
     """Bytes a decode step must read (weights once, the members' A and B, the KV cache of every
-    row up to its current length), averaged over the decode steps, over the memory bandwidth;
-    and the FLOP floor beside it."""
+    row up to its current length), averaged over the decode steps, over the GPU's memory bandwidth;
+    and the FLOP floor beside it, at its dense bf16 rate."""
     cfg = decoder.config
-    el = decoder.embed.element_size()
     weights = decoder.num_parameter_bytes()
     # the members' A and B at their own rank, B compact: the bytes any kernel must read (the engine's
     # zero padding of rank 1 to 8 for cuBLAS is its own cost, not the roofline's)
@@ -283,26 +291,37 @@ def roofline(decoder: Decoder, engine: PopulationEngine, ids, new_tokens: int, n
                           pad_rank_to=1, compact=True)
     lora._allocate(n_members)
     lora_bytes = lora.bytes_per_step()
-    kv_per_token = 2 * cfg.n_layers * cfg.kv_out * el
+    kv_per_token = kv_bytes_per_token(decoder)
     steps = max(1, new_tokens - 1)
     real = sum(len(i) for i in ids) * n_members  # prompt tokens over all rows
     rows = n_members * len(ids)
     mean_ctx_tokens = real + rows * (1 + steps) / 2  # cache entries read per step, averaged
     kv_bytes = kv_per_token * mean_ctx_tokens
     step_bytes = weights + lora_bytes + kv_bytes
-    t_mem = step_bytes / H100_BANDWIDTH
-    matmul_params = sum(w.wqkv.numel() + w.wo.numel() + w.w13.numel() + w.w2.numel() for w in decoder.layers) + decoder.lm_head.numel()
-    flops = 2 * rows * matmul_params + rows * lora.flops_per_row() + 4 * mean_ctx_tokens * cfg.n_layers * cfg.q_out
-    t_flop = flops / H100_BF16_DENSE
+    t_mem = step_bytes / peaks.bandwidth
+    flops = 2 * rows * matmul_params(decoder) + rows * lora.flops_per_row() + 4 * mean_ctx_tokens * cfg.n_layers * cfg.q_out
+    t_flop = flops / peaks.bf16_dense
     return {
         "weights_gb": weights / 1e9, "lora_gb": lora_bytes / 1e9, "kv_gb_per_step": kv_bytes / 1e9,
         "roofline_step_ms": 1e3 * t_mem, "roofline_tok_s": rows / t_mem, "flop_floor_step_ms": 1e3 * t_flop,
     }
 
 
-def profile_engine(decoder, targets, rank, members, ids, device, pad_id, variant: str = "compile") -> None:
+def kv_bytes_per_token(decoder: Decoder) -> int:
+    """K and V of one cache slot over all layers."""
+    cfg = decoder.config
+    return 2 * cfg.n_layers * cfg.kv_out * decoder.embed.element_size()
+
+
+def matmul_params(decoder: Decoder) -> int:
+    """Weights of the dense matmuls of one token (every layer's Linears and the head)."""
+    return sum(w.wqkv.numel() + w.wo.numel() + w.w13.numel() + w.w2.numel() for w in decoder.layers) + decoder.lm_head.numel()
+
+
+def profile_engine(decoder, targets, rank, members, ids, device, pad_id, peaks: Peaks, variant: str = "compile") -> None:
     """Kernel times of (d)'s decode step (compiled unless the variant is eager or graphs) launched
-    without a graph, decode steps only, at the middle of the 256 tokens."""
+    without a graph, decode steps only, at the middle of the 256 tokens; the matmuls against their
+    FLOP floor and the attention against its KV-read floor, at the GPU's ceilings."""
     if device.type != "cuda":
         return
     from torch.profiler import ProfilerActivity, profile
@@ -334,6 +353,14 @@ def profile_engine(decoder, targets, rank, members, ids, device, pad_id, variant
                 "triton (fused)" if n.startswith("triton") else "other")
         groups[kind] = groups.get(kind, 0.0) + t
     print("per decode step (us): " + ", ".join(f"{k} {v / steps:,.0f}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])), flush=True)
+    # the profiled steps read slots start..write (write advanced from t_pad + 129 over `steps` steps)
+    slots = float((t_pad + 129 + (steps - 1) / 2 - s.start.double()).sum().item())
+    gemm_floor = 2 * s.rows * matmul_params(decoder) / peaks.bf16_dense * 1e6
+    attn_floor = kv_bytes_per_token(decoder) * slots / peaks.bandwidth * 1e6
+    gemm, attn = groups.get("gemm", 0.0) / steps, groups.get("attention", 0.0) / steps
+    print(f"floors ({peaks.describe()}): dense matmuls {gemm_floor:,.0f} us (the gemm kernels at {100 * gemm_floor / max(gemm, 1e-9):.0f}% of it), "
+          f"attention's KV reads {attn_floor:,.0f} us (attention at {100 * attn_floor / max(attn, 1e-9):.0f}%); "
+          f"their sum {gemm_floor + attn_floor:,.0f} us", flush=True)
     engine.close()
 
 
@@ -452,7 +479,7 @@ def print_summary(rows: list[Row], device) -> None:
                   f"{100 * d.extra['roofline_fraction']:.0f}% ({d.extra['decode_step_ms']:.2f} vs {d.extra['roofline_step_ms']:.2f} ms/step) | "
                   f"{100 * d.extra['floor_fraction']:.0f}% | {d.peak_gib:.1f} |")
     if device.type != "cuda":
-        print("(CPU: the roofline uses the H100 figures and means nothing here)")
+        print("(CPU: the roofline uses the H100 SXM's figures and means nothing here)")
 
 
 if __name__ == "__main__":

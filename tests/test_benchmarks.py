@@ -1,0 +1,45 @@
+"""The benchmark scripts' own arithmetic: the GPU ceilings a roofline divides by, and the table
+rebuilt from rows two GPU commands saved (the committed H200 run)."""
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_engine
+from benchmarks.gpu_peaks import peaks_of
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "h200-2026-12-01"
+
+
+@pytest.mark.parametrize("name,bandwidth,flops", [
+    ("NVIDIA H200", 4.8e12, 989e12),
+    ("NVIDIA H100 80GB HBM3", 3.35e12, 989e12),
+    ("NVIDIA H100 PCIe", 2.0e12, 756e12),
+    ("NVIDIA H100 NVL", 3.9e12, 835e12),
+    ("NVIDIA A100-SXM4-80GB", 2.039e12, 312e12),
+    ("NVIDIA A100-SXM4-40GB", 1.555e12, 312e12),
+])
+def test_each_gpu_gets_its_own_datasheet_ceilings(name, bandwidth, flops):
+    peaks = peaks_of(name)
+    assert (peaks.bandwidth, peaks.bf16_dense) == (bandwidth, flops)
+    assert "datasheet" in peaks.name and "given" not in peaks.name
+
+
+def test_an_unknown_gpu_says_whose_figures_it_got_and_given_values_win():
+    unknown = peaks_of("NVIDIA RTX 9090")
+    assert unknown.bandwidth == 3.35e12 and "NVIDIA RTX 9090 not in the table" in unknown.name
+    given = peaks_of("NVIDIA H200", bandwidth=4.3e12)
+    assert (given.bandwidth, given.bf16_dense) == (4.3e12, 989e12)
+    assert given.name.endswith("given: bandwidth")
+    both = peaks_of("NVIDIA H200", bandwidth=4.3e12, bf16_flops=7e14)
+    assert both.bf16_dense == 7e14 and both.name.endswith("given: bandwidth and bf16 rate")
+
+
+def test_summarize_joins_the_engine_rows_of_one_command_with_peft_and_hf_rows_of_another(capsys):
+    assert bench_engine.main(["--summarize", str(RESULTS / "engine-d.json"), str(RESULTS / "engine-ac.json")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| qwen2.5-0.5b-random | 1 |")]
+    assert len(lines) == 1
+    cells = [c.strip() for c in lines[0].strip("|").split("|")]
+    # (a) 401 tok/s and (c) 35,308 tok/s from the second file, (d) 150,320 tok/s from the first
+    assert cells[2:8] == ["401", "-", "35,308", "150,320", "375.2x", "4.26x"]
+    assert cells[8].startswith("23% (4.02 vs 0.91 ms/step)")
