@@ -25,16 +25,16 @@ class Peaks:
 
 # (substring of torch.cuda.get_device_name, the part's label, bytes/s, FLOP/s); first match wins,
 # so the PCIe and NVL variants come before the plain name
+H100_SXM = ("H100", "H100 SXM datasheet", 3.35e12, 989e12)  # where the issue's targets were set; the default
 DATASHEET = (
     ("H200", "H200 SXM datasheet", 4.8e12, 989e12),
     ("H100 PCIe", "H100 PCIe datasheet", 2.0e12, 756e12),
     ("H100 NVL", "H100 NVL datasheet", 3.9e12, 835e12),
-    ("H100", "H100 SXM datasheet", 3.35e12, 989e12),
+    H100_SXM,
     ("A100-SXM4-80GB", "A100 80GB SXM datasheet", 2.039e12, 312e12),
     ("A100", "A100 40GB datasheet", 1.555e12, 312e12),
     ("L40S", "L40S datasheet", 0.864e12, 362e12),
 )
-DEFAULT = DATASHEET[3]  # the H100 SXM: what the issue's targets were set on
 
 
 def gpu_peaks(device: torch.device, bandwidth: float | None = None, bf16_flops: float | None = None) -> Peaks:
@@ -46,9 +46,9 @@ def peaks_of(gpu: str, bandwidth: float | None = None, bf16_flops: float | None 
     """The datasheet ceilings of the GPU named `gpu` (as CUDA names it), each replaced by the given
     value where one is given. A GPU not in the table gets the H100 SXM's figures, named as such."""
     match = next((row for row in DATASHEET if row[0] in gpu), None)
-    _, label, bw, flops = match or DEFAULT
+    _, label, bw, flops = match or H100_SXM
     if match is None:
-        label = f"{gpu} not in the table: {DEFAULT[1]}"
+        label = f"{gpu} not in the table: {H100_SXM[1]}"
     given = [what for what, value in (("bandwidth", bandwidth), ("bf16 rate", bf16_flops)) if value]
     if given:
         label = f"{label}, given: {' and '.join(given)}"
