@@ -86,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
                    "(for example --methods d and --methods a,c run as two GPU commands), run nothing")
     args = p.parse_args(argv)
     if args.summarize:
-        print_summary([Row(**row) for path in args.summarize for row in json.loads(Path(path).read_text())], torch.device("cuda"))
+        rows = []
+        for path in args.summarize:
+            try:
+                rows += [Row(**row) for row in json.loads(Path(path).read_text())]
+            except (OSError, ValueError, TypeError) as exc:  # missing, not JSON, not rows of --json
+                p.error(f"--summarize {path}: not a file of --json rows ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        print_summary(rows, torch.device("cuda"))
         return 0
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:

@@ -43,3 +43,17 @@ def test_summarize_joins_the_engine_rows_of_one_command_with_peft_and_hf_rows_of
     # (a) 401 tok/s and (c) 35,308 tok/s from the second file, (d) 150,320 tok/s from the first
     assert cells[2:8] == ["401", "-", "35,308", "150,320", "375.2x", "4.26x"]
     assert cells[8].startswith("23% (4.02 vs 0.91 ms/step)")
+
+
+@pytest.mark.parametrize("content", [None, "not json", '[{"model": "x"}]'])
+def test_summarize_refuses_a_missing_or_foreign_file_in_one_line(tmp_path, capsys, content):
+    path = tmp_path / "rows.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        bench_engine.main(["--summarize", str(path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # argparse prints its usage, then the error on one line
+    assert f": error: --summarize {path}: not a file of --json rows (" in err[-1]
+    assert sum(": error:" in line for line in err) == 1
