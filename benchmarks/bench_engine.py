@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += [Row(**row) for row in json.loads(Path(path).read_text())]
             except (OSError, ValueError, TypeError) as exc:  # missing, not JSON, not rows of --json
                 p.error(f"--summarize {path}: not a file of --json rows ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-        print_summary(rows, torch.device("cuda"))
+        print_summary(rows, on_cpu=False)
         return 0
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         results += bench_model(name, args, device, methods, memory_check=args.memory_check and name == models[-1])
         if args.json:
             Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
-    print_summary(results, device)
+    print_summary(results, on_cpu=device.type != "cuda")
     print(f"\nwall time of the whole run (compile and warm-up included): {time.perf_counter() - t_start:.1f} s")
     return 0
 
@@ -342,6 +342,7 @@ def profile_engine(decoder, targets, rank, members, ids, device, pad_id, peaks: 
         s.step.fill_(1)
         engine._decode_step(s, s.cache_len)
         torch.cuda.synchronize()
+        first_write = int(s.write.item())  # the slot of the first profiled step's new token
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 engine._decode_step(s, s.cache_len)
@@ -359,8 +360,8 @@ def profile_engine(decoder, targets, rank, members, ids, device, pad_id, peaks: 
                 "triton (fused)" if n.startswith("triton") else "other")
         groups[kind] = groups.get(kind, 0.0) + t
     print("per decode step (us): " + ", ".join(f"{k} {v / steps:,.0f}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])), flush=True)
-    # the profiled steps read slots start..write (write advanced from t_pad + 129 over `steps` steps)
-    slots = float((t_pad + 129 + (steps - 1) / 2 - s.start.double()).sum().item())
+    # a step writing slot w reads the cache slots start..w-1; w ran from first_write over `steps` steps
+    slots = float((first_write + (steps - 1) / 2 - s.start.double()).sum().item())
     gemm_floor = 2 * s.rows * matmul_params(decoder) / peaks.bf16_dense * 1e6
     attn_floor = kv_bytes_per_token(decoder) * slots / peaks.bandwidth * 1e6
     gemm, attn = groups.get("gemm", 0.0) / steps, groups.get("attention", 0.0) / steps
@@ -463,7 +464,7 @@ def report(r: Row) -> None:
     print(line, flush=True)
 
 
-def print_summary(rows: list[Row], device) -> None:
+def print_summary(rows: list[Row], on_cpu: bool) -> None:
     print("\n| model | rank | (a) PEFT loop | (b) PEFT mixed | (c) HF static | (d) engine | d/a | d/c | (d) decode vs roofline | vs max(bytes, FLOP) floor | (d) peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     by_model: dict[str, list[Row]] = {}
@@ -484,7 +485,7 @@ def print_summary(rows: list[Row], device) -> None:
             print(f"| {model} | {label} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(d)} | {ratio(a, 1)} | {ratio(c, 2)} | "
                   f"{100 * d.extra['roofline_fraction']:.0f}% ({d.extra['decode_step_ms']:.2f} vs {d.extra['roofline_step_ms']:.2f} ms/step) | "
                   f"{100 * d.extra['floor_fraction']:.0f}% | {d.peak_gib:.1f} |")
-    if device.type != "cuda":
+    if on_cpu:
         print("(CPU: the roofline uses the H100 SXM's figures and means nothing here)")
 
 
