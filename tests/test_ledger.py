@@ -299,9 +299,16 @@ ledger = Ledger(Path(sys.argv[1]))
 record_fake_run(ledger, "live")
 start = (ledger.last_generation("live") or -1) + 1
 print("ready", flush=True)
+# optional: a file a reader process grows by a byte per read; then each commit waits for one more
+# read (at most 30 s), so reads interleave with commits however the two processes are scheduled
+reads = Path(sys.argv[6]) if len(sys.argv) > 6 else None
 for g in range(start, start + int(sys.argv[2])):
     ledger.commit_generation(*fake_generation("live", g, population=int(sys.argv[3]), problems=int(sys.argv[4]), text=int(sys.argv[5])))
     print(g, flush=True)
+    if reads is not None:
+        done, deadline = reads.stat().st_size, time.monotonic() + 30
+        while reads.stat().st_size == done and time.monotonic() < deadline:
+            time.sleep(0.005)
 """
 
 _READER = _PRELUDE + """
@@ -309,6 +316,7 @@ ledger = Ledger(Path(sys.argv[1]), read_timeout_s=float(sys.argv[4]))
 population, problems = int(sys.argv[2]), int(sys.argv[3])
 reads, slowest, half, seen = 0, 0.0, [], set()
 stop = Path(sys.argv[5])
+progress = Path(sys.argv[6])
 first = True
 while not stop.exists():
     t = time.monotonic()
@@ -324,6 +332,8 @@ while not stop.exists():
     half += [("orphans", n) for (n,) in orphans if n]
     reads += 1
     seen.add(len(rows))
+    with progress.open("ab") as f:
+        f.write(b".")
     if first:
         print("ready", flush=True)
         first = False
@@ -334,13 +344,15 @@ print(json.dumps({"reads": reads, "slowest": slowest, "half": half, "seen": sort
 def test_a_reader_process_always_reads_whole_generations_while_a_writer_process_commits(tmp_path):
     data = tmp_path / "data"
     record_fake_run(Ledger(data), "live")
-    stop = tmp_path / "stop"
+    stop, progress = tmp_path / "stop", tmp_path / "reads"
+    progress.touch()
     population, problems, generations = 8, 25, 40
-    reader = subprocess.Popen([sys.executable, "-c", _READER, str(data), str(population), str(problems), "20", str(stop)], stdout=subprocess.PIPE, text=True)
+    reader = subprocess.Popen([sys.executable, "-c", _READER, str(data), str(population), str(problems), "20", str(stop), str(progress)],
+                              stdout=subprocess.PIPE, text=True)
     assert reader.stdout.readline().strip() == "ready"  # it reads in a loop from now on
     t0 = time.monotonic()
     writer = subprocess.run(
-        [sys.executable, "-c", _WRITER, str(data), str(generations), str(population), str(problems), "400"],
+        [sys.executable, "-c", _WRITER, str(data), str(generations), str(population), str(problems), "400", str(progress)],
         capture_output=True, text=True, timeout=120,
     )
     stop.touch()
