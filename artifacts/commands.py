@@ -107,8 +107,16 @@ def lineage_text(steps: list[dict]) -> str:
                 f"max {_num(step['reward_max'])}; update norm {_num(step.get('update_norm'))}\n"
                 f"  members (index:seed sign=reward): {members}"
             )
-        else:
+        elif step["kind"] == "init":
             out.append(f"initial centre (run {step['run_id']}): {step['center_sha256']}")
+        elif step["kind"] == "warm_start":
+            continued = f", continuing warm start {step['parent_warm_start_sha256'][:12]}" if step["parent_warm_start_sha256"] else ""
+            out.append(
+                f"warm start {step['warm_start_sha256']}: {step['steps']} supervised steps on base {(step['base_model_sha256'] or '?')[:12]}{continued}\n"
+                f"  {_num(step['seconds'])} s of training, final loss {_num(step['final_loss'])}"
+            )
+        else:
+            out.append(f"base model {step['base_model']}: {step['base_model_sha256']}")
     return "\n".join(out) + "\n"
 
 

@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator
 import duckdb
 
 LEDGER_FILE = "ledger.duckdb"
-CURRENT_VERSION = 2
-EVAL_MODELS = ("centre", "base")
+CURRENT_VERSION = 3
+EVAL_MODELS = ("centre", "base", "warm_start")
 
 
 class LedgerError(ValueError):
@@ -87,8 +87,18 @@ _V2 = [
     "ALTER TABLE evals_v2 RENAME TO evals",
 ]
 
-MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2}
-TABLES = ("runs", "generations", "members", "samples", "evals", "problems")
+_V3 = [
+    # the supervised warm start a run's ES starts from (docs/ledger.md)
+    """CREATE TABLE warm_starts (
+        warm_start_sha256 VARCHAR PRIMARY KEY, base_model VARCHAR, base_model_sha256 VARCHAR, lineage_key VARCHAR,
+        parent_warm_start_sha256 VARCHAR, optimizer_sha256 VARCHAR, steps INTEGER, settings_json VARCHAR,
+        loss_curve DOUBLE[], seconds DOUBLE, train_seconds DOUBLE, completion_tokens BIGINT, created_at TIMESTAMP)""",
+    "ALTER TABLE runs ADD COLUMN warm_start_sha256 VARCHAR",
+    "ALTER TABLE members ADD COLUMN fitness DOUBLE",
+]
+
+MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2, 3: _V3}
+TABLES = ("runs", "generations", "members", "samples", "evals", "problems", "warm_starts")
 _KEYS = {
     "runs": ("run_id",),
     "generations": ("run_id", "generation"),
@@ -96,6 +106,7 @@ _KEYS = {
     "samples": ("run_id", "generation", "member", "problem_id"),
     "evals": ("run_id", "generation", "split", "model"),
     "problems": ("problem_id",),
+    "warm_starts": ("warm_start_sha256",),
 }
 
 
@@ -144,9 +155,13 @@ def _int_list(value: Any) -> list[int] | None:
     return None if value is None else [int(v) for v in value]
 
 
+def _float_list(value: Any) -> list[float] | None:
+    return None if value is None else [float(v) for v in value]
+
+
 _CONVERT: dict[str, Callable[[Any], Any]] = {
     "VARCHAR": _str, "INTEGER": _int, "BIGINT": _int, "DOUBLE": _float, "BOOLEAN": _bool,
-    "TIMESTAMP": _timestamp, "INTEGER[]": _int_list,
+    "TIMESTAMP": _timestamp, "INTEGER[]": _int_list, "DOUBLE[]": _float_list,
 }
 
 
@@ -315,24 +330,27 @@ class Ledger:
         base_model_sha256: str,
         seed: int,
         status: str = "running",
+        warm_start_sha256: str | None = None,
     ) -> None:
         """Create the run row, or update it on a resume: created_at is kept; a different settings
-        hash or base model hash is refused (that would be a different run)."""
+        hash, base model hash or warm start is refused (that would be a different run)."""
 
         def work(con):
-            old = con.execute("SELECT settings_sha256, base_model_sha256 FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            old = con.execute("SELECT settings_sha256, base_model_sha256, warm_start_sha256 FROM runs WHERE run_id = ?", [run_id]).fetchone()
             now = utcnow()
             if old is None:
                 self._insert(con, "runs", [{
                     "run_id": run_id, "created_at": now, "updated_at": now, "run_name": run_name, "config_json": config_json,
                     "settings_sha256": settings_sha256, "base_model": str(base_model), "base_model_sha256": base_model_sha256,
-                    "seed": seed, "status": status,
+                    "seed": seed, "status": status, "warm_start_sha256": warm_start_sha256,
                 }], replace=False)
                 return
             if old[0] is not None and old[0] != settings_sha256:
                 raise LedgerError(f"run {run_id} was recorded with settings {old[0][:12]}, these settings hash to {settings_sha256[:12]}: start a new run id")
             if old[1] is not None and old[1] != base_model_sha256:
                 raise LedgerError(f"run {run_id} was recorded with base model {old[1][:12]}, this base model hashes to {base_model_sha256[:12]}: start a new run id")
+            if old[2] != warm_start_sha256 and (old[2] is not None or warm_start_sha256 is not None):
+                raise LedgerError(f"run {run_id} was recorded with warm start {(old[2] or 'none')[:12]}, this one is {(warm_start_sha256 or 'none')[:12]}: start a new run id")
             con.execute(
                 "UPDATE runs SET run_name = ?, config_json = ?, settings_sha256 = ?, base_model = ?, base_model_sha256 = ?, seed = ?, status = ?, updated_at = ? WHERE run_id = ?",
                 [run_name, config_json, settings_sha256, str(base_model), base_model_sha256, seed, status, now, run_id],
@@ -354,9 +372,10 @@ class Ledger:
         """problems(problem_id, numbers, target, split); a re-recorded id is replaced."""
         self._write(lambda con: self._insert(con, "problems", rows))
 
-    def commit_generation(self, generation: dict, members: list[dict], samples: list[dict]) -> None:
+    def commit_generation(self, generation: dict, members: list[dict], samples: list[dict], problems: list[dict] | None = None) -> None:
         """Members, samples and the generation row in ONE transaction: all land or none. Re-committing
-        a generation replaces its rows (a retried task never duplicates one)."""
+        a generation replaces its rows (a retried task never duplicates one). `problems`: rows of
+        problems first seen in this generation (a fresh training stream), recorded with it."""
         run_id, g = generation.get("run_id"), generation.get("generation")
         if run_id is None or g is None:
             raise LedgerError("commit_generation: the generation row needs run_id and generation")
@@ -374,6 +393,7 @@ class Ledger:
         def work(con):
             if con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] == 0:
                 raise LedgerError(f"run {run_id} is not in the ledger at {self.path}: record_run first")
+            self._insert(con, "problems", problems or [])
             con.execute("DELETE FROM samples WHERE run_id = ? AND generation = ?", [run_id, g])
             con.execute("DELETE FROM members WHERE run_id = ? AND generation = ?", [run_id, g])
             self._insert(con, "members", members, replace=False)
@@ -381,6 +401,22 @@ class Ledger:
             self._insert(con, "generations", [generation])
 
         self._write(work)
+
+    def record_warm_start(self, row: dict) -> None:
+        """One warm start (keyed by the sha256 of its model folder); re-recording replaces it."""
+        self._write(lambda con: self._insert(con, "warm_starts", [{"created_at": utcnow(), **row}]))
+
+    def warm_start_row(self, sha256: str) -> dict | None:
+        rows = self._dicts("SELECT * FROM warm_starts WHERE warm_start_sha256 = ?", [sha256])
+        return rows[0] if rows else None
+
+    def warm_starts_to_continue(self, lineage_key: str, steps: int) -> list[dict]:
+        """Recorded warm starts a warm start of `steps` steps could continue: the same base and
+        settings but fewer steps, longest first."""
+        return self._dicts(
+            "SELECT * FROM warm_starts WHERE lineage_key = ? AND steps < ? AND optimizer_sha256 IS NOT NULL ORDER BY steps DESC, created_at DESC",
+            [lineage_key, steps],
+        )
 
     def record_eval(self, row: dict) -> None:
         """One evaluation (model 'centre' or 'base') keyed (run_id, generation, split, model)."""
@@ -438,7 +474,8 @@ class Ledger:
             written = []
             for table in TABLES:
                 target = out_dir / f"{table}.parquet"
-                where, params = ("", []) if table == "problems" else (" WHERE run_id = ?", [run_id])
+                where, count = _EXPORT_FILTER.get(table, (" WHERE run_id = ?", 1))
+                params = [run_id] * count
                 literal = str(target).replace("'", "''")
                 try:
                     con.execute(f"COPY (SELECT * FROM {table}{where}) TO '{literal}' (FORMAT parquet)", params)
@@ -473,13 +510,14 @@ class Ledger:
             return [r[0] for r in con.execute(
                 """SELECT DISTINCT sha FROM (
                        SELECT center_sha256 AS sha FROM generations UNION ALL SELECT parent_center_sha256 FROM generations
-                       UNION ALL SELECT adapter_sha256 FROM members) WHERE starts_with(sha, ?) ORDER BY sha LIMIT 11""",
+                       UNION ALL SELECT adapter_sha256 FROM members UNION ALL SELECT warm_start_sha256 FROM warm_starts)
+                   WHERE starts_with(sha, ?) ORDER BY sha LIMIT 11""",
                 [prefix],
             ).fetchall()]
 
         found = self._read(work, missing=_RAISE)
         if not found:
-            raise LedgerError(f"no centre or member adapter with sha256 {prefix} in {self.path}")
+            raise LedgerError(f"no centre, member adapter or warm start with sha256 {prefix} in {self.path}")
         if len(found) > 1:
             raise LedgerError(f"sha256 prefix {prefix} is ambiguous ({len(found) if len(found) <= 10 else 'over 10'} matches): give more digits")
         return found[0]
@@ -493,7 +531,11 @@ class Ledger:
           'update'  generation g's row: run_id, generation, center_sha256 (theta_{g+1}, produced),
                     parent_center_sha256 (theta_g), reward_mean/std/max, update_norm, and members:
                     [{member, seed, sign, reward_mean, adapter_sha256}] whose rewards moved theta_g;
-          'init'    last: run_id, center_sha256 = theta_0 (no generation produced it).
+          'init'    run_id, center_sha256 = theta_0 (no generation produced it);
+          'warm_start' (runs with a warm start, and a warm start's own sha): warm_start_sha256,
+                    steps, seconds, final loss, parent_warm_start_sha256 (the shorter warm start
+                    it continued), base_model_sha256; then one per warm start it continued;
+          'base'    last: base_model, base_model_sha256.
         A prefix of 4+ hex digits is accepted. When several runs share a centre (identical
         settings), the earliest run is followed unless `run_id` is given."""
         sha = self.resolve_sha(sha256) if len(sha256) < 64 else sha256.lower()
@@ -509,6 +551,8 @@ class Ledger:
             ).fetchone()
             chain_run = row[0] if row else None
             center = sha
+            if chain_run is None and con.execute("SELECT count(*) FROM warm_starts WHERE warm_start_sha256 = ?", [sha]).fetchone()[0]:
+                return _warm_start_chain(con, sha)
             if chain_run is None:  # a member adapter?
                 mrun_filter = "AND m.run_id = ?" if run_id else ""
                 m = con.execute(
@@ -533,6 +577,11 @@ class Ledger:
                 g = cur.fetchone()
                 if g is None:
                     steps.append({"kind": "init", "run_id": chain_run, "center_sha256": center})
+                    run = con.execute("SELECT warm_start_sha256, base_model, base_model_sha256 FROM runs WHERE run_id = ?", [chain_run]).fetchone()
+                    if run and run[0]:
+                        steps.extend(_warm_start_chain(con, run[0]))
+                    elif run:
+                        steps.append({"kind": "base", "base_model": run[1], "base_model_sha256": run[2]})
                     break
                 g = dict(zip(names, g))
                 members = con.execute(
@@ -552,6 +601,42 @@ class Ledger:
 
 
 _RAISE = object()
+
+# export_parquet's filter of the tables without a run_id column: (WHERE clause, how many run_id
+# parameters it takes); problems is written whole, warm_starts as the run's chain of warm starts.
+_EXPORT_FILTER: dict[str, tuple[str, int]] = {
+    "problems": ("", 0),
+    "warm_starts": (""" WHERE warm_start_sha256 IN (
+        WITH RECURSIVE chain(sha) AS (
+            SELECT warm_start_sha256 FROM runs WHERE run_id = ? AND warm_start_sha256 IS NOT NULL
+            UNION SELECT w.parent_warm_start_sha256 FROM warm_starts w JOIN chain c ON w.warm_start_sha256 = c.sha
+            WHERE w.parent_warm_start_sha256 IS NOT NULL)
+        SELECT sha FROM chain)""", 1),
+}
+
+
+def _warm_start_chain(con: duckdb.DuckDBPyConnection, sha: str) -> list[dict]:
+    """A warm start, the shorter ones it continued, then its base model (lineage steps)."""
+    steps: list[dict] = []
+    base = None
+    while sha and sha not in {s["warm_start_sha256"] for s in steps}:
+        cur = con.execute("SELECT * FROM warm_starts WHERE warm_start_sha256 = ?", [sha])
+        names = [d[0] for d in cur.description]
+        row = cur.fetchone()
+        if row is None:
+            steps.append({"kind": "warm_start", "warm_start_sha256": sha, "steps": None, "seconds": None, "final_loss": None,
+                          "parent_warm_start_sha256": None, "base_model_sha256": None})
+            break
+        w = dict(zip(names, row))
+        curve = w["loss_curve"] or []
+        steps.append({"kind": "warm_start", "warm_start_sha256": sha, "steps": w["steps"], "seconds": w["seconds"],
+                      "final_loss": curve[-1] if curve else None, "parent_warm_start_sha256": w["parent_warm_start_sha256"],
+                      "base_model_sha256": w["base_model_sha256"]})
+        base = (w["base_model"], w["base_model_sha256"])
+        sha = w["parent_warm_start_sha256"]
+    if base is not None:
+        steps.append({"kind": "base", "base_model": base[0], "base_model_sha256": base[1]})
+    return steps
 
 
 def _version(con: duckdb.DuckDBPyConnection) -> int:

@@ -203,6 +203,38 @@ def centered_rank(rewards: Sequence[float]) -> torch.Tensor:
 SHAPING: dict[str, Callable[[Sequence[float]], torch.Tensor]] = {"zscore": zscore, "centered_rank": centered_rank}
 
 
+# --- fitness: each member's rewards on the prompts -> one number, before shaping ------------------
+
+
+def mean_reward(rewards: Sequence[Sequence[float]]) -> list[float]:
+    """The paper's fitness: a member's mean reward over the prompts. rewards[member][prompt]."""
+    return [sum(row) / max(len(row), 1) for row in rewards]
+
+
+def prompt_normalized(rewards: Sequence[Sequence[float]]) -> list[float]:
+    """Each prompt's rewards z-scored across the members (zero where every member scored the same),
+    then averaged over the prompts, as EGGROLL normalises within each prompt's group: a hard prompt
+    that no member solves, or an easy one that every member solves, adds nothing, and what is left
+    is how a member differs from the others on the same prompt. rewards[member][prompt]."""
+    r = _finite_matrix(rewards)  # [members, prompts]
+    if r.numel() == 0:
+        return [0.0] * len(rewards)
+    std = r.std(0, unbiased=False)
+    z = torch.where(std > 0, (r - r.mean(0)) / (std + 1e-8), torch.zeros_like(r))
+    return z.mean(1).tolist()
+
+
+def _finite_matrix(rewards: Sequence[Sequence[float]]) -> torch.Tensor:
+    """rewards as [members, prompts] float64; NaN (a failed sample) takes its prompt's worst reward."""
+    r = torch.tensor([[float(x) for x in row] for row in rewards], dtype=torch.float64)
+    if r.ndim != 2:
+        raise ValueError("rewards must be [members][prompts], every member scored on the same prompts")
+    return torch.stack([_finite(col) for col in r.T], 1) if r.numel() else r
+
+
+FITNESS: dict[str, Callable[[Sequence[Sequence[float]]], list[float]]] = {"mean_reward": mean_reward, "prompt_normalized": prompt_normalized}
+
+
 # --- the update ------------------------------------------------------------------------------
 
 
@@ -257,12 +289,16 @@ def es_update(
     adam_betas: tuple[float, float] = (0.9, 0.999),
     adam_eps: float = 1e-8,
     noise: PopulationNoise | None = None,
+    fitness: Sequence[float] | None = None,
 ) -> tuple[ESState, dict]:
-    """theta_{g+1} from theta_g, the members' seeds and their rewards (`noise`: the generation's,
-    if drawn already). Pure: returns a new state."""
+    """theta_{g+1} from theta_g, the members' seeds and their mean rewards (`noise`: the
+    generation's, if drawn already; `fitness`: what is shaped into weights, when it is not the mean
+    reward, see FITNESS). Pure: returns a new state."""
     if len(members) != len(rewards):
         raise ValueError(f"{len(members)} members but {len(rewards)} rewards")
-    weights = SHAPING[shaping](rewards)
+    if fitness is not None and len(fitness) != len(members):
+        raise ValueError(f"{len(members)} members but {len(fitness)} fitness values")
+    weights = SHAPING[shaping](rewards if fitness is None else fitness)
     noise = _checked_noise(noise, state.center, members, perturb)
     keys = noise.keys
     grad_flat = _gradient_flat(members, weights, noise)

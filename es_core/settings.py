@@ -57,13 +57,14 @@ class ESSettings(_Section):
     sigma: float = Field(0.001, gt=0, description="Perturbation scale: member = theta + sigma * eps.")
     learning_rate: float = Field(0.0005, gt=0, description="alpha in theta += alpha * (1/N) * sum z_i eps_i.")
     antithetic: bool = Field(True, description="Members come in (+eps, -eps) pairs; N must be even.")
-    shaping: Literal["zscore", "centered_rank"] = Field("zscore", description="Fitness shaping of rewards into weights.")
+    fitness: Literal["mean_reward", "prompt_normalized"] = Field("mean_reward", description="A member's fitness: its mean reward over the prompts (the paper), or the mean over prompts of its reward z-scored against the other members' on that prompt (EGGROLL's per-prompt groups), so that prompt difficulty drops out.")
+    shaping: Literal["zscore", "centered_rank"] = Field("zscore", description="Fitness shaping of the members' fitness into weights.")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="sgd: the paper's plain step; adam: Adam on the same gradient estimate.")
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
     perturb: Literal["both", "A", "B"] = Field("both", description="Which LoRA factors the noise moves.")
-    generations: int = Field(500, ge=1, description="ES iterations.")
+    generations: int = Field(500, ge=0, description="ES iterations (0: only the warm start and the evaluations, a supervised baseline).")
     seed: int = Field(0, ge=0, description="Run seed: noise of member i in generation g comes from (seed, g, i).")
 
     @model_validator(mode="after")
@@ -80,11 +81,36 @@ class DataSettings(_Section):
     heldout_size: int = Field(500, ge=1, description="Held-out problems, never trained on (the paper: the last 2,000).")
     generator_seed: int = Field(1234, description="Seed of the problem generator.")
     prompts_per_generation: int = Field(200, ge=1, description="Training prompts each member is scored on per generation (a rotating batch when < train_size).")
+    train_problems: Literal["fixed", "fresh"] = Field("fixed", description="fixed: the train split (all, or a rotating window); fresh: prompts_per_generation newly generated problems every generation (never a held-out one), so the population cannot fit a fixed set.")
 
     @model_validator(mode="after")
     def _path_for_file_sources(self) -> "DataSettings":
         if self.source != "generated" and self.path is None:
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+class WarmStartSettings(_Section):
+    """A supervised warm start: the base model fine-tuned (all weights) on generated problems with
+    their known solutions, before ES. A small model that never answers right gives ES no signal."""
+
+    steps: int = Field(0, ge=0, description="Optimizer steps (0: off, the paper's setting). A longer warm start with otherwise equal settings continues a shorter one.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate, constant after warmup_steps.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup of the learning rate.")
+    batch_size: int = Field(128, ge=1, description="Problems per step (a fresh batch every step).")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    seed: int = Field(0, ge=0, description="Seed of the warm start's own problem stream (never a held-out problem).")
+    min_numbers: int = Field(3, ge=2, description="Numbers per problem, at least.")
+    max_numbers: int = Field(4, ge=2, description="Numbers per problem, at most.")
+    max_number: int = Field(99, ge=1, description="Largest number drawn.")
+    max_target: int = Field(100, ge=1, description="Largest target.")
+    keep_optimizer_state: bool = Field(True, description="Store the AdamW moments beside the model, so a longer warm start continues this one exactly.")
+
+    @model_validator(mode="after")
+    def _numbers_range(self) -> "WarmStartSettings":
+        if self.max_numbers < self.min_numbers:
+            raise ValueError(f"max_numbers {self.max_numbers} < min_numbers {self.min_numbers}")
         return self
 
 
@@ -123,9 +149,33 @@ class BackendSettings(_Section):
     sglang: SGLangSettings = Field(default_factory=SGLangSettings)
 
 
+class EvalSetSettings(_Section):
+    """A further held-out set, e.g. the paper's 2,000 test problems (read at run time, never copied)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="The `split` of its rows in the evals table (not 'train' or 'heldout').")
+    source: Literal["paper", "jsonl"] = Field(description="paper: the last `size` items of the paper's countdown.json; jsonl: the records of our JSONL (their split ignored).")
+    path: Path = Field(description="The file, read at run time.")
+    size: int = Field(2000, ge=1, description="How many problems (the paper's test split: the last 2,000).")
+
+    @model_validator(mode="after")
+    def _free_name(self) -> "EvalSetSettings":
+        if self.name in ("train", "heldout"):
+            raise ValueError(f"an evaluation set cannot be named {self.name!r}")
+        return self
+
+
 class EvalSettings(_Section):
     every: int = Field(10, ge=0, description="Evaluate the centre on the held-out split every K generations (0: only at the end).")
     base_model: bool = Field(True, description="Evaluate the base model on the held-out split at generation 0.")
+    warm_start: bool = Field(True, description="Evaluate the warm-started model (when warm_start.steps > 0) at generation 0.")
+    sets: list[EvalSetSettings] = Field(default_factory=list, description="Further held-out sets, evaluated beside the held-out split whenever it is.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EvalSettings":
+        names = [s.name for s in self.sets]
+        if len(names) != len(set(names)):
+            raise ValueError(f"evaluation set names repeat: {names}")
+        return self
 
 
 class Settings(BaseSettings):
@@ -142,6 +192,7 @@ class Settings(BaseSettings):
     data: DataSettings = Field(default_factory=DataSettings)
     prompt: PromptSettings = Field(default_factory=PromptSettings)
     reward: RewardSettings = Field(default_factory=RewardSettings)
+    warm_start: WarmStartSettings = Field(default_factory=WarmStartSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     backend: BackendSettings = Field(default_factory=BackendSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
@@ -173,8 +224,17 @@ class _YamlSource(PydanticBaseSettingsSource):
 
 def settings_hash(settings: Settings) -> str:
     """Identity of a run's results: not where they are written, how long the run goes on, or how
-    often it is evaluated (so a finished run can be extended with `resume --set es.generations=N`)."""
-    data = settings.model_dump(mode="json", exclude={"data_dir": True, "run_name": True, "sglang_url": True, "eval": True, "es": {"generations"}, "model": {"cache_dir"}})
+    often it is evaluated (so a finished run can be extended with `resume --set es.generations=N`).
+    The evaluation sets count: fresh training problems and the warm start avoid their problems.
+    Values at their defaults are left out, so a setting added later with a default that keeps the
+    old behaviour leaves the hash of a recorded run (and its resume) as it was."""
+    data = settings.model_dump(mode="json", exclude_defaults=True, exclude={
+        "data_dir": True, "run_name": True, "sglang_url": True, "eval": {"every", "base_model", "warm_start"},
+        "es": {"generations"}, "model": {"cache_dir"},
+    })
+    for evaluation_set in data.get("eval", {}).get("sets", []):
+        evaluation_set.pop("path", None)  # where a machine keeps the file is no part of a run's identity
+    data = {k: v for k, v in data.items() if v != {}}  # a section left empty by the exclusions
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

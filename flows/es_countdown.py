@@ -20,20 +20,25 @@ from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
 
 from artifacts.ledger import Ledger
-from es_core.countdown.problems import batch_for_generation, load_problems
+from artifacts.store import ArtifactStore
+from es_core.countdown.problems import experiment_problems, training_batch
 from es_core.countdown.prompt import render_prompts
-from es_core.es import member_plan
-from es_core.models import load_tokenizer
+from es_core.es import FITNESS, member_plan
+from es_core.models import load_tokenizer, resolve_device, resolve_dtype
 from es_core.settings import ConfigError, Settings, load_settings, settings_from_dict
-from flows.backend import open_backend
+from flows.backend import LazyBackend, open_backend
 from flows.progress import RunProgress
 from flows.report import write_report
 from tasks.common import DataDir, persisted
 from tasks.evaluate import evaluate_heldout, evaluate_member, evaluate_population
-from tasks.ledger import commit_generation, publish_generation, record_eval
+from tasks.ledger import commit_generation, publish_generation, record_eval, record_warm_start
 from tasks.model import prepare_base_model
 from tasks.noise import NoisePool
 from tasks.population import aggregate, init_population, perturb
+from tasks.warm_start import warm_start, warm_start_code
+
+# Every held-out number is the paper's reward, whatever reward.kind trains on.
+HELDOUT_REWARD = "paper"
 
 
 def new_run_id(run_name: str) -> str:
@@ -70,6 +75,26 @@ def _settle_quietly(pending: list, gate, logger) -> None:
             logger.error(f"background ledger write failed too: {type(exc).__name__}: {exc}")
 
 
+def prepare_warm_start(settings: Settings, data: DataDir, base: dict, held_out_ids: set[str]) -> dict:
+    """The warm-started base model (a cached task: trained once per settings, or continued from a
+    shorter warm start), recorded in the ledger; returned as a base model dict (name, path, sha256)."""
+    device = resolve_device(settings.model.device)
+    args = (str(data.root), base["path"], base["sha256"], settings.warm_start, settings.prompt.style,
+            str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch."), device.type, sorted(held_out_ids), warm_start_code())
+    task = persisted(warm_start, data)
+    row = task(*args)
+    store = ArtifactStore(data.artifacts)
+    if not (store.exists(row["warm_start_sha256"])):  # the cached result outlived its artifact (gc): train again
+        row = task.with_options(refresh_cache=True)(*args)
+    record_warm_start(str(data.root), {**row, "base_model": base["name"]})
+    return {"name": f"{base['name']}+warm-start-{settings.warm_start.steps}", "path": str(store.path(row["warm_start_sha256"])),
+            "sha256": row["warm_start_sha256"]}
+
+
+def _problem_row(p) -> dict:
+    return {"problem_id": p.id, "numbers": list(p.numbers), "target": p.target, "split": p.split}
+
+
 def _json(text: str) -> dict:
     import json
 
@@ -87,21 +112,23 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
     artifacts_dir = str(data.artifacts)
     es = settings.es
 
-    # --- base model, problems, run row --------------------------------------------------------
+    # --- problems, base model (warm-started), run row -------------------------------------------
+    train, eval_sets, held_out_ids = experiment_problems(settings.data, settings.eval)
+    ledger.record_problems([_problem_row(p) for problems in [train, *eval_sets.values()] for p in problems])
     base = prepare_base_model(settings.model, str(settings.model.cache_dir or data.models))
-    train, heldout = load_problems(settings.data)
-    ledger.record_problems([{"problem_id": p.id, "numbers": list(p.numbers), "target": p.target, "split": p.split} for p in train + heldout])
-    ledger.record_run(run_id, settings.run_name, settings.model_dump_json(), settings.fingerprint(), base["path"], base["sha256"], es.seed)
+    model = prepare_warm_start(settings, data, base, held_out_ids) if settings.warm_start.steps else base  # what ES perturbs
+    ledger.record_run(run_id, settings.run_name, settings.model_dump_json(), settings.fingerprint(), base["path"], base["sha256"], es.seed,
+                      warm_start_sha256=model["sha256"] if model is not base else None)
     ledger.set_run_status(run_id, "running")
     logger.info(f"run {run_id} ({'resuming' if resuming else 'new'}), ledger {data.root / 'ledger.duckdb'}")
 
-    tokenizer = load_tokenizer(Path(base["path"]))
-    heldout_prompts = render_prompts(heldout, settings.prompt.style, tokenizer)
-    model_key = f"{base['sha256']}:{settings.backend.kind}:{settings.prompt.style}"
+    tokenizer = load_tokenizer(Path(model["path"]))
+    eval_prompts = {name: render_prompts(problems, settings.prompt.style, tokenizer) for name, problems in eval_sets.items()}
+    model_key = f"{model['sha256']}:{settings.backend.kind}:{settings.prompt.style}"
     evaluation = dict(max_new_tokens=settings.generation.max_new_tokens, reward_kind=settings.reward.kind, model_key=model_key)
 
     init_sha = persisted(init_population, data)(
-        artifacts_dir, base["path"], base["sha256"], settings.lora.layers, settings.lora.modules,
+        artifacts_dir, model["path"], model["sha256"], settings.lora.layers, settings.lora.modules,
         settings.lora.rank, settings.lora.lora_alpha, settings.lora.init_std, es.seed,
     )
     last = ledger.last_generation(run_id)
@@ -109,7 +136,9 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
     center_sha = init_sha if last is None else ledger.generation_row(run_id, last)["center_sha256"]
     progress = RunProgress(run_id, es.generations, start)
 
-    backend = open_backend(settings, Path(base["path"]), data.run_dir(run_id), run_id)
+    backend = open_backend(settings, Path(model["path"]), data.run_dir(run_id), run_id)
+    # the base model itself, when ES runs on a warm start: opened only if its evaluation is not cached
+    base_backend = LazyBackend(lambda: open_backend(settings, Path(base["path"]), data.run_dir(run_id), f"{run_id}-base")) if model is not base else backend
     # The ledger commit and UI artifacts of generation g, and the adapter files of g + 1's members,
     # are written in the background while g + 1 decodes: they wait for `gate`, set once decoding is
     # under way, so that they never hold the GIL while the short CPU steps between two decodes run.
@@ -127,21 +156,28 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
 
     try:
 
-        def heldout_eval(label: int, model: str, adapter: tuple[str, str | None]) -> None:
-            done = ledger.query("SELECT count(*) FROM evals WHERE run_id = ? AND generation = ? AND split = 'heldout' AND model = ?", [run_id, label, model])[1][0][0]
-            if done:
-                return
-            summary = persisted(evaluate_heldout, data)(quote(backend), artifacts_dir, adapter, quote(heldout), quote(heldout_prompts), **evaluation)
-            record_eval(str(data.root), {"run_id": run_id, "generation": label, "split": "heldout", "model": model, "adapter_sha256": adapter[1], **summary})
-            progress.heldout(label, model, summary)
+        def heldout_eval(label: int, name: str, adapter: tuple[str, str | None], on=backend, key: str = model_key) -> None:
+            """`name` (base, warm_start or centre) on every held-out set, with the paper's reward."""
+            for split, problems in eval_sets.items():
+                done = ledger.query("SELECT count(*) FROM evals WHERE run_id = ? AND generation = ? AND split = ? AND model = ?", [run_id, label, split, name])[1][0][0]
+                if done:
+                    continue
+                summary = persisted(evaluate_heldout, data)(
+                    quote(on), artifacts_dir, adapter, quote(problems), quote(eval_prompts[split]), settings.generation.max_new_tokens, HELDOUT_REWARD, key)
+                record_eval(str(data.root), {"run_id": run_id, "generation": label, "split": split, "model": name, "adapter_sha256": adapter[1], **summary})
+                progress.heldout(label, f"{name}, {split}", summary)
 
         def eval_due(generations_done: int) -> bool:
             every = settings.eval.every
             return generations_done == es.generations or (every > 0 and generations_done % every == 0)
 
-        # --- generation 0: the base model on the held-out split ----------------------------------
+        # --- generation 0: the base model (and its warm start) on the held-out sets ------------
         if settings.eval.base_model:
-            heldout_eval(0, "base", ("base", None))
+            heldout_eval(0, "base", ("base", None), base_backend, f"{base['sha256']}:{settings.backend.kind}:{settings.prompt.style}")
+            if base_backend is not backend:
+                base_backend.close()
+        if model is not base and settings.eval.warm_start:
+            heldout_eval(0, "warm_start", ("warm_start", None))
         if start > 0 and eval_due(start):  # a kill between a commit and its evaluation
             heldout_eval(start, "centre", (f"centre_g{start}", center_sha))
 
@@ -152,7 +188,7 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
         def training_inputs(generation: int, after: threading.Event | None = None) -> tuple[list, list[str]]:
             if after is not None:
                 after.wait()
-            batch = batch_for_generation(train, generation, settings.data.prompts_per_generation)
+            batch = training_batch(settings.data, train, generation, held_out_ids)
             return batch, render_prompts(batch, settings.prompt.style, tokenizer)
 
         upcoming = None
@@ -187,11 +223,12 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
                 generate_seconds = max(r["generate_seconds"] for r in results)
             gate.set()  # (a cached evaluation never decoded)
             rewards = [s.reward_mean for s in scores]
+            fitness = FITNESS[es.fitness]([[sample.reward for sample in s.samples] for s in scores])
 
             # --- move the centre ------------------------------------------------------------------
             update = aggregate_task(
                 artifacts_dir, center_sha, quote(members), quote(rewards), es.learning_rate, es.shaping, es.optimizer, es.perturb,
-                (es.adam_beta1, es.adam_beta2, es.adam_eps), noise=quote(noise),
+                (es.adam_beta1, es.adam_beta2, es.adam_eps), noise=quote(noise), fitness=quote(fitness) if es.fitness != "mean_reward" else None,
             )
             if settings.backend.kind == "embedded":
                 member_adapters = written.result(raise_on_failure=True)
@@ -208,9 +245,9 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
                 {
                     "run_id": run_id, "generation": g, "member": m.index, "seed": m.seed, "sign": m.sign, "adapter_sha256": sha,
                     "adapter_path": path, "reward_mean": s.reward_mean, "format_rate": s.format_rate,
-                    "accuracy": s.accuracy, "tokens": s.tokens, "server": s.server,
+                    "accuracy": s.accuracy, "tokens": s.tokens, "server": s.server, "fitness": f,
                 }
-                for m, (sha, path), s in zip(plan, member_adapters, scores)
+                for m, (sha, path), s, f in zip(plan, member_adapters, scores, fitness)
             ]
             sample_rows = [
                 {"run_id": run_id, "generation": g, "member": m.index, **vars(sample)}
@@ -220,7 +257,8 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
             settle()
             gate = threading.Event()  # the next generation's decoding
             # quote(): Prefect would otherwise walk the 1,000+ sample rows looking for futures
-            committed = commit_generation.submit(str(data.root), quote(generation_row), quote(member_rows), quote(sample_rows), gate=gate)
+            new_problems = [_problem_row(p) for p in batch] if settings.data.train_problems == "fresh" else None
+            committed = commit_generation.submit(str(data.root), quote(generation_row), quote(member_rows), quote(sample_rows), quote(new_problems), gate=gate)
             pending.extend([committed, publish_generation.submit(quote(progress), g, quote(generation_row), quote(member_rows), gate=gate, wait_for=[committed])])
             center_sha = update["center_sha256"]
 
@@ -235,6 +273,8 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
     finally:
         lookahead.shutdown(wait=False)
         backend.close()
+        if base_backend is not backend:
+            base_backend.close()
 
     ledger.set_run_status(run_id, "completed")
     report = write_report(ledger, run_id, data.run_dir(run_id), data.root / "ledger.duckdb")

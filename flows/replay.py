@@ -14,9 +14,9 @@ from prefect import flow
 from artifacts.checkpoints import load_checkpoint, put_checkpoint
 from artifacts.ledger import Ledger
 from artifacts.store import ArtifactStore, hash_dir
-from es_core.countdown.problems import Problem, batch_for_generation, load_problems
+from es_core.countdown.problems import Problem, experiment_problems, training_batch
 from es_core.countdown.prompt import render_prompts
-from es_core.es import Member, es_update, perturb_center
+from es_core.es import FITNESS, Member, es_update, perturb_center
 from es_core.evaluation import score_member
 from es_core.lora import save_adapter
 from es_core.settings import ConfigError, settings_from_dict
@@ -76,26 +76,36 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
         if sha != m["adapter_sha256"]:
             report.mismatches.append(f"member {m['member']}: rebuilt adapter {sha[:12]} != ledger {m['adapter_sha256'][:12]}")
     rewards = [float(m["reward_mean"]) for m in members]
-    new_state, _ = es_update(parent, plan, rewards, es.learning_rate, es.shaping, es.optimizer, es.perturb, (es.adam_beta1, es.adam_beta2), es.adam_eps)
+    train, _, held_out_ids = experiment_problems(settings.data, settings.eval)
+    batch = training_batch(settings.data, train, generation, held_out_ids)
+    fitness = _fitness(ledger, run_id, generation, members, batch, es.fitness) if es.fitness != "mean_reward" else None
+    new_state, _ = es_update(parent, plan, rewards, es.learning_rate, es.shaping, es.optimizer, es.perturb, (es.adam_beta1, es.adam_beta2), es.adam_eps,
+                             fitness=fitness)
     with tempfile.TemporaryDirectory(prefix="es-replay-store-") as tmp:
         rebuilt = put_checkpoint(ArtifactStore(Path(tmp)), new_state, spec).sha256
     report.center_ok = rebuilt == row["center_sha256"]
 
     if reevaluate:
-        report.rewards_checked, report.max_reward_diff = _reevaluate(settings, run, members, generation, store, report)
+        report.rewards_checked, report.max_reward_diff = _reevaluate(settings, run, members, batch, generation, store, report)
     for line in report.lines():
         print(line)
     return {"ok": report.ok, "lines": report.lines()}
 
 
-def _reevaluate(settings, run, members, generation, store, report) -> tuple[int, float]:
+def _fitness(ledger, run_id: str, generation: int, members: list[dict], batch: list[Problem], kind: str) -> list[float]:
+    """The members' fitness from the recorded samples, prompts in the generation's batch order."""
+    _, rows = ledger.query("SELECT member, problem_id, reward FROM samples WHERE run_id = ? AND generation = ?", [run_id, generation])
+    reward = {(member, pid): r for member, pid, r in rows}
+    return FITNESS[kind]([[reward[m["member"], p.id] for p in batch] for m in members])
+
+
+def _reevaluate(settings, run, members, batch: list[Problem], generation, store, report) -> tuple[int, float]:
     from es_core.backends.base import AdapterRef
     from es_core.models import load_tokenizer
     from flows.backend import open_backend
 
-    train, _ = load_problems(settings.data)
-    batch: list[Problem] = batch_for_generation(train, generation, settings.data.prompts_per_generation)
-    base_path = Path(run["base_model"])
+    # ES ran on the warm-started model when there is one
+    base_path = store.get(run["warm_start_sha256"]) if run.get("warm_start_sha256") else Path(run["base_model"])
     prompts = render_prompts(batch, settings.prompt.style, load_tokenizer(base_path))
     backend = open_backend(settings, base_path, Path(tempfile.mkdtemp(prefix="es-replay-")))
     try:

@@ -19,12 +19,16 @@ def plot_reward_curve(generations: list[tuple], evals: list[tuple], path: Path) 
         g = [r[0] + 1 for r in generations]
         ax.plot(g, [r[1] for r in generations], label="population mean reward (train batch)")
         ax.plot(g, [r[2] for r in generations], label="best member reward", alpha=0.6)
-    centre = [(r[0], r[1]) for r in evals if r[2] == "centre"]
-    base = [(r[0], r[1]) for r in evals if r[2] == "base"]
+    heldout = [r for r in evals if r[-1] == "heldout"]
+    centre = [(r[0], r[1]) for r in heldout if r[2] == "centre"]
+    base = [(r[0], r[1]) for r in heldout if r[2] == "base"]
+    warm = [(r[0], r[1]) for r in heldout if r[2] == "warm_start"]
     if centre:
         ax.plot([c[0] for c in centre], [c[1] for c in centre], "o-", label="centre, held-out mean reward")
     if base:
         ax.axhline(base[0][1], color="grey", linestyle="--", label="base model, held-out")
+    if warm:
+        ax.axhline(warm[0][1], color="tab:green", linestyle=":", label="warm start, held-out")
     ax.set_xlabel("generation")
     ax.set_ylabel("reward (0.1 x format + answer)")
     ax.legend(fontsize=8)
@@ -38,22 +42,23 @@ def plot_reward_curve(generations: list[tuple], evals: list[tuple], path: Path) 
 def write_report(ledger, run_id: str, run_dir: Path, ledger_path: Path) -> Path:
     _, generations = ledger.query("SELECT generation, reward_mean, reward_max FROM generations WHERE run_id = ? ORDER BY generation", [run_id])
     _, evals = ledger.query(
-        "SELECT generation, reward_mean, model, reward_ci_low, reward_ci_high, accuracy, accuracy_ci_low, accuracy_ci_high, format_rate, n "
-        "FROM evals WHERE run_id = ? AND split = 'heldout' ORDER BY generation, model",
+        "SELECT generation, reward_mean, model, reward_ci_low, reward_ci_high, accuracy, accuracy_ci_low, accuracy_ci_high, format_rate, n, split "
+        "FROM evals WHERE run_id = ? ORDER BY split = 'heldout' DESC, split, generation, "
+        "CASE model WHEN 'base' THEN 0 WHEN 'warm_start' THEN 1 ELSE 2 END",
         [run_id],
     )
     png = plot_reward_curve(generations, evals, run_dir / "reward_curve.png")
     rows = "\n".join(
-        f"| {model} | {g} | {n} | {rm:.4f} [{rl:.4f}, {rh:.4f}] | {100 * acc:.1f}% [{100 * al:.1f}, {100 * ah:.1f}] | {100 * fr:.1f}% |"
-        for g, rm, model, rl, rh, acc, al, ah, fr, n in evals
+        f"| {split} | {model} | {g} | {n} | {rm:.4f} [{rl:.4f}, {rh:.4f}] | {100 * acc:.1f}% [{100 * al:.1f}, {100 * ah:.1f}] | {100 * fr:.1f}% |"
+        for g, rm, model, rl, rh, acc, al, ah, fr, n, split in evals
     )
     markdown = f"""# es-countdown run `{run_id}`
 
 Generations: {len(generations)}. Ledger: `{ledger_path}` (query it: `es-countdown sql "SELECT * FROM generations WHERE run_id = '{run_id}'"`).
 
-## Held-out split (95% bootstrap intervals)
-| model | after generation | n | mean reward | exact accuracy | format rate |
-|---|---|---|---|---|---|
+## Held-out sets (the paper's reward; 95% bootstrap intervals)
+| set | model | after generation | n | mean reward | exact accuracy | format rate |
+|---|---|---|---|---|---|---|
 {rows}
 
 ## Reward curve

@@ -11,7 +11,10 @@ DEFAULT policy keys on the flow run id, which a re-run does not share.)
 from __future__ import annotations
 
 import base64
+import hashlib
+import importlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
@@ -21,6 +24,25 @@ from pydantic import Field
 
 CONTENT_CACHE = (INPUTS - "backend" - "gate" - "noise") + TASK_SOURCE
 NO_CACHE = NO_CACHE
+
+
+@lru_cache(maxsize=None)
+def code_version(*names: str) -> str:
+    """sha256 of the source of these modules and packages (e.g. "es_core.warm_start",
+    "es_core.countdown"), for cache keys: Prefect's TASK_SOURCE hashes a task's own body only, so a
+    fix in the code it calls would otherwise leave old results cached. Once per process."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        module = importlib.import_module(name)
+        if hasattr(module, "__path__"):  # a package: every .py file under it
+            root = Path(list(module.__path__)[0])
+            files = sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+            labels = [f"{name}/{p.relative_to(root).as_posix()}" for p in files]
+        else:
+            files, labels = [Path(module.__file__)], [name]
+        for label, path in zip(labels, files):
+            h.update(label.encode() + b"\0" + hashlib.sha256(path.read_bytes()).hexdigest().encode() + b"\n")
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

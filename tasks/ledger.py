@@ -11,10 +11,16 @@ from tasks.common import NO_CACHE, wait_for_gate
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def commit_generation(data_dir: str, generation: dict, members: list[dict], samples: list[dict], gate=None) -> None:
-    """Members, samples and the generation row land in one transaction, or not at all."""
+def commit_generation(data_dir: str, generation: dict, members: list[dict], samples: list[dict], problems: list[dict] | None = None, gate=None) -> None:
+    """Members, samples, new problems and the generation row land in one transaction, or not at all."""
     wait_for_gate(gate)
-    Ledger(Path(data_dir)).commit_generation(generation, members, samples)
+    Ledger(Path(data_dir)).commit_generation(generation, members, samples, problems)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def record_warm_start(data_dir: str, row: dict) -> None:
+    """The warm start a run starts from: base -> warm start, steps, seconds, loss curve."""
+    Ledger(Path(data_dir)).record_warm_start(row)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)

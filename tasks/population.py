@@ -41,12 +41,14 @@ def perturb(artifacts_dir: str, center_sha256: str, members: list[tuple[int, int
 
 @task(cache_policy=CONTENT_CACHE)
 def aggregate(artifacts_dir: str, center_sha256: str, members: list[tuple[int, int, int]], rewards: list[float], learning_rate: float, shaping: str,
-              optimizer: str, perturb_factor: str, adam: tuple[float, float, float], noise: NoisePool | None = None) -> dict:
-    """theta_{g+1} = theta_g + alpha * (1/N) * sum_i w_i eps_i; returns the new centre's sha256 and metrics."""
+              optimizer: str, perturb_factor: str, adam: tuple[float, float, float], noise: NoisePool | None = None,
+              fitness: list[float] | None = None) -> dict:
+    """theta_{g+1} = theta_g + alpha * (1/N) * sum_i w_i eps_i, w shaped from the members' mean
+    rewards (or from `fitness`, see es_core.es.FITNESS); returns the new centre's sha256 and metrics."""
     store = ArtifactStore(Path(artifacts_dir))
     state, spec = load_checkpoint(store, center_sha256)
     plan = [Member(i, seed, sign) for i, seed, sign in members]
     drawn = noise.get(state.center, plan, perturb_factor) if noise is not None else None
-    new_state, metrics = es_update(state, plan, rewards, learning_rate, shaping, optimizer, perturb_factor, adam[:2], adam[2], drawn)
+    new_state, metrics = es_update(state, plan, rewards, learning_rate, shaping, optimizer, perturb_factor, adam[:2], adam[2], drawn, fitness)
     ref = put_checkpoint(store, new_state, spec)
     return {"center_sha256": ref.sha256, "center_path": str(ref.path), **metrics}

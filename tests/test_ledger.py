@@ -202,9 +202,10 @@ def test_lineage_over_three_generations(ledger):
     for g in range(3):
         ledger.commit_generation(*fake_generation("r1", g))
     steps = ledger.lineage(centre("r1", 3))
-    assert [s["kind"] for s in steps] == ["update", "update", "update", "init"]
-    assert [s.get("generation") for s in steps] == [2, 1, 0, None]
-    assert [s["center_sha256"] for s in steps] == [centre("r1", g) for g in (3, 2, 1, 0)]
+    assert [s["kind"] for s in steps] == ["update", "update", "update", "init", "base"]
+    assert [s.get("generation") for s in steps] == [2, 1, 0, None, None]
+    assert [s["center_sha256"] for s in steps[:4]] == [centre("r1", g) for g in (3, 2, 1, 0)]
+    assert steps[4]["base_model_sha256"] == ledger.run_row("r1")["base_model_sha256"]
     assert [(m["member"], m["seed"], m["sign"]) for m in steps[0]["members"]] == [(0, 2000, 1), (1, 2000, -1), (2, 2001, 1), (3, 2001, -1)]
     assert steps[2]["members"][3]["reward_mean"] == pytest.approx(0.301)
     # from a member adapter of generation 1: the member, then theta_1's chain
@@ -213,10 +214,12 @@ def test_lineage_over_three_generations(ledger):
         "kind": "member", "run_id": "r1", "generation": 1, "member": 2, "seed": 1001, "sign": 1,
         "adapter_sha256": sha("r1:member:1:2"), "reward_mean": pytest.approx(0.211), "center_sha256": centre("r1", 1),
     }
-    assert [s["kind"] for s in member_steps[1:]] == ["update", "init"]
-    # the initial centre is its own one-step lineage
-    assert ledger.lineage(centre("r1", 0)) == [{"kind": "init", "run_id": "r1", "center_sha256": centre("r1", 0)}]
-    with pytest.raises(LedgerError, match="no centre or member adapter"):
+    assert [s["kind"] for s in member_steps[1:]] == ["update", "init", "base"]
+    # the initial centre is its own lineage, on the run's base model
+    run = ledger.run_row("r1")
+    assert ledger.lineage(centre("r1", 0)) == [{"kind": "init", "run_id": "r1", "center_sha256": centre("r1", 0)},
+                                               {"kind": "base", "base_model": run["base_model"], "base_model_sha256": run["base_model_sha256"]}]
+    with pytest.raises(LedgerError, match="no centre, member adapter or warm start"):
         ledger.lineage("0000")
 
 
@@ -263,7 +266,8 @@ def test_a_v1_ledger_made_by_hand_is_migrated_to_the_current_version(tmp_path):
     assert ledger.generation_row("old", 0)["update_norm"] is None
     assert ledger.query("SELECT format_reward, completion_tokens FROM samples")[1] == [(None, 12)]
     assert ledger.query("SELECT version FROM schema_version ORDER BY version")[1] == [(v,) for v in range(1, CURRENT_VERSION + 1)]
-    assert [s["kind"] for s in ledger.lineage("c1")] == ["update", "init"]
+    assert [s["kind"] for s in ledger.lineage("c1")] == ["update", "init", "base"]
+    assert ledger.run_row("old")["warm_start_sha256"] is None and ledger.query("SELECT count(*) FROM warm_starts")[1] == [(0,)]
     # and it takes today's writes: a resume fills the new columns, evals gain a base row
     ledger.record_run("old", "old-run", "{}", "s" * 64, "/models/tiny", "bbbb", 7)
     ledger.record_eval({"run_id": "old", "generation": 0, "split": "heldout", "model": "base", "n": 50, "accuracy": 0.1})

@@ -107,7 +107,7 @@ def test_sql_as_csv_and_json_keeps_every_value_whole(data_dir, capsys):
         (["sql", "SELECT nope FROM runs"], "nope"),
         (["sql", "DELETE FROM runs"], "read-only"),
         (["sql", "SELECT 1", "--data-dir", "{missing}"], "no data dir at"),
-        (["lineage", "abcdef12"], "no centre or member adapter"),
+        (["lineage", "abcdef12"], "no centre, member adapter or warm start"),
         (["lineage", "xyz"], "not a sha256"),
         (["export", "no-such-run"], "no-such-run is not in the ledger"),
     ],
@@ -146,10 +146,11 @@ def test_lineage_from_a_member_adapter_prefix(data_dir, capsys):
     assert out.startswith(f"member 3 of generation 2 (run my-run): adapter {member['adapter_sha256']}")
     assert [int(g) for g in re.findall(r"^generation (\d+)", out, re.M)] == [1, 0]
     assert "members (index:seed sign=reward): 0:1000+=0.11, 1:1000-=0.443333" in out
-    assert out.splitlines()[-1].startswith("initial centre (run my-run): ")
+    assert out.splitlines()[-2].startswith("initial centre (run my-run): ")
+    assert out.splitlines()[-1].startswith("base model ")
     code, out, _ = run_cli(capsys, "lineage", member["adapter_sha256"], "--format", "json", "--data-dir", data_dir)
     steps = json.loads(out)
-    assert [s["kind"] for s in steps] == ["member", "update", "update", "init"]
+    assert [s["kind"] for s in steps] == ["member", "update", "update", "init", "base"]
     assert steps[0]["center_sha256"] == steps[1]["center_sha256"]  # perturbed from theta_2 = what generation 1 made
 
 
@@ -160,13 +161,14 @@ def test_export_writes_every_table_of_the_run_as_parquet(data_dir, capsys, tmp_p
     out_dir = tmp_path / "export"
     code, out, _ = run_cli(capsys, "export", "my-run", "--out", out_dir, "--data-dir", data_dir)
     assert code == 0
-    assert sorted(Path(p).name for p in out.split()) == sorted(f"{t}.parquet" for t in ("runs", "generations", "members", "samples", "evals", "problems"))
+    assert sorted(Path(p).name for p in out.split()) == sorted(f"{t}.parquet" for t in ("runs", "generations", "members", "samples", "evals", "problems", "warm_starts"))
     con = duckdb.connect()
     count = lambda t: con.execute(f"SELECT count(*), count(DISTINCT run_id) FROM '{out_dir / t}.parquet'").fetchone()  # noqa: E731
     assert count("runs") == (1, 1) and count("generations") == (3, 1) and count("members") == (12, 1)
     assert count("samples") == (36, 1) and count("evals") == (3, 1)
     assert con.execute(f"SELECT DISTINCT run_id FROM '{out_dir}/samples.parquet'").fetchall() == [("my-run",)]
     assert con.execute(f"SELECT count(*) FROM '{out_dir}/problems.parquet'").fetchone() == (3,)
+    assert con.execute(f"SELECT count(*) FROM '{out_dir}/warm_starts.parquet'").fetchone() == (0,)  # a run without one
     code, out, _ = run_cli(capsys, "export", "other-run", "--data-dir", data_dir)
     assert code == 0 and Path(out.split()[0]).parent == data_dir / "exports" / "other-run"
 

@@ -66,3 +66,15 @@ def test_missing_config_file():
 def test_shipped_experiments_load(name):
     s = load_settings(CONFIGS / name)
     assert s.es.population % 2 == 0
+
+
+def test_fingerprint_counts_evaluation_sets_and_warm_start_but_not_where_files_are(tmp_path):
+    paper = "eval.sets=[{name: paper-test, source: paper, path: %s, size: 2000}]"
+    plain = load_settings(None, [])
+    with_set = load_settings(None, [paper % "/a/countdown.json"])
+    moved = load_settings(None, [paper % "/b/countdown.json"])
+    assert plain.fingerprint() != with_set.fingerprint() == moved.fingerprint()
+    assert load_settings(None, ["eval.every=3", "eval.warm_start=false"]).fingerprint() == plain.fingerprint()
+    assert load_settings(None, ["warm_start.steps=10"]).fingerprint() != plain.fingerprint()
+    # a setting at its default is left out: adding one later keeps recorded runs' hashes
+    assert load_settings(None, ["es.fitness=mean_reward", "data.train_problems=fixed"]).fingerprint() == plain.fingerprint()

@@ -76,6 +76,16 @@ def _solve(items: list[tuple[Fraction, str]], goal: Fraction) -> str | None:
 # --- generator -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ProblemShape:
+    """What generated problems look like: how many numbers, how large, which targets."""
+
+    min_numbers: int = 3
+    max_numbers: int = 4
+    max_number: int = 99
+    max_target: int = 100
+
+
 def generate_problems(
     count: int,
     seed: int,
@@ -85,35 +95,62 @@ def generate_problems(
     max_numbers: int = 4,
     max_number: int = 99,
     max_target: int = 100,
+    stream: str | None = None,
 ) -> list[Problem]:
-    """`count` distinct problems from `seed`; ids in `exclude` are skipped (keeps splits apart)."""
-    rng = random.Random(f"countdown:{seed}:{split}")
+    """`count` distinct problems from `seed`; ids in `exclude` are skipped (keeps splits apart).
+    `stream` names the random stream (default: the split), so that e.g. each generation of a fresh
+    training stream draws its own problems."""
+    shape = ProblemShape(min_numbers, max_numbers, max_number, max_target)
+    return [p for p, _ in generate_solved(count, f"countdown:{seed}:{stream or split}", split, exclude, shape)]
+
+
+def generate_solved(count: int, stream: str, split: str = TRAIN, exclude: Iterable[str] = (),
+                    shape: ProblemShape = ProblemShape()) -> list[tuple[Problem, str]]:
+    """`count` distinct (problem, solution) pairs from the random stream named `stream`: numbers are
+    drawn, then a random expression over all of them; its value, when an integer in 1..max_target,
+    is the target and the expression a solution (every number used once)."""
+    rng = random.Random(stream)
     seen = set(exclude)
-    problems: list[Problem] = []
-    while len(problems) < count:
-        numbers = [rng.randint(1, max_number) for _ in range(rng.randint(min_numbers, max_numbers))]
-        value = _random_expression_value(numbers, rng)
-        if value is None or value.denominator != 1 or not 1 <= value <= max_target:
+    out: list[tuple[Problem, str]] = []
+    while len(out) < count:
+        numbers = [rng.randint(1, shape.max_number) for _ in range(rng.randint(shape.min_numbers, shape.max_numbers))]
+        drawn = random_expression(numbers, rng)
+        if drawn is None:
+            continue
+        value, expression = drawn
+        if value.denominator != 1 or not 1 <= value <= shape.max_target:
             continue
         target = int(value)
         pid = problem_id(numbers, target)
-        if pid in seen or solve(numbers, target) is None:
+        if pid in seen:
             continue
         seen.add(pid)
-        problems.append(Problem(pid, tuple(numbers), float(target), split))
-    return problems
+        out.append((Problem(pid, tuple(numbers), float(target), split), expression))
+    return out
 
 
-def _random_expression_value(numbers: list[int], rng: random.Random) -> Fraction | None:
-    values = [Fraction(n) for n in numbers]
-    rng.shuffle(values)
-    while len(values) > 1:
-        a, b = values.pop(rng.randrange(len(values))), values.pop(rng.randrange(len(values)))
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+_ATOM = 3
+
+
+def random_expression(numbers: Sequence[int], rng: random.Random) -> tuple[Fraction, str] | None:
+    """A random expression using every number once: (exact value, text with the fewest brackets),
+    or None when it divides by zero. Two random operands are combined by a random operator until one
+    is left."""
+    items = [(Fraction(n), str(n), _ATOM) for n in numbers]  # (value, text, precedence of its top operator)
+    rng.shuffle(items)
+    while len(items) > 1:
+        a, b = items.pop(rng.randrange(len(items))), items.pop(rng.randrange(len(items)))
         op = rng.choice("+-*/")
-        if op == "/" and b == 0:
+        if op == "/" and b[0] == 0:
             return None
-        values.append({"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op])
-    return values[0]
+        value = {"+": a[0] + b[0], "-": a[0] - b[0], "*": a[0] * b[0], "/": a[0] / b[0] if b[0] else a[0]}[op]
+        p = _PRECEDENCE[op]
+        left = a[1] if a[2] >= p else f"({a[1]})"
+        # a - (b - c), a / (b * c): the right operand needs brackets at equal precedence too
+        right = b[1] if b[2] > p or (b[2] == p and op in "+*") else f"({b[1]})"
+        items.append((value, f"{left} {op} {right}", p))
+    return items[0][0], items[0][1]
 
 
 def generated_splits(train_size: int, heldout_size: int, seed: int) -> tuple[list[Problem], list[Problem]]:
@@ -193,6 +230,45 @@ def check_disjoint(train: Sequence[Problem], heldout: Sequence[Problem]) -> None
     overlap = {p.id for p in train} & {p.id for p in heldout}
     if overlap:
         raise DataError(f"{len(overlap)} problems are in both train and held-out splits (e.g. {sorted(overlap)[0]})")
+
+
+def content_ids(problems: Iterable[Problem]) -> set[str]:
+    """Ids by content (numbers and target), whatever a file named them: what keeps generated
+    training problems away from every held-out set."""
+    return {problem_id(p.numbers, p.target) for p in problems}
+
+
+def load_eval_set(spec) -> list[Problem]:
+    """A further held-out set (`EvalSetSettings`), its problems' split set to its name."""
+    if spec.source == "paper":
+        _, problems = load_paper_file(spec.path, 0, spec.size)
+    elif spec.source == "jsonl":
+        problems = load_jsonl(spec.path)[: spec.size]
+    else:
+        raise DataError(f"unknown evaluation set source {spec.source!r}")
+    if not problems:
+        raise DataError(f"{spec.path}: evaluation set {spec.name} has no problems")
+    return [Problem(p.id, p.numbers, p.target, spec.name) for p in problems]
+
+
+def experiment_problems(data, evaluation) -> tuple[list[Problem], dict[str, list[Problem]], set[str]]:
+    """(train split, held-out sets by name, the held-out problems' content ids) of an experiment's
+    `DataSettings` and `EvalSettings`: the held-out split, then each further set."""
+    train, heldout = load_problems(data)
+    sets = {HELDOUT: heldout, **{spec.name: load_eval_set(spec) for spec in evaluation.sets}}
+    held_out = content_ids(p for problems in sets.values() for p in problems)
+    leaked = [p.id for p in train if content_ids([p]) & held_out]
+    if leaked:
+        raise DataError(f"{len(leaked)} training problems are also in a held-out set (e.g. {leaked[0]})")
+    return train, sets, held_out
+
+
+def training_batch(data, train: Sequence[Problem], generation: int, exclude: Iterable[str] = ()) -> list[Problem]:
+    """One generation's training problems (`DataSettings`): from the train split, or, with
+    train_problems 'fresh', newly generated ones (ids in `exclude`, the held-out sets', never)."""
+    if data.train_problems == "fresh":
+        return generate_problems(data.prompts_per_generation, data.generator_seed, TRAIN, exclude, stream=f"fresh-g{generation}")
+    return batch_for_generation(train, generation, data.prompts_per_generation)
 
 
 def batch_for_generation(train: Sequence[Problem], generation: int, size: int) -> list[Problem]:
