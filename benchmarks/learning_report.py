@@ -1,0 +1,192 @@
+"""The README's learning results from a data dir that `benchmarks.learning_runs` filled: a markdown
+table (held-out accuracy with 95% intervals on both held-out sets, GPU minutes, the command of each
+row), a PNG of held-out accuracy against ES generations and against GPU minutes, and what the
+ledger says of the ES signal (how much the members and the prompts tell apart).
+
+    python -m benchmarks.learning_report DATA_DIR [--png docs/results/learning.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from artifacts.ledger import Ledger  # noqa: E402
+from benchmarks.learning_runs import CONFIG, FINAL_FILE, RECIPES, WARM_START_RUN  # noqa: E402
+
+SETS = ("heldout", "paper-test")
+
+
+def evals(ledger: Ledger, run_id: str, model: str) -> dict[int, dict[str, tuple]]:
+    """generation -> set -> (accuracy, low, high, format rate, n)."""
+    _, rows = ledger.query(
+        "SELECT generation, split, accuracy, accuracy_ci_low, accuracy_ci_high, format_rate, n FROM evals WHERE run_id = ? AND model = ? ORDER BY generation",
+        [run_id, model],
+    )
+    out: dict[int, dict[str, tuple]] = {}
+    for g, split, *values in rows:
+        out.setdefault(g, {})[split] = tuple(values)
+    return out
+
+
+def warm_start_of(ledger: Ledger, run_id: str) -> dict:
+    _, rows = ledger.query("SELECT w.steps, w.seconds FROM warm_starts w JOIN runs r USING (warm_start_sha256) WHERE r.run_id = ?", [run_id])
+    return {"steps": rows[0][0], "seconds": rows[0][1]} if rows else {"steps": 0, "seconds": 0.0}
+
+
+def cell(values: dict[str, tuple] | None, split: str) -> str:
+    if not values or split not in values:
+        return ""
+    acc, lo, hi, _, n = values[split]
+    return f"{100 * acc:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def fmt(values: dict[str, tuple] | None) -> str:
+    return f"{100 * values['heldout'][3]:.0f}%" if values and "heldout" in values else ""
+
+
+def table(ledger: Ledger, final: dict | None) -> tuple[str, list]:
+    """The markdown table and the points of the GPU-minutes plot."""
+    rows, points = [], []
+    warm = warm_start_of(ledger, WARM_START_RUN)
+    base = evals(ledger, WARM_START_RUN, "base").get(0)
+    run_cmd = f"es-countdown run --config {CONFIG}"
+    rows.append(("base model (SmolLM2-135M-Instruct)", "", "", "0", base, f"`{run_cmd} --run-id {WARM_START_RUN} --set es.generations=0` (its base row)"))
+    warm_eval = evals(ledger, WARM_START_RUN, "warm_start").get(0)
+    rows.append((f"warm start ({warm['steps']} steps)", warm["steps"], 0, f"{warm['seconds'] / 60:.1f}", warm_eval, f"`{run_cmd} --run-id {WARM_START_RUN} --set es.generations=0`"))
+    points.append(("supervised", warm["seconds"] / 60, warm_eval))
+    s_gen = final["solo_seconds_per_generation"] if final else None
+    for run_id, overrides in RECIPES.items():
+        centre = evals(ledger, run_id, "centre")
+        if not centre:
+            continue
+        g = max(centre)
+        timed = final is not None and run_id == final["es_run"]  # the others ran side by side: no GPU time of their own
+        minutes = f"{(warm['seconds'] + g * s_gen) / 60:.1f}" if timed else "(side by side)"
+        sets = "".join(f" --set {kv}" for kv in overrides)
+        where = "`python -m benchmarks.learning_runs sweep DATA_DIR`" if not final or run_id != final["es_run"] else "`... learning_runs final DATA_DIR`"
+        rows.append((f"ES `{run_id}`", warm["steps"], g, minutes, centre[g], f"`{run_cmd} --run-id {run_id} --set es.generations={g}{sets}` ({where})"))
+        if timed:  # from the warm start it continues
+            points += [("ES", warm["seconds"] / 60, warm_eval)] + [("ES", (warm["seconds"] + gen * s_gen) / 60, values) for gen, values in sorted(centre.items())]
+    for run_id in ("sft-half", "sft-matched"):
+        w = warm_start_of(ledger, run_id)
+        values = evals(ledger, run_id, "warm_start").get(0)
+        if values:
+            rows.append((f"warm start continued (`{run_id}`)", w["steps"], 0, f"{w['seconds'] / 60:.1f}", values,
+                         f"`{run_cmd} --run-id {run_id} --set es.generations=0 --set warm_start.steps={w['steps']}`"))
+            points.append(("supervised", w["seconds"] / 60, values))
+    lines = ["| model | warm-start steps | ES generations | GPU minutes | held-out accuracy (2,000 generated) | paper test accuracy (2,000) | exact format | command |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {steps} | {g} | {minutes} | {cell(v, 'heldout')} | {cell(v, 'paper-test')} | {fmt(v)} | {cmd} |" for name, steps, g, minutes, v, cmd in rows]
+    return "\n".join(lines), points
+
+
+def signal(ledger: Ledger, run_id: str) -> str:
+    """How much an ES generation tells the members apart: spread of member rewards, prompts where
+    the members disagree (some right, some wrong), distinct completions per prompt."""
+    _, rows = ledger.query(
+        """WITH per_prompt AS (
+               SELECT generation, problem_id, sum(correct::INTEGER) AS n_right, count(*) AS n, count(DISTINCT completion) AS distinct_texts
+               FROM samples WHERE run_id = ? GROUP BY generation, problem_id),
+           per_generation AS (
+               SELECT generation, avg(CASE WHEN n_right > 0 AND n_right < n THEN 1.0 ELSE 0.0 END) AS split_prompts,
+                      avg(CASE WHEN n_right = n THEN 1.0 ELSE 0.0 END) AS all_right, avg(distinct_texts) AS distinct_texts, avg(n_right / n) AS accuracy
+               FROM per_prompt GROUP BY generation)
+           SELECT avg(split_prompts), avg(all_right), avg(distinct_texts), avg(accuracy), (SELECT avg(reward_std) FROM generations WHERE run_id = ?),
+                  (SELECT avg(acc_range) FROM (SELECT max(accuracy) - min(accuracy) AS acc_range FROM members WHERE run_id = ? GROUP BY generation)),
+                  count(*)
+           FROM per_generation""",
+        [run_id, run_id, run_id],
+    )
+    split, all_right, distinct, accuracy, reward_std, acc_range, gens = rows[0]
+    if not gens:
+        return f"{run_id}: no generations"
+    return (f"{run_id} over {gens} generations: training accuracy {100 * accuracy:.1f}%; prompts on which the members disagree (some right, "
+            f"some wrong) {100 * split:.1f}%, all right {100 * all_right:.1f}%; {distinct:.1f} distinct completions per prompt; "
+            f"member reward std {reward_std:.4f}; best minus worst member accuracy {100 * acc_range:.1f} points")
+
+
+def plot(ledger: Ledger, points: list, path: Path) -> Path:
+    fig, (by_gen, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    warm_eval = evals(ledger, WARM_START_RUN, "warm_start").get(0, {})
+    for run_id in RECIPES:
+        centre = evals(ledger, run_id, "centre")
+        if centre:
+            gens = [0, *sorted(centre)]
+            accs = [warm_eval.get("heldout", (float("nan"),))[0], *(centre[g]["heldout"][0] for g in sorted(centre) if "heldout" in centre[g])]
+            by_gen.plot(gens[: len(accs)], [100 * a for a in accs], "o-", ms=3, label=run_id)
+    by_gen.set_xlabel("ES generation (0: the warm start)")
+    by_gen.set_ylabel("held-out accuracy, 2,000 generated (%)")
+    by_gen.set_title("ES recipes from the same warm start")
+    by_gen.grid(alpha=0.3)
+    by_gen.legend(fontsize=8)
+    for label, style in (("ES", "o-"), ("supervised", "s--")):
+        pts = sorted((m, v) for kind, m, v in points if kind == label and v and "heldout" in v)
+        if pts:
+            x = [m for m, _ in pts]
+            y = [100 * v["heldout"][0] for _, v in pts]
+            lo = [100 * (v["heldout"][0] - v["heldout"][1]) for _, v in pts]
+            hi = [100 * (v["heldout"][2] - v["heldout"][0]) for _, v in pts]
+            by_time.errorbar(x, y, yerr=[lo, hi], fmt=style, ms=4, capsize=2, label="ES after the warm start" if label == "ES" else "warm start continued")
+    by_time.set_xlabel("GPU minutes (warm start included)")
+    by_time.set_ylabel("held-out accuracy, 2,000 generated (%)")
+    by_time.set_title("ES vs more fine-tuning at equal GPU time (95% CI)")
+    by_time.grid(alpha=0.3)
+    by_time.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def slim_copy(data_dir: Path, out: Path) -> Path:
+    """The ledger without its samples (every completion of every member: too large to carry off a
+    GPU machine), but for the last generation of each ES run, as a DuckDB file of its own."""
+    import duckdb
+
+    out.unlink(missing_ok=True)
+    con = duckdb.connect()
+    try:
+        con.execute(f"ATTACH '{data_dir / 'ledger.duckdb'}' AS ledger (READ_ONLY)")
+        con.execute(f"ATTACH '{out}' AS slim")
+        for (table,) in con.execute("SELECT table_name FROM information_schema.tables WHERE table_catalog = 'ledger' AND table_schema = 'main'").fetchall():
+            where = " WHERE (run_id, generation) IN (SELECT run_id, max(generation) FROM ledger.generations GROUP BY run_id)" if table == "samples" else ""
+            con.execute(f'CREATE TABLE slim."{table}" AS SELECT * FROM ledger."{table}"{where}')
+    finally:
+        con.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--png", type=Path, default=Path("docs/results/learning.png"))
+    parser.add_argument("--slim", type=Path, default=None, help="also write a copy of the ledger without most samples here")
+    args = parser.parse_args(argv)
+    ledger = Ledger(args.data_dir)
+    final_file = args.data_dir / FINAL_FILE
+    final = json.loads(final_file.read_text()) if final_file.is_file() else None
+    markdown, points = table(ledger, final)
+    print(markdown)
+    if final:
+        print(f"\nGPU minutes of ES: {final['solo_seconds_per_generation']:.2f} s a generation alone (median of {final['es_run']}'s generations "
+              f"{final['first_solo_generation'] + 1}+), warm start {final['warm_start_seconds_per_step']:.3f} s a step.")
+    print()
+    for run_id in RECIPES:
+        print("- " + signal(ledger, run_id))
+    print(f"\n{plot(ledger, points, args.png)}")
+    if args.slim:
+        print(slim_copy(args.data_dir, args.slim))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

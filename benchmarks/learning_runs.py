@@ -1,0 +1,182 @@
+"""The learning experiments of the README ("Learning to solve Countdown"), on one GPU, in two steps
+that each fit a 10-minute GPU command (the second must run on the same machine, data dir intact):
+
+    python -m benchmarks.learning_runs sweep DATA_DIR [--paper PATH]
+        1. run `sft-500`: the supervised warm start of configs/experiments/smollm2_learning.yaml
+           alone (es.generations 0) and its held-out evaluations: the starting point of every ES run;
+        2. the ES recipes of RECIPES from that warm start (a cache hit), side by side on the GPU,
+           GENERATIONS generations each, the centre evaluated every 10.
+    python -m benchmarks.learning_runs final DATA_DIR [--paper PATH]
+        3. the recipe with the best held-out accuracy continues alone (`es-countdown resume`), while
+           the time left allows a supervised run of equal GPU time after it; its seconds per
+           generation alone are measured;
+        4. the warm start continued for as many steps as ES's GPU time buys (`sft-half`, then
+           `sft-matched`, each continuing the last): the baseline at equal GPU time.
+    python -m benchmarks.learning_report DATA_DIR  -> the README table and the PNG.
+
+GPU time of an ES run = its warm start's seconds + generations x the median seconds of a generation
+run alone (the sweep's generations ran side by side, so their wall times are not the GPU's).
+`ES` names the command (default `es-countdown`; `python3 -m flows.cli` where it is not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from artifacts.ledger import Ledger
+
+CONFIG = "configs/experiments/smollm2_learning.yaml"
+WARM_START_RUN = "sft-500"
+GENERATIONS = 40
+# run id -> overrides of CONFIG (the config itself is es-fresh64)
+RECIPES: dict[str, list[str]] = {
+    "es-paper200": ["es.population=32", "data.train_problems=fixed", "data.prompts_per_generation=200", "es.fitness=mean_reward"],
+    "es-fresh64": [],
+    "es-fresh64-r8": ["lora.rank=8"],
+    "es-fresh16-n256": ["es.population=256", "data.prompts_per_generation=16"],
+}
+EVAL_EVERY = 10  # the config's eval.every
+FINAL_FILE = "learning-final.json"  # what `final` measured, for learning_report
+
+
+def es_command() -> list[str]:
+    return shlex.split(os.environ.get("ES", "es-countdown"))
+
+
+PAPER_TEST_SIZE = 2000  # the paper's test split: the last 2,000 problems
+
+
+def eval_sets(paper: str, size: int = PAPER_TEST_SIZE) -> str:
+    """The override that adds the paper's test problems as a held-out set."""
+    return f"eval.sets=[{{name: paper-test, source: paper, path: {paper}, size: {size}}}]"
+
+
+def run(args: list[str], log: Path, env: dict | None = None, wait: bool = True):
+    """An es-countdown command in its own process group (killing it takes Prefect's server along)."""
+    print("$", " ".join(shlex.quote(a) for a in args), f"> {log}", flush=True)
+    out = open(log, "a")
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+    if wait:
+        code = proc.wait()
+        if code != 0:
+            sys.exit(f"{args[-1] if args else ''}: exit {code}, see {log}: {log.read_text()[-1500:]}")
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def sql(data_dir: Path, query: str) -> list[tuple]:
+    return Ledger(data_dir).query(query)[1]
+
+
+def own_prefect_db(data_dir: Path, run_id: str) -> dict:
+    """Runs side by side need their own Prefect database (one SQLite file has one writer)."""
+    return {"PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{data_dir / 'prefect'}/{run_id}.db"}
+
+
+def sweep(data_dir: Path, paper_set: str, generations: int, deadline_s: float, config: str, extra: list[str]) -> None:
+    """The warm start, then the recipes side by side until they finish or `deadline_s` after the start."""
+    began = time.monotonic()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "prefect").mkdir(exist_ok=True)
+    common = ["--config", config, "--data-dir", str(data_dir), "--set", paper_set]
+    run([*es_command(), "run", *common, "--run-id", WARM_START_RUN, "--set", "es.generations=0", *extra], data_dir / f"{WARM_START_RUN}.log")
+    procs = {}
+    for run_id, overrides in RECIPES.items():
+        sets = [a for kv in overrides for a in ("--set", kv)]
+        procs[run_id] = run([*es_command(), "run", *common, "--run-id", run_id, "--set", f"es.generations={generations}", *sets, *extra],
+                            data_dir / f"{run_id}.log", own_prefect_db(data_dir, run_id), wait=False)
+    while any(p.poll() is None for p in procs.values()) and time.monotonic() - began < deadline_s:
+        time.sleep(2)
+    for run_id, proc in procs.items():
+        if proc.poll() is None:
+            print(f"{run_id}: stopped {deadline_s:.0f} s after the sweep began; `es-countdown resume {run_id}` continues it")
+            kill(proc)
+        elif proc.returncode != 0:
+            print(f"{run_id}: exit {proc.returncode}: {(data_dir / f'{run_id}.log').read_text()[-1500:]}")
+
+
+def best_recipe(data_dir: Path) -> str:
+    ids = ", ".join(f"'{r}'" for r in RECIPES)
+    rows = sql(data_dir, f"""SELECT run_id, generation, accuracy FROM evals WHERE split = 'heldout' AND model = 'centre' AND run_id IN ({ids})
+                             QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY generation DESC) = 1 ORDER BY accuracy DESC, run_id""")
+    for run_id, generation, accuracy in rows:
+        print(f"{run_id}: held-out accuracy {100 * accuracy:.1f}% after {generation} generations")
+    return rows[0][0]
+
+
+def final(data_dir: Path, paper_set: str, limit_s: float, sft_overhead_s: float, config: str, extra: list[str]) -> None:
+    started = time.monotonic()
+    best = best_recipe(data_dir)
+    first_solo = sql(data_dir, f"SELECT max(generation) + 1 FROM generations WHERE run_id = '{best}'")[0][0]
+    proc = run([*es_command(), "resume", best, "--data-dir", str(data_dir), "--set", "es.generations=1000"], data_dir / f"{best}.log", wait=False)
+    s_step, warm_steps = sql(data_dir, f"SELECT w.seconds / w.steps, w.steps FROM warm_starts w JOIN runs r USING (warm_start_sha256) WHERE r.run_id = '{WARM_START_RUN}'")[0]
+    stop_at, s_gen = None, None
+    while proc.poll() is None:
+        time.sleep(3)
+        walls = [r[0] for r in sql(data_dir, f"SELECT wall_seconds FROM generations WHERE run_id = '{best}' AND generation > {first_solo} ORDER BY generation")]
+        evaluated = sql(data_dir, f"SELECT max(generation) FROM evals WHERE run_id = '{best}' AND model = 'centre' AND split = 'paper-test'")[0][0]
+        if len(walls) < 3 or not evaluated:
+            continue
+        s_gen = statistics.median(walls)
+        # go on to the next evaluation only if the supervised run of the same GPU time still fits after it
+        next_eval = (evaluated // EVAL_EVERY + 1) * EVAL_EVERY
+        needed = (next_eval - evaluated) * s_gen * 1.2 + next_eval * s_gen + sft_overhead_s
+        if evaluated >= first_solo + EVAL_EVERY and time.monotonic() - started + needed > limit_s:
+            stop_at = evaluated
+            break
+    kill(proc)
+    generations = stop_at or sql(data_dir, f"SELECT max(generation) + 1 FROM generations WHERE run_id = '{best}'")[0][0]
+    es_seconds = generations * s_gen
+    matched = warm_steps + round(es_seconds / s_step)
+    half = warm_steps + round(es_seconds / s_step / 2)
+    print(f"{best}: {generations} generations, {s_gen:.2f} s each alone = {es_seconds:.0f} s of GPU after the warm start; "
+          f"the warm start trains {s_step:.3f} s a step: {matched - warm_steps} more steps")
+    (data_dir / FINAL_FILE).write_text(json.dumps({"es_run": best, "generations": generations, "solo_seconds_per_generation": s_gen,
+                                                   "first_solo_generation": first_solo, "es_seconds": es_seconds,
+                                                   "warm_start_seconds_per_step": s_step, "sft_steps": [half, matched]}, indent=1) + "\n")
+    common = ["--config", config, "--data-dir", str(data_dir), "--set", paper_set, "--set", "es.generations=0", *extra]
+    for run_id, steps in (("sft-half", half), ("sft-matched", matched)):
+        run([*es_command(), "run", *common, "--run-id", run_id, "--set", f"warm_start.steps={steps}"], data_dir / f"{run_id}.log")
+    print(f"done in {time.monotonic() - started:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("step", choices=["sweep", "final"])
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--paper", default="../shared/data/countdown.json", help="the paper's countdown.json (its last 2,000 problems are held out)")
+    parser.add_argument("--generations", type=int, default=GENERATIONS, help="sweep: generations of each recipe")
+    parser.add_argument("--deadline", type=float, default=500, help="sweep: seconds after its start by which the recipes are stopped")
+    parser.add_argument("--limit", type=float, default=500, help="final: seconds the whole step may take")
+    parser.add_argument("--sft-overhead", type=float, default=100, help="final: seconds of the supervised runs beyond training")
+    parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--paper-size", type=int, default=PAPER_TEST_SIZE, help="held-out problems from the paper's file")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of every run, applied last (a CPU rehearsal: model.name=tiny-llama es.population=4 ...)")
+    args = parser.parse_args(argv)
+    data_dir = args.data_dir.resolve()
+    extra = [a for kv in args.extra for a in ("--set", kv)]
+    paper_set = eval_sets(args.paper, args.paper_size)
+    if args.step == "sweep":
+        sweep(data_dir, paper_set, args.generations, args.deadline, args.config, extra)
+    else:
+        final(data_dir, paper_set, args.limit, args.sft_overhead, args.config, extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
