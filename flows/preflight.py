@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,12 +24,18 @@ PREFECT_FOLDER = "prefect"  # <data_dir>/prefect/prefect.db: the ephemeral API's
 
 def check_settings(settings: Settings, command: str = "run") -> None:
     """What the run reads and writes exists and can be: the data dir (writable), the base model
-    (resolvable without building it), the problem file (every record valid)."""
+    (resolvable without building it), the problem file (every record valid), the interpreter that
+    launches SGLang."""
     check_writable_data_dir(Path(settings.data_dir), f"{command} writes the ledger and artifacts there")
     if settings.model.cache_dir is not None:
         problem = _not_writable(Path(settings.model.cache_dir))
         if problem:
             raise ConfigError(f"model.cache_dir {settings.model.cache_dir} is not writable ({problem}); converted base models are kept there")
+    sglang = settings.backend.sglang
+    if settings.backend.kind == "sglang" and not settings.sglang_urls:
+        launcher = (shlex.split(sglang.python) or [""])[0]
+        if not shutil.which(launcher):
+            raise ConfigError(f"backend.sglang.python {sglang.python!r}: {launcher!r} is not a program on PATH (it launches the SGLang server; or attach to one with ES_SGLANG_URL)")
     from es_core.models import check_base_model  # imports torch: after the cheap checks
 
     check_base_model(settings.model)

@@ -49,9 +49,11 @@ def run_smoke(capsys, data_dir: Path, *sets: str) -> str:
         (["model.name=/no/such/model.gguf"], "GGUF file not found: /no/such/model.gguf"),
         (["data.source=jsonl", "data.path=/no/such/problems.jsonl"], "problem file not found: /no/such/problems.jsonl"),
         (["data.source=paper", "data.path=/no/such/countdown.json"], "problem file not found: /no/such/countdown.json"),
+        (["backend.kind=sglang", "backend.sglang.python=/no/such/python"], "backend.sglang.python '/no/such/python': '/no/such/python' is not a program on PATH"),
     ],
 )
-def test_a_model_or_file_that_is_not_there_stops_the_run_at_once(tmp_path, capsys, sets, message):
+def test_a_model_or_file_that_is_not_there_stops_the_run_at_once(tmp_path, capsys, monkeypatch, sets, message):
+    monkeypatch.delenv("ES_SGLANG_URL", raising=False)  # attached to a server, no interpreter is launched
     assert message in run_smoke(capsys, tmp_path / "data", *sets)
 
 
