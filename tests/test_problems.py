@@ -133,6 +133,7 @@ BAD_RECORDS = [
     ({"target": "9" * 5000}, r"target must be a finite number, not '9999.*\.\.\.$"),
     ({"target": True}, "target must be a number, not True"),
     ({"target": None}, "target must be a number, not None"),
+    ({"numbers": [1, 2], "id": 10**4_100}, "id must be a string or a shorter integer, not an integer of 4,101 digits"),
 ]
 
 

@@ -234,6 +234,8 @@ def _checked_fields(record: object) -> tuple[tuple[int, ...], float]:
     for key in ("numbers", "target"):
         if key not in record:
             raise _BadRecord(f"no {key!r}")
+    if isinstance(record.get("id"), _TooManyDigits):
+        raise _BadRecord(f"id must be a string or a shorter integer, not {_shown(record['id'])}")
     numbers = record["numbers"]
     if not isinstance(numbers, list):
         raise _BadRecord(f"numbers must be a list of integers, not {_shown(numbers)}")
