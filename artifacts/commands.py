@@ -83,6 +83,8 @@ def sql(data_dir, query: str, fmt: str = "table", max_width: int = 64) -> str:
     """Run one read-only query against the ledger and format the result."""
     if fmt not in FORMATS:
         raise CommandError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    if not query.strip():
+        raise CommandError('sql: the query is empty (e.g. es-countdown sql "SELECT * FROM runs")')
     columns, rows = open_ledger(data_dir).query(query)
     return format_rows(columns, rows, fmt, max_width)
 

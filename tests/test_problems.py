@@ -1,6 +1,7 @@
 """Countdown problems: generator, the paper's layout, JSONL, splits."""
 
 import json
+import re
 
 import pytest
 
@@ -115,3 +116,95 @@ def test_rotating_batches_cover_the_training_set():
     seen = [p.id for g in range(5) for p in batch_for_generation(train, g, 4)]
     assert set(seen) == {str(i) for i in range(10)}
     assert batch_for_generation(train, 0, 4) == batch_for_generation(train, 0, 4)
+
+
+# --- every record is checked at load (issue 18) ------------------------------------------------
+
+BAD_RECORDS = [
+    ({"numbers": "123"}, "numbers must be a list of integers, not '123'"),  # was read as (1, 2, 3)
+    ({"numbers": [1.7, 2]}, r"numbers\[0\] must be a non-negative integer, not 1.7"),  # was cut to 1
+    ({"numbers": [2, True]}, r"numbers\[1\] must be a non-negative integer, not True"),  # was read as 1
+    ({"numbers": [-4, 2]}, r"numbers\[0\] must be a non-negative integer, not -4"),  # no answer could use it
+    ({"numbers": []}, r"numbers must hold at least two integers, not \[\]"),
+    ({"numbers": [7]}, r"numbers must hold at least two integers, not \[7\]"),
+    ({"target": "1/0"}, "target must be a finite number, not '1/0'"),  # was a bare Fraction(1, 0)
+    ({"target": "nan"}, "target must be a finite number, not 'nan'"),
+    ({"target": "1e400"}, "target must be a finite number, not '1e400'"),
+    ({"target": "9" * 5000}, r"target must be a finite number, not '9999.*\.\.\.$"),
+    ({"target": True}, "target must be a number, not True"),
+    ({"target": None}, "target must be a number, not None"),
+    ({"numbers": [1, 2], "id": 10**4_100}, "id must be a string or a shorter integer, not an integer of 4,101 digits"),
+]
+
+
+def write_paper_file(path, items):
+    path.write_text(json.dumps(items))
+    return path
+
+
+def paper_items(count=4):
+    return [{"id": i, "numbers": [i + 1, 2], "target": str(i + 3)} for i in range(count)]
+
+
+@pytest.mark.parametrize("patch, message", BAD_RECORDS)
+def test_paper_file_records_are_checked_at_load(tmp_path, patch, message):
+    items = paper_items()
+    items[2].update(patch)  # a record neither split uses is checked too
+    path = write_paper_file(tmp_path / "countdown.json", items)
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: record 2 is not a problem: {message}") as err:
+        load_paper_file(path, 1, 1)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("patch, message", BAD_RECORDS)
+def test_jsonl_records_are_checked_at_load(tmp_path, patch, message):
+    records = [{"numbers": [1, 2], "target": 3, "split": "train"}, {"numbers": [4, 2], "target": 8, "split": "heldout"}]
+    records[1].update(patch)
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: not a problem record: {message}") as err:
+        load_jsonl(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_target_past_the_int_limit_names_file_and_record(tmp_path):
+    # json.loads itself raised Python's int-conversion error here, naming no file
+    path = tmp_path / "countdown.json"
+    path.write_text('[{"id": 0, "numbers": [1, 2], "target": 3}, {"id": 1, "numbers": [1, 2], "target": ' + "9" * 5000 + "}]")
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: record 1 is not a problem: target must be a finite number, not an integer of 5,000 digits$"):
+        load_paper_file(path, 1, 1)
+    jsonl = tmp_path / "problems.jsonl"
+    jsonl.write_text('{"numbers": [1, 2], "target": 3}\n{"numbers": [' + "9" * 5000 + ", 2], \"target\": 3}\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(jsonl))}:2: not a problem record: numbers\[0\] must be a non-negative integer, not an integer of 5,000 digits$"):
+        load_jsonl(jsonl)
+
+
+def test_duplicate_ids_are_refused_at_load(tmp_path):
+    # they passed the loader, then failed the run on the ledger's primary key after generation 0
+    items = paper_items()
+    items[3]["id"] = 1
+    path = write_paper_file(tmp_path / "countdown.json", items)
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: record 3: id 'paper-1' is already used by record 1$"):
+        load_paper_file(path, 1, 1)
+    jsonl = tmp_path / "problems.jsonl"
+    # without an id, the id is a hash of numbers and target: the same problem twice is a duplicate
+    jsonl.write_text('{"numbers": [1, 2], "target": 3}\n\n{"numbers": [5, 2], "target": 7}\n{"numbers": [2, 1], "target": 3.0}\n')
+    with pytest.raises(DataError, match=f"^{re.escape(str(jsonl))}:4: id 'cd-[0-9a-f]+' is already used by line 1$"):
+        load_jsonl(jsonl)
+
+
+def test_other_malformed_files_are_one_line_errors(tmp_path):
+    jsonl = tmp_path / "problems.jsonl"
+    jsonl.write_text('{"numbers": [1, 2], "target": 3, "split": "test"}\n')
+    with pytest.raises(DataError, match=f"^{re.escape(str(jsonl))}:1: not a problem record: split must be 'train' or 'heldout', not 'test'$"):
+        load_jsonl(jsonl)
+    jsonl.write_text('[1, 2, 3]\n')
+    with pytest.raises(DataError, match=f"^{re.escape(str(jsonl))}:1: not a problem record: expected a JSON object, not \\[1, 2, 3\\]$"):
+        load_jsonl(jsonl)
+    jsonl.write_bytes(b'{"numbers": [1, 2], "target": 3}\n\xff\n')
+    with pytest.raises(DataError, match=f"^{re.escape(str(jsonl))}: not UTF-8 text"):
+        load_jsonl(jsonl)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    with pytest.raises(DataError, match=f"^{re.escape(str(deep))}: not valid JSON"):
+        load_paper_file(deep, 1, 1)

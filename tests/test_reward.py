@@ -1,10 +1,14 @@
 """The Countdown reward, as the paper's countdown_task.py scores it (without eval)."""
 
+import random
+import re
+import subprocess
+import sys
 import time
 
 import pytest
 
-from es_core.countdown.reward import evaluate_expression, format_reward, score, score_parts
+from es_core.countdown.reward import MAX_ANSWER_CHARS, MAX_OPERATORS, evaluate_expression, format_reward, last_answer, score, score_parts
 
 GOOD = "44 + 19 = 63, 63 + 35 = 98</think>\n<answer>(44 + 19) + 35</answer>"
 
@@ -120,3 +124,86 @@ def test_population_scores_survive_prefects_result_serializer():
     assert b"\n" not in blob
     back = Serializer(type="es-pickle").loads(blob)
     assert back == {"scores": scores, "generate_seconds": 1.5}
+
+
+# --- any string gets a score (issue 18) -------------------------------------------------------
+
+# The paper's regexes, the specification of the str.find scan that replaced them.
+PAPER_FULL_FORMAT = re.compile(r"^<think>.*?</think>\n<answer>.*?</answer>$", re.DOTALL)
+PAPER_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+PAPER_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def paper_format_reward(text):
+    if PAPER_FULL_FORMAT.match(text):
+        return 1.0
+    return (0.1 if PAPER_THINK.search(text) else 0.0) + (0.5 if PAPER_ANSWER.search(text) else 0.0)
+
+
+def test_tags_are_found_as_the_papers_regexes_find_them():
+    pieces = ["<think>", "</think>", "<answer>", "</answer>", "\n", "</think>\n<answer>", "1 + 2", "x", "<", ">"]
+    rng = random.Random(18)
+    texts = ["", "<think>", "<think></think>\n<answer></answer>", "<think></think>\n<answer></answer>\n\n"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 10))) for _ in range(20_000)]
+    for text in texts:
+        for candidate in (text, "<think>" + text):
+            assert format_reward(candidate) == paper_format_reward(candidate), repr(candidate)
+            answers = PAPER_ANSWER.findall(candidate)
+            assert last_answer(candidate) == (answers[-1] if answers else None), repr(candidate)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "-" * 1_000 + "1+2+3",  # was RecursionError
+        "-" * 10_000 + "1+2+3",  # was MemoryError (the parser's stack)
+        "-" * 100_000 + "1+2+3",  # was MemoryError
+        "(" * 1_000 + "1+2+3" + ")" * 1_000,
+        " " * 5_000 + "1+2+3",
+    ],
+)
+def test_answers_past_the_caps_score_format_only(answer):
+    parts = score_parts(f"x</think>\n<answer>{answer}</answer>", [1, 2, 3], 6)
+    assert (parts.reward, parts.format_reward, parts.answer_reward) == (pytest.approx(0.1), 1.0, 0.0)
+    assert evaluate_expression(answer) is None
+
+
+def test_answers_at_the_caps_are_still_evaluated():
+    # MAX_OPERATORS signs: 198 unary minus (an even count) and the two pluses
+    deepest = "-" * (MAX_OPERATORS - 2) + "1+2+3"
+    assert score_parts(f"x</think>\n<answer>{deepest}</answer>", [1, 2, 3], 6).correct
+    assert not score_parts(f"x</think>\n<answer>-{deepest}</answer>", [1, 2, 3], 6).correct
+    longest = "1+2+3".rjust(MAX_ANSWER_CHARS)
+    assert score_parts(f"x</think>\n<answer>{longest}</answer>", [1, 2, 3], 6).correct
+    assert not score_parts(f"x</think>\n<answer> {longest}</answer>", [1, 2, 3], 6).correct
+
+
+def test_huge_numbers_are_wrong_numbers_not_errors():
+    huge = "9" * 5_000  # int("9" * 5000) raises: past Python's 4,300-digit conversion limit
+    assert score_parts(f"x</think>\n<answer>{huge} + 2 + 3</answer>", [1, 2, 3], 6).reward == pytest.approx(0.1)
+    assert score_parts(f"x</think>\n<answer>{huge}</answer>", [9, 9], 18).answer_reward == 0.0
+    # leading zeros still read as int() reads them (then the parser refuses "007", as eval does)
+    assert score_parts("x</think>\n<answer>007 + 2</answer>", [7, 2], 9).answer_reward == 0.0
+    # a value past any float is a wrong value
+    big = 10**200
+    assert score_parts(f"x</think>\n<answer>{big} * {big}</answer>", [big, big], 1).answer_reward == 0.0
+
+
+TEN_MB_COMPLETIONS = """
+import sys
+from es_core.countdown.reward import score_parts
+n = 10_000_000
+for text in ["<think>" * (n // 7), "<answer>" * (n // 8), "</think>\\n<answer>" * (n // 17),
+             "x</think>\\n<answer>" + "<answer>" * (n // 8) + "1 + 2</answer>",
+             "x" * n + "</think>\\n<answer>1 + 2</answer>", "a" * n]:
+    parts = score_parts(text, [1, 2], 3)
+    print(parts.reward, parts.answer_reward)
+"""
+
+
+def test_ten_megabyte_completions_get_a_score():
+    """Each took minutes with the paper's lazy regexes (quadratic on unclosed tags); a hang guard, not a timing."""
+    done = subprocess.run([sys.executable, "-c", TEN_MB_COMPLETIONS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rewards = [tuple(float(x) for x in line.split()) for line in done.stdout.splitlines()]
+    assert rewards == [(0.0, 0.0), (0.0, 0.0), (pytest.approx(0.01), 0.0), (pytest.approx(0.1), 0.0), (pytest.approx(1.1), 1.0), (0.0, 0.0)]

@@ -1,5 +1,6 @@
 """One settings object: YAML + ES_ env vars + --set, and one-line errors naming the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,47 @@ def test_fingerprint_counts_evaluation_sets_and_warm_start_but_not_where_files_a
     assert load_settings(None, ["warm_start.steps=10"]).fingerprint() != plain.fingerprint()
     # a setting at its default is left out: adding one later keeps recorded runs' hashes
     assert load_settings(None, ["es.fitness=mean_reward", "data.train_problems=fixed"]).fingerprint() == plain.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "overrides, env, origin",
+    [
+        (["es.population=-3"], {}, "--set es.population=-3: es.population: "),  # blamed the YAML file before
+        (["es.population=4", "es.population=-1"], {}, "--set es.population=-1: es.population: "),  # the later --set wins
+        ([], {"ES_ES__POPULATION": "-3"}, "environment variable ES_ES__POPULATION: es.population: "),
+        ([], {"es_es__population": "-3"}, "environment variable es_es__population: es.population: "),
+        ([], {"ES_ES": '{"population": -3}'}, "environment variable ES_ES: es.population: "),
+        (["lora.layers=[0, x]"], {}, "--set lora.layers=[0, x]: lora.layers.1: "),
+        # env sets the value, --set something else: the value's own source is named
+        (["es.sigma=0.5"], {"ES_ES__POPULATION": "-3"}, "environment variable ES_ES__POPULATION: es.population: "),
+    ],
+)
+def test_a_bad_value_names_the_source_it_came_from(tmp_path, monkeypatch, overrides, env, origin):
+    path = tmp_path / "exp.yaml"
+    path.write_text("es:\n  population: 8\n  sigma: 0.01\n")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, overrides)
+    assert str(err.value).startswith(origin), str(err.value)
+    assert str(path) not in str(err.value)
+
+
+def test_a_bad_value_in_the_file_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "exp.yaml"
+    path.write_text("es:\n  population: -3\n")
+    monkeypatch.setenv("ES_ES__SIGMA", "0.5")  # sets another key of the section
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: es.population: "):
+        load_settings(path, ["es.learning_rate=0.1"])
+
+
+def test_a_whole_section_error_names_every_source_inside_it(tmp_path, monkeypatch):
+    # an odd population with antithetic pairs is the section's check: population came from --set,
+    # antithetic from the environment, sigma from the file
+    path = tmp_path / "exp.yaml"
+    path.write_text("es:\n  sigma: 0.01\nlora:\n  rank: 2\n")
+    monkeypatch.setenv("ES_ES__ANTITHETIC", "true")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, ["es.population=5", "lora.rank=4"])
+    assert str(err.value).startswith(f"--set es.population=5 and environment variable ES_ES__ANTITHETIC and {path}: es: ")
+    assert "population must be even" in str(err.value)

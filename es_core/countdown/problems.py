@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass
 from fractions import Fraction
@@ -166,29 +167,29 @@ def generated_splits(train_size: int, heldout_size: int, seed: int) -> tuple[lis
 def load_paper_file(path: str | Path, train_size: int = 200, heldout_size: int = 2000) -> tuple[list[Problem], list[Problem]]:
     """The paper's countdown.json layout: the first `train_size` items train, the last `heldout_size` are held out."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"problem file not found: {path}")
     try:
-        items = json.loads(path.read_text())
+        items = json.loads(_read_text(path), parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON list of problems")
+    problems = [_paper_problem(path, i, item) for i, item in enumerate(items)]
+    _check_unique_ids(problems, [(f"{path}: record {i}", f"record {i}") for i in range(len(problems))])
     if train_size + heldout_size > len(items):
         raise DataError(f"{path}: {len(items)} problems, fewer than train_size {train_size} + heldout_size {heldout_size}")
-    problems = [_paper_problem(path, i, item) for i, item in enumerate(items)]
     train = [Problem(p.id, p.numbers, p.target, TRAIN) for p in problems[:train_size]]
     heldout = [Problem(p.id, p.numbers, p.target, HELDOUT) for p in problems[len(problems) - heldout_size :]]
     return train, heldout
 
 
-def _paper_problem(path: Path, index: int, item: dict) -> Problem:
+def _paper_problem(path: Path, index: int, item: object) -> Problem:
     try:
-        numbers = tuple(int(n) for n in item["numbers"])
-        target = float(Fraction(str(item["target"]).strip())) if "/" in str(item["target"]) else float(item["target"])
-        return Problem(f"paper-{item.get('id', index)}", numbers, target)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path}: record {index} is not a problem ({type(exc).__name__}: {exc})") from None
+        numbers, target = _checked_fields(item)
+    except _BadRecord as exc:
+        raise DataError(f"{path}: record {index} is not a problem: {exc}") from None
+    return Problem(f"paper-{item.get('id', index)}", numbers, target)
 
 
 def save_jsonl(problems: Iterable[Problem], path: str | Path) -> Path:
@@ -200,20 +201,117 @@ def save_jsonl(problems: Iterable[Problem], path: str | Path) -> Path:
 
 def load_jsonl(path: str | Path) -> list[Problem]:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"problem file not found: {path}")
-    problems = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    problems, lines = [], []
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
-            numbers = tuple(int(n) for n in r["numbers"])
-            target = float(r["target"])
-            problems.append(Problem(str(r.get("id") or problem_id(numbers, target)), numbers, target, r.get("split", TRAIN)))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"{path}:{lineno}: not a problem record ({type(exc).__name__}: {exc})") from None
+            record = json.loads(line, parse_int=_parse_int)
+            numbers, target = _checked_fields(record)
+            split = record.get("split", TRAIN)
+            if split not in (TRAIN, HELDOUT):
+                raise _BadRecord(f"split must be {TRAIN!r} or {HELDOUT!r}, not {_shown(split)}")
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not a problem record (not valid JSON: {exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: not a problem record (not valid JSON: nested too deeply)") from None
+        except _BadRecord as exc:
+            raise DataError(f"{path}:{lineno}: not a problem record: {exc}") from None
+        problems.append(Problem(str(record.get("id") or problem_id(numbers, target)), numbers, target, split))
+        lines.append(lineno)
+    _check_unique_ids(problems, [(f"{path}:{lineno}", f"line {lineno}") for lineno in lines])
     return problems
+
+
+# --- validation of file records ------------------------------------------------------------
+# Every record is checked when the file is read, so that a bad one stops the run before any
+# work with one line naming the file and the record (a duplicate id used to surface as a DuckDB
+# key error after generation 0; "numbers": "123" was read as (1, 2, 3)).
+
+_MAX_INT_DIGITS = 4_000  # below Python's int-conversion limit (4,300), which json.loads would hit
+
+
+class _BadRecord(Exception):
+    """Why one record is not a problem (the loader adds file and record)."""
+
+
+class _TooManyDigits:
+    """What json.loads gives for an integer literal of more than _MAX_INT_DIGITS digits."""
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+
+def _parse_int(text: str) -> int | _TooManyDigits:
+    return int(text) if len(text) <= _MAX_INT_DIGITS else _TooManyDigits(text)
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"problem file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, _TooManyDigits):
+        return f"an integer of {value.digits:,} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _checked_fields(record: object) -> tuple[tuple[int, ...], float]:
+    """(numbers, target) of one record: at least two non-negative integers and a finite target."""
+    if not isinstance(record, dict):
+        raise _BadRecord(f"expected a JSON object, not {_shown(record)}")
+    for key in ("numbers", "target"):
+        if key not in record:
+            raise _BadRecord(f"no {key!r}")
+    if isinstance(record.get("id"), _TooManyDigits):
+        raise _BadRecord(f"id must be a string or a shorter integer, not {_shown(record['id'])}")
+    numbers = record["numbers"]
+    if not isinstance(numbers, list):
+        raise _BadRecord(f"numbers must be a list of integers, not {_shown(numbers)}")
+    if len(numbers) < 2:
+        raise _BadRecord(f"numbers must hold at least two integers, not {_shown(numbers)}")
+    for i, n in enumerate(numbers):
+        # bool is an int in Python, and a float such as 1.7 would be cut to 1
+        if type(n) is not int or n < 0:
+            raise _BadRecord(f"numbers[{i}] must be a non-negative integer, not {_shown(n)}")
+    return tuple(numbers), _checked_target(record["target"])
+
+
+def _checked_target(value: object) -> float:
+    """A JSON number or a numeric string ("98", "266.66", "800/3", as the paper writes them), finite."""
+    if isinstance(value, _TooManyDigits):
+        raise _BadRecord(f"target must be a finite number, not {_shown(value)}")
+    try:
+        if type(value) in (int, float):
+            target = float(value)
+        elif isinstance(value, str):
+            text = value.strip()
+            target = float(Fraction(text)) if "/" in text else float(text)
+        else:
+            raise _BadRecord(f"target must be a number, not {_shown(value)}")
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise _BadRecord(f"target must be a finite number, not {_shown(value)}") from None
+    if not math.isfinite(target):
+        raise _BadRecord(f"target must be a finite number, not {_shown(value)}")
+    return target
+
+
+def _check_unique_ids(problems: Sequence[Problem], places: Sequence[tuple[str, str]]) -> None:
+    """Ids are the ledger's key: a duplicate would fail the run's first commit, after generation 0.
+    `places` holds each problem's (error prefix, short name)."""
+    first: dict[str, str] = {}
+    for problem, (prefix, name) in zip(problems, places):
+        if problem.id in first:
+            raise DataError(f"{prefix}: id {problem.id!r} is already used by {first[problem.id]}")
+        first[problem.id] = name
 
 
 def jsonl_splits(path: str | Path, train_size: int, heldout_size: int) -> tuple[list[Problem], list[Problem]]:
