@@ -28,8 +28,10 @@ from typing import Any, Callable, Iterator
 
 import duckdb
 
+from es_core.seeding import NOISE_SCHEME
+
 LEDGER_FILE = "ledger.duckdb"
-CURRENT_VERSION = 2
+CURRENT_VERSION = 3
 EVAL_MODELS = ("centre", "base")
 
 
@@ -87,7 +89,15 @@ _V2 = [
     "ALTER TABLE evals_v2 RENAME TO evals",
 ]
 
-MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2}
+# The noise scheme each run's members are drawn with (es_core/seeding.py): resume and replay refuse
+# a run drawn under another. Every run recorded before this step drew torch's CPU randn.
+# (A step of its own: renumber it, never merge it into another, if another step lands first.)
+_NOISE_SCHEME = [
+    "ALTER TABLE runs ADD COLUMN noise_scheme VARCHAR",
+    "UPDATE runs SET noise_scheme = 'torch-cpu-randn'",
+]
+
+MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2, 3: _NOISE_SCHEME}
 TABLES = ("runs", "generations", "members", "samples", "evals", "problems")
 _KEYS = {
     "runs": ("run_id",),
@@ -315,20 +325,23 @@ class Ledger:
         base_model_sha256: str,
         seed: int,
         status: str = "running",
+        noise_scheme: str = NOISE_SCHEME,
     ) -> None:
         """Create the run row, or update it on a resume: created_at is kept; a different settings
-        hash or base model hash is refused (that would be a different run)."""
+        hash, base model hash or noise scheme is refused (that would be a different run)."""
 
         def work(con):
-            old = con.execute("SELECT settings_sha256, base_model_sha256 FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            old = con.execute("SELECT settings_sha256, base_model_sha256, noise_scheme FROM runs WHERE run_id = ?", [run_id]).fetchone()
             now = utcnow()
             if old is None:
                 self._insert(con, "runs", [{
                     "run_id": run_id, "created_at": now, "updated_at": now, "run_name": run_name, "config_json": config_json,
                     "settings_sha256": settings_sha256, "base_model": str(base_model), "base_model_sha256": base_model_sha256,
-                    "seed": seed, "status": status,
+                    "seed": seed, "status": status, "noise_scheme": noise_scheme,
                 }], replace=False)
                 return
+            if old[2] != noise_scheme:
+                raise LedgerError(f"run {run_id} was recorded with noise scheme {old[2]}, this code draws {noise_scheme}: its members cannot be rebuilt; start a new run id")
             if old[0] is not None and old[0] != settings_sha256:
                 raise LedgerError(f"run {run_id} was recorded with settings {old[0][:12]}, these settings hash to {settings_sha256[:12]}: start a new run id")
             if old[1] is not None and old[1] != base_model_sha256:

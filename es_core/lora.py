@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save as save_arrays
 
-from es_core.seeding import hash_int
+from es_core.seeding import standard_normal_f32, uniform_f32
 
 LoRATensors = dict[str, torch.Tensor]
 
@@ -136,16 +136,17 @@ def init_center(targets: list[LoRATarget], rank: int, seed: int, init_std: float
     """Generation 0's centre: A from a seeded init, B = 0 (so the centre equals the base model).
 
     A follows PEFT's default (kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)))
-    unless `init_std` asks for a Gaussian of that std."""
+    unless `init_std` asks for a Gaussian of that std. Drawn by the run's noise scheme
+    (es_core/seeding.py), one stream per A, so the centre is bit-identical on every machine."""
     center: LoRATensors = {}
     for t in targets:
-        gen = torch.Generator(device="cpu").manual_seed(hash_int(f"lora-init:{int(seed)}:{t.key_a}"))
+        key, size = f"lora-init:{int(seed)}:{t.key_a}", rank * t.in_features
         if init_std is None:
             bound = 1.0 / math.sqrt(t.in_features)
-            a = (torch.rand(rank, t.in_features, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+            a = (torch.from_numpy(uniform_f32(key, size)) * 2 - 1) * bound
         else:
-            a = torch.randn(rank, t.in_features, generator=gen, dtype=torch.float32) * init_std
-        center[t.key_a] = a
+            a = torch.from_numpy(standard_normal_f32(key, size)) * init_std
+        center[t.key_a] = a.view(rank, t.in_features)
         center[t.key_b] = torch.zeros(t.out_features, rank, dtype=torch.float32)
     return dict(sorted(center.items()))
 

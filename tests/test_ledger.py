@@ -264,8 +264,12 @@ def test_a_v1_ledger_made_by_hand_is_migrated_to_the_current_version(tmp_path):
     assert ledger.query("SELECT format_reward, completion_tokens FROM samples")[1] == [(None, 12)]
     assert ledger.query("SELECT version FROM schema_version ORDER BY version")[1] == [(v,) for v in range(1, CURRENT_VERSION + 1)]
     assert [s["kind"] for s in ledger.lineage("c1")] == ["update", "init"]
-    # and it takes today's writes: a resume fills the new columns, evals gain a base row
-    ledger.record_run("old", "old-run", "{}", "s" * 64, "/models/tiny", "bbbb", 7)
+    # its members were drawn with torch's CPU randn: a resume by this code is refused in one line
+    assert run["noise_scheme"] == "torch-cpu-randn"
+    with pytest.raises(LedgerError, match="recorded with noise scheme torch-cpu-randn, this code draws philox"):
+        ledger.record_run("old", "old-run", "{}", "s" * 64, "/models/tiny", "bbbb", 7)
+    # and it takes today's writes: a resume (by code of its scheme) fills the new columns, evals gain a base row
+    ledger.record_run("old", "old-run", "{}", "s" * 64, "/models/tiny", "bbbb", 7, noise_scheme="torch-cpu-randn")
     ledger.record_eval({"run_id": "old", "generation": 0, "split": "heldout", "model": "base", "n": 50, "accuracy": 0.1})
     ledger.commit_generation(*fake_generation("old", 1))
     assert ledger.run_row("old")["settings_sha256"] == "s" * 64
