@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import duckdb
 
+from artifacts.runs import check_run_id
 from es_core.seeding import NOISE_SCHEME
 
 LEDGER_FILE = "ledger.duckdb"
@@ -329,6 +330,7 @@ class Ledger:
     ) -> None:
         """Create the run row, or update it on a resume: created_at is kept; a different settings
         hash, base model hash or noise scheme is refused (that would be a different run)."""
+        check_run_id(run_id)
 
         def work(con):
             old = con.execute("SELECT settings_sha256, base_model_sha256, noise_scheme FROM runs WHERE run_id = ?", [run_id]).fetchone()

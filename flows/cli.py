@@ -64,11 +64,13 @@ def _cmd_run(args) -> int:
     overrides = list(args.overrides) + ([f"backend.kind={args.backend}"] if args.backend else [])
     if args.data_dir:
         overrides.append(f"data_dir={Path(args.data_dir).resolve()}")
+    _check_run_id(args.run_id)
     settings = load_settings(args.config, overrides)  # a broken config stops here, before any work
     _isolate_ephemeral_prefect(str(settings.data_dir))
-    from flows.es_countdown import es_countdown
+    with _writer_lock(settings.data_dir, args.run_id):
+        from flows.es_countdown import es_countdown
 
-    result = es_countdown(config_path=str(Path(args.config).resolve()), overrides=overrides, run_id=args.run_id, data_dir=str(settings.data_dir))
+        result = es_countdown(config_path=str(Path(args.config).resolve()), overrides=overrides, run_id=args.run_id, data_dir=str(settings.data_dir))
     print(f"run {result['run_id']}: final centre {result['center_sha256'][:12]}, report {result['report']}")
     return 0
 
@@ -79,20 +81,44 @@ def _resume_overrides(args) -> list[str]:
 
 
 def _cmd_resume(args) -> int:
+    _check_run_id(args.run_id)
     _isolate_ephemeral_prefect(_default_data_dir(args.data_dir))
-    from flows.es_countdown import es_countdown
+    with _writer_lock(_default_data_dir(args.data_dir), args.run_id):
+        from flows.es_countdown import es_countdown
 
-    result = es_countdown(run_id=args.run_id, overrides=_resume_overrides(args), data_dir=_default_data_dir(args.data_dir))
+        result = es_countdown(run_id=args.run_id, overrides=_resume_overrides(args), data_dir=_default_data_dir(args.data_dir))
     print(f"run {result['run_id']}: final centre {result['center_sha256'][:12]}, report {result['report']}")
     return 0
 
 
 def _cmd_replay(args) -> int:
+    _check_run_id(args.run_id)
     _isolate_ephemeral_prefect(_default_data_dir(args.data_dir))
     from flows.replay import replay
 
     result = replay(args.run_id, args.generation, _default_data_dir(args.data_dir), args.reevaluate)
     return 0 if result["ok"] else 1
+
+
+# --- one writer per run id (issue 17) ---------------------------------------------------------------
+
+
+def _check_run_id(run_id: str | None) -> None:
+    """A run id that is not a plain name (a path, `..`) stops here in one line, before any work."""
+    if run_id is not None:
+        from artifacts.runs import check_run_id
+
+        check_run_id(run_id)
+
+
+def _writer_lock(data_dir, run_id: str | None):
+    """The run's write lock, held while the flow runs (a second writer of the id is refused in one
+    line naming the holder); a new run without --run-id gets a fresh id and needs none."""
+    import contextlib
+
+    from artifacts.runs import RunLock
+
+    return RunLock(data_dir, run_id) if run_id is not None else contextlib.nullcontext()
 
 
 def _isolate_ephemeral_prefect(data_dir: str) -> None:

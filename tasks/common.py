@@ -19,6 +19,8 @@ from prefect.serializers import PickleSerializer
 from prefect.utilities.importtools import from_qualified_name
 from pydantic import Field
 
+from artifacts.runs import check_run_id
+
 CONTENT_CACHE = (INPUTS - "backend" - "gate" - "noise") + TASK_SOURCE
 NO_CACHE = NO_CACHE
 
@@ -43,7 +45,7 @@ class DataDir:
 
     def run_dir(self, run_id: str) -> Path:
         """A run's own files: report, reward curve, SGLang server logs."""
-        path = self.root / "reports" / run_id
+        path = self.root / "reports" / check_run_id(run_id)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
