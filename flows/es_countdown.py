@@ -28,7 +28,7 @@ from es_core.settings import ConfigError, Settings, load_settings, settings_from
 from flows.backend import open_backend
 from flows.progress import RunProgress
 from flows.report import write_report
-from tasks.common import DataDir, persisted
+from tasks.common import DataDir, evaluation_key, persisted
 from tasks.evaluate import evaluate_heldout, evaluate_member, evaluate_population
 from tasks.ledger import commit_generation, publish_generation, record_eval
 from tasks.model import prepare_base_model
@@ -97,7 +97,7 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
 
     tokenizer = load_tokenizer(Path(base["path"]))
     heldout_prompts = render_prompts(heldout, settings.prompt.style, tokenizer)
-    model_key = f"{base['sha256']}:{settings.backend.kind}:{settings.prompt.style}"
+    model_key = evaluation_key(settings, base["sha256"])
     evaluation = dict(max_new_tokens=settings.generation.max_new_tokens, reward_kind=settings.reward.kind, model_key=model_key)
 
     init_sha = persisted(init_population, data)(
