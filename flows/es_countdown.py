@@ -24,9 +24,10 @@ from es_core.countdown.problems import batch_for_generation, load_problems
 from es_core.countdown.prompt import render_prompts
 from es_core.es import member_plan
 from es_core.models import load_tokenizer
-from es_core.settings import ConfigError, Settings, load_settings, settings_from_dict
+from es_core.settings import ConfigError, Settings, load_settings
 from flows.backend import open_backend
 from flows.progress import RunProgress
+from flows.recorded import recorded_settings
 from flows.report import write_report
 from tasks.common import DataDir, evaluation_key, persisted
 from tasks.evaluate import evaluate_heldout, evaluate_member, evaluate_population
@@ -49,7 +50,7 @@ def resolve_settings(config_path: str | None, overrides: list[str] | None, run_i
     if run_id:
         stored = Ledger(root).run_row(run_id) if (root / "ledger.duckdb").exists() else None
         if stored:
-            resumed = settings_from_dict(_json(stored["config_json"]), [*(overrides or []), f"data_dir={root}"], where=f"run {run_id}")
+            resumed = recorded_settings(stored, root, overrides or [])  # the stored settings; ES_* that change results refused
             if settings is not None and settings.fingerprint() != resumed.fingerprint():
                 raise ConfigError(f"run {run_id} in {root} was started with other settings than {config_path}; start a new run id")
             return resumed, run_id, True

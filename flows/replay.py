@@ -4,7 +4,6 @@ parent centre, the member seeds and the recorded rewards, and check every hash. 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ from es_core.countdown.prompt import render_prompts
 from es_core.es import Member, es_update, perturb_center
 from es_core.evaluation import score_member
 from es_core.lora import save_adapter
-from es_core.settings import ConfigError, settings_from_dict
+from es_core.settings import ConfigError
+from flows.recorded import recorded_settings
 
 
 @dataclass
@@ -62,7 +62,7 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
     row = ledger.generation_row(run_id, generation)
     if row is None:
         raise ConfigError(f"run {run_id} has no recorded generation {generation} (last: {ledger.last_generation(run_id)})")
-    settings = settings_from_dict(json.loads(run["config_json"]), [f"data_dir={root}"], where=f"run {run_id}")
+    settings = recorded_settings(run, root, verb="replay")  # as recorded: an ES_* variable that changes results is refused
     es = settings.es
     store = ArtifactStore(root / "artifacts")
     parent, spec = load_checkpoint(store, row["parent_center_sha256"])  # verifies the parent's hash
