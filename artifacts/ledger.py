@@ -34,6 +34,8 @@ from es_core.seeding import NOISE_SCHEME
 LEDGER_FILE = "ledger.duckdb"
 CURRENT_VERSION = 3
 EVAL_MODELS = ("centre", "base")
+# *_sha256 columns that hash something other than an artifact of the store (verify skips them)
+NOT_ARTIFACTS = {("runs", "settings_sha256"), ("runs", "base_model_sha256")}
 
 
 class LedgerError(ValueError):
@@ -463,6 +465,28 @@ class Ledger:
             return written
 
         return self._read(work, missing=_RAISE)
+
+    def artifact_references(self, run_id: str | None = None) -> list[tuple[str, str, str]]:
+        """(sha256, table, column) of every artifact the ledger references (of one run, or all),
+        sorted: each column named *_sha256, except the runs columns that hash settings or the base
+        model (not artifacts). The first generation's parent is the run's initial centre."""
+
+        def work(con):
+            cols = con.execute(
+                "SELECT c.table_name, c.column_name, count(*) FILTER (WHERE r.column_name = 'run_id') > 0 FROM information_schema.columns c "
+                "JOIN information_schema.columns r USING (table_schema, table_name) WHERE c.table_schema = 'main' "
+                "AND c.column_name LIKE '%\\_sha256' ESCAPE '\\' GROUP BY 1, 2 ORDER BY 1, 2"
+            ).fetchall()
+            found: set[tuple[str, str, str]] = set()
+            for table, column, has_run in cols:
+                if (table, column) in NOT_ARTIFACTS or (run_id is not None and not has_run):
+                    continue
+                where, params = (' AND run_id = ?', [run_id]) if run_id is not None else ("", [])
+                rows = con.execute(f'SELECT DISTINCT "{column}" FROM "{table}" WHERE "{column}" IS NOT NULL{where}', params).fetchall()
+                found.update((v, table, column) for (v,) in rows)
+            return sorted(found)
+
+        return self._read(work, missing=[])
 
     def referenced_sha256(self) -> set[str]:
         """Every value of every column named *_sha256 (what gc must keep)."""

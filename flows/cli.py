@@ -3,7 +3,7 @@
     es-countdown run --config configs/experiments/smoke.yaml [--set es.sigma=0.01] [--data-dir DIR]
     es-countdown resume RUN_ID [--data-dir DIR]
     es-countdown replay RUN_ID --generation G [--reevaluate]
-    es-countdown sql "SELECT ..." | lineage SHA | export RUN_ID | gc [--yes]
+    es-countdown sql "SELECT ..." | lineage SHA | export RUN_ID | gc [--yes] | verify [RUN_ID]
 
 Runs go through Prefect: with no PREFECT_API_URL, in-process on Prefect's ephemeral API (no server
 needed); with one, they show in that server's UI. Every failure that stops a command is one line.

@@ -1,5 +1,8 @@
-"""What a run's record guarantees: resume and replay use the stored settings."""
+"""What a run's record guarantees: resume and replay use the stored settings, `verify` finds every
+missing or corrupt artifact, replay checks the stored files, and what was scored is what was recorded."""
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,7 @@ import pytest
 from artifacts.ledger import Ledger
 from es_core.seeding import NOISE_SCHEME
 from es_core.settings import ConfigError, Settings
+from flows.cli import main as cli_main
 from flows.recorded import recorded_settings
 from tests.test_pipeline import tiny_config
 
@@ -24,6 +28,11 @@ def recorded(tmp_path_factory, prefect_harness, model_cache) -> Path:
         mp.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
         es_countdown(config_path=str(tiny_config(tmp)), overrides=["es.sigma=0.5"], run_id=RUN, data_dir=str(tmp / "data"))
     return tmp / "data"
+
+
+def copy_of(data_dir: Path, tmp_path: Path) -> Path:
+    shutil.copytree(data_dir, tmp_path / "copy", symlinks=True)
+    return tmp_path / "copy"
 
 
 # --- resume and replay use the stored settings ----------------------------------------------------
@@ -71,3 +80,55 @@ def test_replay_and_resume_of_a_real_run_refuse_an_environment_override(recorded
     with pytest.raises(ConfigError, match="ES_ES__SIGMA=0.01"):
         es_countdown(run_id=RUN, overrides=["es.generations=3"], data_dir=str(recorded))
     assert Ledger(recorded).last_generation(RUN) == 1  # nothing ran
+
+
+# --- what was scored is what was recorded ---------------------------------------------------------
+
+
+def test_re_decoding_the_stored_member_adapters_gives_the_recorded_completions(recorded):
+    """The embedded flow scores members it builds in memory while `perturb` writes their files: the
+    files (the ledger's adapter hashes) must decode to the very completions the ledger holds. A
+    flow that evaluated other members than it recorded (2 x sigma, another seed) fails here."""
+    from flows.replay import replay
+
+    _, rows = Ledger(recorded).query("SELECT member, list(completion ORDER BY problem_id) FROM samples WHERE run_id = ? AND generation = 1 GROUP BY 1", [RUN])
+    assert len({tuple(texts) for _, texts in rows}) > 1, "members should decode differently at sigma 0.5"
+    for generation in (0, 1):
+        result = replay(RUN, generation, str(recorded), reevaluate=True)
+        assert result["ok"], result["lines"]
+        assert "re-evaluated 4 members, 12 completions" in "\n".join(result["lines"])
+
+
+# --- verify, and replay against the stored files ----------------------------------------------------
+
+
+def test_verify_lists_missing_and_corrupt_artifacts_by_file_and_replay_fails_on_a_flipped_byte(recorded, tmp_path, capsys):
+    from flows.replay import replay
+
+    data = copy_of(recorded, tmp_path)
+    assert cli_main(["verify", RUN, "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().endswith("intact, 0 missing, 0 corrupt") and out.count("\n") == 1, out
+
+    ledger = Ledger(data)
+    member = ledger.member_rows(RUN, 1)[2]
+    weights = data / "artifacts" / member["adapter_sha256"][:2] / member["adapter_sha256"] / "adapter_model.safetensors"
+    os.chmod(weights, 0o644)
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(raw))
+    centre = ledger.generation_row(RUN, 1)["center_sha256"]  # the final centre
+    shutil.rmtree(data / "artifacts" / centre[:2] / centre)
+
+    assert cli_main(["verify", RUN, "--data-dir", str(data)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert any(line.startswith(f"CORRUPT artifact {member['adapter_sha256']} is corrupt: {weights} has sha256") and "members.adapter_sha256" in line for line in lines), lines
+    assert any(line.startswith(f"MISSING artifact {centre} is missing") and "evals.adapter_sha256, generations.center_sha256" in line for line in lines), lines
+    assert lines[-1].endswith("1 missing, 1 corrupt"), lines
+    assert cli_main(["verify", "--data-dir", str(data)]) == 1  # every run's
+    capsys.readouterr()
+
+    result = replay(RUN, 1, str(data))  # its members are rebuilt from seeds: the rebuilt hash still matches the ledger
+    assert not result["ok"], result["lines"]
+    assert any(f"MISMATCH member 2: artifact {member['adapter_sha256']} is corrupt: {weights}" in line for line in result["lines"]), result["lines"]
