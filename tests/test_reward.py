@@ -120,3 +120,11 @@ def test_population_scores_survive_prefects_result_serializer():
     assert b"\n" not in blob
     back = Serializer(type="es-pickle").loads(blob)
     assert back == {"scores": scores, "generate_seconds": 1.5}
+
+
+def test_each_number_is_used_exactly_as_often_as_it_is_given():
+    """The numbers are a multiset: reusing one, or leaving out one of two equal numbers, is wrong
+    although the set of numbers used equals the set given (a set comparison would pass both)."""
+    assert not score_parts("t</think>\n<answer>44 + 44 + 10</answer>", [44, 10], 98).correct  # 44 reused
+    assert not score_parts("t</think>\n<answer>44 + 10</answer>", [44, 10, 10], 54).correct  # one 10 left out
+    assert score_parts("t</think>\n<answer>44 + 10 + 10</answer>", [44, 10, 10], 64).correct
