@@ -33,7 +33,7 @@ def recorded_settings(run: dict, root: str | Path, overrides: list[str] | tuple[
     recorded, asked = _without_environment(stored, []), _without_environment(stored, overrides)
     if asked.fingerprint() != recorded.fingerprint():
         key, was, now = _first_difference(recorded, asked)
-        raise ConfigError(f"{verb} --set {key}={json.dumps(now)}: run {run_id} was recorded with {key} = {json.dumps(was)}; "
+        raise ConfigError(f"{key}={json.dumps(now)} asked, but run {run_id} was recorded with {key} = {json.dumps(was)}: "
                           f"a {verb} keeps everything that changes results (start a new run id to change it)")
     if settings.fingerprint() != asked.fingerprint():
         key, was, now = _first_difference(asked, settings)

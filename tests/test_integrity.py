@@ -64,7 +64,7 @@ def test_an_environment_variable_that_changes_results_is_refused_naming_it(tmp_p
 
 
 def test_a_resume_override_that_changes_results_or_another_noise_scheme_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"resume --set es.sigma=0.1: run r was recorded with es.sigma = 0.05"):
+    with pytest.raises(ConfigError, match=r"es.sigma=0.1 asked, but run r was recorded with es.sigma = 0.05: a resume keeps"):
         recorded_settings(run_row(), tmp_path, ["es.sigma=0.1"])
     with pytest.raises(ConfigError, match=f"noise scheme torch-cpu-randn, this code draws {NOISE_SCHEME}"):
         recorded_settings(run_row(scheme="torch-cpu-randn"), tmp_path, verb="replay")
