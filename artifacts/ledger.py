@@ -95,12 +95,12 @@ _V2 = [
 # The noise scheme each run's members are drawn with (es_core/seeding.py): resume and replay refuse
 # a run drawn under another. Every run recorded before this step drew torch's CPU randn.
 # (A step of its own: renumber it, never merge it into another, if another step lands first.)
-_NOISE_SCHEME = [
+_ADD_NOISE_SCHEME = [
     "ALTER TABLE runs ADD COLUMN noise_scheme VARCHAR",
     "UPDATE runs SET noise_scheme = 'torch-cpu-randn'",
 ]
 
-MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2, 3: _NOISE_SCHEME}
+MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2, 3: _ADD_NOISE_SCHEME}
 TABLES = ("runs", "generations", "members", "samples", "evals", "problems")
 _KEYS = {
     "runs": ("run_id",),
