@@ -1,4 +1,4 @@
-"""The ledger's commands in the `es-countdown` CLI: sql, lineage, export, gc.
+"""The ledger's commands in the `es-countdown` CLI: sql, lineage, export, gc, verify.
 
 flows/cli.py calls `register(subparsers)`; `main(argv)` is a parser with only these commands (for
 tests, and `python -m artifacts.cli`). Each subcommand takes `--data-dir DIR` (default ES_DATA_DIR,
@@ -19,7 +19,7 @@ def _data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    """Add sql, lineage, export and gc to an argparse subparsers object."""
+    """Add sql, lineage, export, gc and verify to an argparse subparsers object."""
     p = subparsers.add_parser("sql", help="run a read-only SQL query on the ledger (works while a run is writing)")
     p.add_argument("query", help='e.g. "SELECT generation, reward_mean FROM generations ORDER BY generation"')
     p.add_argument("--format", choices=commands.FORMATS, default="table", help="table (long cells cut), csv or json (full values)")
@@ -46,6 +46,11 @@ def register(subparsers) -> None:
     _data_dir(p)
     p.set_defaults(handler=_cmd_gc)
 
+    p = subparsers.add_parser("verify", help="rehash every artifact the ledger references; list missing and corrupt files (exit 1 if any)")
+    p.add_argument("run_id", nargs="?", default=None, help="only this run's artifacts (default: every run's)")
+    _data_dir(p)
+    p.set_defaults(handler=_cmd_verify)
+
 
 def _cmd_sql(args) -> int:
     sys.stdout.write(commands.sql(args.data_dir, args.query, args.format, args.max_width))
@@ -66,6 +71,16 @@ def _cmd_export(args) -> int:
 def _cmd_gc(args) -> int:
     sys.stdout.write(commands.gc(args.data_dir, args.yes, args.min_age_hours * 3600.0))
     return 0
+
+
+def _cmd_verify(args) -> int:
+    if args.run_id is not None:
+        from artifacts.runs import check_run_id
+
+        check_run_id(args.run_id)
+    text, intact = commands.verify(args.data_dir, args.run_id)
+    sys.stdout.write(text)
+    return 0 if intact else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""What `es-countdown sql | lineage | export | gc` do, as plain functions that return text or data
+"""What `es-countdown sql | lineage | export | gc | verify` do, as plain functions that return text or data
 (the argparse wiring is in artifacts/cli.py). Errors are one-line CommandError, LedgerError or
 ArtifactError; the CLI prints them and exits 2."""
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts.ledger import LEDGER_FILE, Ledger, to_jsonable
-from artifacts.store import ArtifactStore, remove_path
+from artifacts.store import ArtifactError, ArtifactStore, remove_path
 
 ARTIFACTS_DIR = "artifacts"  # under the data dir, as tasks/common.DataDir lays it out
 FORMATS = ("table", "csv", "json")
@@ -200,6 +200,39 @@ def gc(data_dir, yes: bool = False, min_age_s: float = 86400.0) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- verify --------------------------------------------------------------------------------------
+
+
+def verify(data_dir, run_id: str | None = None) -> tuple[str, bool]:
+    """Rehash every artifact the ledger references (of one run, or all): (text, all intact). The
+    text has one line per missing artifact (its folder) and per corrupt one (the file whose bytes
+    differ, from the artifact's manifest), each with the ledger columns that reference it, then a
+    summary line."""
+    ledger = open_ledger(data_dir)
+    if run_id is not None and ledger.run_row(run_id) is None:
+        raise CommandError(f"run {run_id} is not in the ledger at {ledger.path}")
+    store = ArtifactStore(ledger.data_dir / ARTIFACTS_DIR)
+    referenced: dict[str, list[str]] = {}
+    for sha, table, column in ledger.artifact_references(run_id):
+        referenced.setdefault(sha, []).append(f"{table}.{column}")
+    lines, missing, corrupt = [], 0, 0
+    for sha, where in sorted(referenced.items()):
+        try:
+            store.get(sha)  # every file against the artifact's id
+            continue
+        except ArtifactError as exc:
+            if store.path(sha).is_dir():
+                corrupt += 1
+                lines.append(f"CORRUPT {exc} (referenced by {', '.join(where)})")
+            else:
+                missing += 1
+                lines.append(f"MISSING {exc} (referenced by {', '.join(where)})")
+    scope = f"run {run_id}" if run_id is not None else f"the ledger at {ledger.path}"
+    lines.append(f"verified {len(referenced)} artifacts referenced by {scope}: {len(referenced) - missing - corrupt} intact, "
+                 f"{missing} missing, {corrupt} corrupt")
+    return "\n".join(lines) + "\n", not (missing or corrupt)
+
+
 def _bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -208,4 +241,4 @@ def _bytes(n: int) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-__all__ = ["CommandError", "default_data_dir", "open_ledger", "format_rows", "sql", "lineage", "lineage_text", "export", "gc", "gc_plan", "GcPlan"]
+__all__ = ["CommandError", "default_data_dir", "open_ledger", "format_rows", "sql", "lineage", "lineage_text", "export", "gc", "gc_plan", "GcPlan", "verify"]

@@ -28,9 +28,14 @@ from typing import Any, Callable, Iterator
 
 import duckdb
 
+from artifacts.runs import check_run_id
+from es_core.seeding import NOISE_SCHEME
+
 LEDGER_FILE = "ledger.duckdb"
-CURRENT_VERSION = 3
+CURRENT_VERSION = 4
 EVAL_MODELS = ("centre", "base", "warm_start")
+# *_sha256 columns that hash something other than an artifact of the store (verify skips them)
+NOT_ARTIFACTS = {("runs", "settings_sha256"), ("runs", "base_model_sha256"), ("warm_starts", "base_model_sha256")}
 
 
 class LedgerError(ValueError):
@@ -87,7 +92,15 @@ _V2 = [
     "ALTER TABLE evals_v2 RENAME TO evals",
 ]
 
-_V3 = [
+# The noise scheme each run's members are drawn with (es_core/seeding.py): resume and replay refuse
+# a run drawn under another. Every run recorded before this step drew torch's CPU randn.
+# (A step of its own: renumber it, never merge it into another, if another step lands first.)
+_ADD_NOISE_SCHEME = [
+    "ALTER TABLE runs ADD COLUMN noise_scheme VARCHAR",
+    "UPDATE runs SET noise_scheme = 'torch-cpu-randn'",
+]
+
+_V4 = [
     # the supervised warm start a run's ES starts from (docs/ledger.md)
     """CREATE TABLE warm_starts (
         warm_start_sha256 VARCHAR PRIMARY KEY, base_model VARCHAR, base_model_sha256 VARCHAR, lineage_key VARCHAR,
@@ -97,7 +110,7 @@ _V3 = [
     "ALTER TABLE members ADD COLUMN fitness DOUBLE",
 ]
 
-MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2, 3: _V3}
+MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2, 3: _ADD_NOISE_SCHEME, 4: _V4}
 TABLES = ("runs", "generations", "members", "samples", "evals", "problems", "warm_starts")
 _KEYS = {
     "runs": ("run_id",),
@@ -337,26 +350,30 @@ class Ledger:
         seed: int,
         status: str = "running",
         warm_start_sha256: str | None = None,
+        noise_scheme: str = NOISE_SCHEME,
     ) -> None:
         """Create the run row, or update it on a resume: created_at is kept; a different settings
-        hash, base model hash or warm start is refused (that would be a different run)."""
+        hash, base model hash, warm start or noise scheme is refused (that would be a different run)."""
+        check_run_id(run_id)
 
         def work(con):
-            old = con.execute("SELECT settings_sha256, base_model_sha256, warm_start_sha256 FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            old = con.execute("SELECT settings_sha256, base_model_sha256, noise_scheme, warm_start_sha256 FROM runs WHERE run_id = ?", [run_id]).fetchone()
             now = utcnow()
             if old is None:
                 self._insert(con, "runs", [{
                     "run_id": run_id, "created_at": now, "updated_at": now, "run_name": run_name, "config_json": config_json,
                     "settings_sha256": settings_sha256, "base_model": str(base_model), "base_model_sha256": base_model_sha256,
-                    "seed": seed, "status": status, "warm_start_sha256": warm_start_sha256,
+                    "seed": seed, "status": status, "noise_scheme": noise_scheme, "warm_start_sha256": warm_start_sha256,
                 }], replace=False)
                 return
+            if old[2] != noise_scheme:
+                raise LedgerError(f"run {run_id} was recorded with noise scheme {old[2]}, this code draws {noise_scheme}: its members cannot be rebuilt; start a new run id")
             if old[0] is not None and old[0] != settings_sha256:
                 raise LedgerError(f"run {run_id} was recorded with settings {old[0][:12]}, these settings hash to {settings_sha256[:12]}: start a new run id")
             if old[1] is not None and old[1] != base_model_sha256:
                 raise LedgerError(f"run {run_id} was recorded with base model {old[1][:12]}, this base model hashes to {base_model_sha256[:12]}: start a new run id")
-            if old[2] != warm_start_sha256 and (old[2] is not None or warm_start_sha256 is not None):
-                raise LedgerError(f"run {run_id} was recorded with warm start {(old[2] or 'none')[:12]}, this one is {(warm_start_sha256 or 'none')[:12]}: start a new run id")
+            if old[3] != warm_start_sha256:
+                raise LedgerError(f"run {run_id} was recorded with warm start {(old[3] or 'none')[:12]}, this one is {(warm_start_sha256 or 'none')[:12]}: start a new run id")
             con.execute(
                 "UPDATE runs SET run_name = ?, config_json = ?, settings_sha256 = ?, base_model = ?, base_model_sha256 = ?, seed = ?, status = ?, updated_at = ? WHERE run_id = ?",
                 [run_name, config_json, settings_sha256, str(base_model), base_model_sha256, seed, status, now, run_id],
@@ -493,6 +510,28 @@ class Ledger:
             return written
 
         return self._read(work, missing=_RAISE)
+
+    def artifact_references(self, run_id: str | None = None) -> list[tuple[str, str, str]]:
+        """(sha256, table, column) of every artifact the ledger references (of one run, or all),
+        sorted: each column named *_sha256, except the runs columns that hash settings or the base
+        model (not artifacts). The first generation's parent is the run's initial centre."""
+
+        def work(con):
+            cols = con.execute(
+                "SELECT c.table_name, c.column_name, count(*) FILTER (WHERE r.column_name = 'run_id') > 0 FROM information_schema.columns c "
+                "JOIN information_schema.columns r USING (table_schema, table_name) WHERE c.table_schema = 'main' "
+                "AND c.column_name LIKE '%\\_sha256' ESCAPE '\\' GROUP BY 1, 2 ORDER BY 1, 2"
+            ).fetchall()
+            found: set[tuple[str, str, str]] = set()
+            for table, column, has_run in cols:
+                if (table, column) in NOT_ARTIFACTS or (run_id is not None and not has_run):
+                    continue
+                where, params = (' AND run_id = ?', [run_id]) if run_id is not None else ("", [])
+                rows = con.execute(f'SELECT DISTINCT "{column}" FROM "{table}" WHERE "{column}" IS NOT NULL{where}', params).fetchall()
+                found.update((v, table, column) for (v,) in rows)
+            return sorted(found)
+
+        return self._read(work, missing=[])
 
     def referenced_sha256(self) -> set[str]:
         """Every value of every column named *_sha256 (what gc must keep)."""

@@ -7,8 +7,9 @@ into weights w_i (z-scores in the paper); the centre moves by
 `ESState` returned is the checkpoint.
 
 Where we depart from the paper's code: noise is regenerated from an integer seed per member as
-one CPU stream cut into the tensors (the paper reseeded every tensor with the same seed, which
-correlates the noise of tensors of the same shape); members can come in antithetic pairs
+one Philox stream cut into the tensors (the paper reseeded every tensor with the same seed, which
+correlates the noise of tensors of the same shape; its torch CPU randn also differs between CPUs:
+es_core/seeding.py); members can come in antithetic pairs
 (+eps, -eps); theta is LoRA A and B, not full weights; Adam on the same gradient estimate is an
 option. Never an "advantage-weighted average of members":
 the z-scores sum to zero, so such an average divides by zero.
@@ -24,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from es_core.lora import LoRATensors, StackedLoRA
-from es_core.seeding import hash_int
+from es_core.seeding import hash_int, standard_normal_f32
 
 # --- members and their noise ------------------------------------------------------------------
 
@@ -56,8 +57,10 @@ def _moves(key: str, perturb: str) -> bool:
 
 
 def _draw_noise(seed: int, total: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    generator = torch.Generator(device="cpu").manual_seed(hash_int(f"es-member-noise:{int(seed)}"))
-    return torch.randn(total, generator=generator, dtype=torch.float32, out=out)
+    """`total` N(0, 1) float32 values of a member's seed (seeding.NOISE_SCHEME), into `out` if given."""
+    out = torch.empty(total, dtype=torch.float32) if out is None else out
+    standard_normal_f32(f"es-member-noise:{int(seed)}", total, out=out.numpy())
+    return out
 
 
 def _noise_matrix(seeds: Sequence[int], total: int) -> torch.Tensor:
@@ -80,8 +83,8 @@ def _split(flat: torch.Tensor, center: LoRATensors, keys: list[str]) -> dict[str
 
 
 def member_noise(center: LoRATensors, seed: int, perturb: str = "both") -> dict[str, torch.Tensor]:
-    """eps of one member for every tensor the noise moves: one CPU stream per seed, drawn in one
-    call and cut into the tensors in sorted key order; bit-identical on every machine."""
+    """eps of one member for every tensor the noise moves: one Philox stream per seed (seeding.py),
+    cut into the tensors in sorted key order; bit-identical on every machine."""
     layout = noise_layout(center, perturb)
     return _split(_draw_noise(seed, sum(n for _, n in layout)), center, [k for k, _ in layout])
 

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save as save_arrays
 
-from es_core.seeding import hash_int
+from es_core.seeding import standard_normal_f32, uniform_f32
 
 LoRATensors = dict[str, torch.Tensor]
 
@@ -78,20 +78,25 @@ class LoRATarget:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """What an adapter_config.json says, in the subset PEFT and SGLang both honour."""
+    """What an adapter_config.json says, in the subset PEFT and SGLang both honour.
+
+    It names no base model: an adapter is a content-addressed artifact, and a path in it (PEFT
+    writes the base model's) would give the same adapter another sha256 in a data dir that was
+    copied or moved. Both loaders take the base model separately: PeftModel.from_pretrained(base,
+    folder) and SGLang (`--model-path`; its LoRAConfig reads r, lora_alpha and target_modules).
+    The ledger names each run's base model (runs.base_model_sha256)."""
 
     rank: int
     lora_alpha: float
     target_modules: tuple[str, ...]
     layers: tuple[int, ...]
-    base_model: str = ""
 
     def peft_config(self) -> dict:
         # Plain scaling only: SGLang ignores use_rslora, rank_pattern and alpha_pattern.
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": self.base_model,
+            "base_model_name_or_path": None,
             "r": self.rank,
             "lora_alpha": self.lora_alpha,
             "target_modules": sorted(self.target_modules),
@@ -136,21 +141,22 @@ def init_center(targets: list[LoRATarget], rank: int, seed: int, init_std: float
     """Generation 0's centre: A from a seeded init, B = 0 (so the centre equals the base model).
 
     A follows PEFT's default (kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)))
-    unless `init_std` asks for a Gaussian of that std."""
+    unless `init_std` asks for a Gaussian of that std. Drawn by the run's noise scheme
+    (es_core/seeding.py), one stream per A, so the centre is bit-identical on every machine."""
     center: LoRATensors = {}
     for t in targets:
-        gen = torch.Generator(device="cpu").manual_seed(hash_int(f"lora-init:{int(seed)}:{t.key_a}"))
+        key, size = f"lora-init:{int(seed)}:{t.key_a}", rank * t.in_features
         if init_std is None:
             bound = 1.0 / math.sqrt(t.in_features)
-            a = (torch.rand(rank, t.in_features, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+            a = (torch.from_numpy(uniform_f32(key, size)) * 2 - 1) * bound
         else:
-            a = torch.randn(rank, t.in_features, generator=gen, dtype=torch.float32) * init_std
-        center[t.key_a] = a
+            a = torch.from_numpy(standard_normal_f32(key, size)) * init_std
+        center[t.key_a] = a.view(rank, t.in_features)
         center[t.key_b] = torch.zeros(t.out_features, rank, dtype=torch.float32)
     return dict(sorted(center.items()))
 
 
-def spec_from_tensors(tensors: LoRATensors, lora_alpha: float, base_model: str = "") -> AdapterSpec:
+def spec_from_tensors(tensors: LoRATensors, lora_alpha: float) -> AdapterSpec:
     layers, modules, ranks = set(), set(), set()
     for key, value in tensors.items():
         m = _KEY_RE.match(key)
@@ -161,7 +167,7 @@ def spec_from_tensors(tensors: LoRATensors, lora_alpha: float, base_model: str =
         ranks.add(value.shape[0] if m.group("factor") == "A" else value.shape[1])
     if len(ranks) != 1:
         raise AdapterError(f"mixed LoRA ranks {sorted(ranks)}: SGLang needs one rank per adapter")
-    return AdapterSpec(ranks.pop(), float(lora_alpha), tuple(sorted(modules)), tuple(sorted(layers)), base_model)
+    return AdapterSpec(ranks.pop(), float(lora_alpha), tuple(sorted(modules)), tuple(sorted(layers)))
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -207,7 +213,7 @@ def load_adapter(folder: str | Path) -> tuple[LoRATensors, AdapterSpec]:
             tensors = {k: f.get_tensor(k) for k in sorted(f.keys())}
     except Exception as exc:  # safetensors raises several types for a truncated or garbled file
         raise AdapterError(f"{weights_path}: unreadable safetensors ({exc})") from None
-    spec = spec_from_tensors(tensors, config["lora_alpha"], config.get("base_model_name_or_path", ""))
+    spec = spec_from_tensors(tensors, config["lora_alpha"])
     if spec.rank != int(config["r"]):
         raise AdapterError(f"{weights_path}: tensors have rank {spec.rank}, {config_path} says r={config['r']}")
     return tensors, spec

@@ -3,7 +3,7 @@
     es-countdown run --config configs/experiments/smoke.yaml [--set es.sigma=0.01] [--data-dir DIR]
     es-countdown resume RUN_ID [--data-dir DIR]
     es-countdown replay RUN_ID --generation G [--reevaluate]
-    es-countdown sql "SELECT ..." | lineage SHA | export RUN_ID | gc [--yes]
+    es-countdown sql "SELECT ..." | lineage SHA | export RUN_ID | gc [--yes] | verify [RUN_ID]
 
 Runs go through Prefect: with no PREFECT_API_URL, in-process on Prefect's ephemeral API (no server
 needed); with one, they show in that server's UI. Every failure that stops a command is one line.
@@ -64,14 +64,16 @@ def _cmd_run(args) -> int:
     overrides = list(args.overrides) + ([f"backend.kind={args.backend}"] if args.backend else [])
     if args.data_dir:
         overrides.append(f"data_dir={Path(args.data_dir).resolve()}")
+    _check_run_id(args.run_id)
     settings = load_settings(args.config, overrides)  # a broken config stops here, before any work
     from flows.preflight import check_settings
 
     check_settings(settings)  # so does a model, file or data dir the run could not use
     _isolate_ephemeral_prefect(str(settings.data_dir))
-    from flows.es_countdown import es_countdown
+    with _writer_lock(settings.data_dir, args.run_id):
+        from flows.es_countdown import es_countdown
 
-    result = es_countdown(config_path=str(Path(args.config).resolve()), overrides=overrides, run_id=args.run_id, data_dir=str(settings.data_dir))
+        result = es_countdown(config_path=str(Path(args.config).resolve()), overrides=overrides, run_id=args.run_id, data_dir=str(settings.data_dir))
     print(f"run {result['run_id']}: final centre {result['center_sha256'][:12]}, report {result['report']}")
     return 0
 
@@ -82,18 +84,21 @@ def _resume_overrides(args) -> list[str]:
 
 
 def _cmd_resume(args) -> int:
+    _check_run_id(args.run_id)
     from flows.preflight import resume_settings
 
     resume_settings(args.run_id, _resume_overrides(args), Path(_default_data_dir(args.data_dir)))
     _isolate_ephemeral_prefect(_default_data_dir(args.data_dir))
-    from flows.es_countdown import es_countdown
+    with _writer_lock(_default_data_dir(args.data_dir), args.run_id):
+        from flows.es_countdown import es_countdown
 
-    result = es_countdown(run_id=args.run_id, overrides=_resume_overrides(args), data_dir=_default_data_dir(args.data_dir))
+        result = es_countdown(run_id=args.run_id, overrides=_resume_overrides(args), data_dir=_default_data_dir(args.data_dir))
     print(f"run {result['run_id']}: final centre {result['center_sha256'][:12]}, report {result['report']}")
     return 0
 
 
 def _cmd_replay(args) -> int:
+    _check_run_id(args.run_id)
     from flows.preflight import check_replay
 
     # a replay only reads the data dir: a read-only copy of one can be checked
@@ -103,6 +108,27 @@ def _cmd_replay(args) -> int:
 
     result = replay(args.run_id, args.generation, _default_data_dir(args.data_dir), args.reevaluate)
     return 0 if result["ok"] else 1
+
+
+# --- one writer per run id (issue 17) ---------------------------------------------------------------
+
+
+def _check_run_id(run_id: str | None) -> None:
+    """A run id that is not a plain name (a path, `..`) stops here in one line, before any work."""
+    if run_id is not None:
+        from artifacts.runs import check_run_id
+
+        check_run_id(run_id)
+
+
+def _writer_lock(data_dir, run_id: str | None):
+    """The run's write lock, held while the flow runs (a second writer of the id is refused in one
+    line naming the holder); a new run without --run-id gets a fresh id and needs none."""
+    import contextlib
+
+    from artifacts.runs import RunLock
+
+    return RunLock(data_dir, run_id) if run_id is not None else contextlib.nullcontext()
 
 
 def _isolate_ephemeral_prefect(data_dir: str) -> None:

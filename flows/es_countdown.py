@@ -25,17 +25,18 @@ from es_core.countdown.problems import experiment_problems, training_batch
 from es_core.countdown.prompt import render_prompts
 from es_core.es import FITNESS, member_plan
 from es_core.models import load_tokenizer, resolve_device, resolve_dtype
-from es_core.settings import ConfigError, Settings, load_settings, settings_from_dict
+from es_core.settings import ConfigError, Settings, load_settings
 from flows.backend import LazyBackend, open_backend
 from flows.progress import RunProgress
+from flows.recorded import recorded_settings
 from flows.report import write_report
-from tasks.common import DataDir, persisted
+from tasks.common import DataDir, evaluation_key, persisted
 from tasks.evaluate import evaluate_heldout, evaluate_member, evaluate_population
 from tasks.ledger import commit_generation, publish_generation, record_eval, record_warm_start
 from tasks.model import prepare_base_model
 from tasks.noise import NoisePool
 from tasks.population import aggregate, init_population, perturb
-from tasks.warm_start import warm_start, warm_start_code
+from tasks.warm_start import warm_start
 
 # Every held-out number is the paper's reward, whatever reward.kind trains on.
 HELDOUT_REWARD = "paper"
@@ -54,7 +55,7 @@ def resolve_settings(config_path: str | None, overrides: list[str] | None, run_i
     if run_id:
         stored = Ledger(root).run_row(run_id) if (root / "ledger.duckdb").exists() else None
         if stored:
-            resumed = settings_from_dict(_json(stored["config_json"]), [*(overrides or []), f"data_dir={root}"], where=f"run {run_id}")
+            resumed = recorded_settings(stored, root, overrides or [])  # the stored settings; ES_* that change results refused
             if settings is not None and settings.fingerprint() != resumed.fingerprint():
                 raise ConfigError(f"run {run_id} in {root} was started with other settings than {config_path}; start a new run id")
             return resumed, run_id, True
@@ -80,7 +81,7 @@ def prepare_warm_start(settings: Settings, data: DataDir, base: dict, held_out_i
     shorter warm start), recorded in the ledger; returned as a base model dict (name, path, sha256)."""
     device = resolve_device(settings.model.device)
     args = (str(data.root), base["path"], base["sha256"], settings.warm_start, settings.prompt.style,
-            str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch."), device.type, sorted(held_out_ids), warm_start_code())
+            str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch."), device.type, sorted(held_out_ids))
     task = persisted(warm_start, data)
     row = task(*args)
     store = ArtifactStore(data.artifacts)
@@ -124,7 +125,7 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
 
     tokenizer = load_tokenizer(Path(model["path"]))
     eval_prompts = {name: render_prompts(problems, settings.prompt.style, tokenizer) for name, problems in eval_sets.items()}
-    model_key = f"{model['sha256']}:{settings.backend.kind}:{settings.prompt.style}"
+    model_key = evaluation_key(settings, model["sha256"])
     evaluation = dict(max_new_tokens=settings.generation.max_new_tokens, reward_kind=settings.reward.kind, model_key=model_key)
 
     init_sha = persisted(init_population, data)(
@@ -173,7 +174,7 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
 
         # --- generation 0: the base model (and its warm start) on the held-out sets ------------
         if settings.eval.base_model:
-            heldout_eval(0, "base", ("base", None), base_backend, f"{base['sha256']}:{settings.backend.kind}:{settings.prompt.style}")
+            heldout_eval(0, "base", ("base", None), base_backend, evaluation_key(settings, base["sha256"]))
             if base_backend is not backend:
                 base_backend.close()
         if model is not base and settings.eval.warm_start:

@@ -1,9 +1,13 @@
 """What every task shares: where a run's files live and how results are cached.
 
-Cache keys are content: the task's source plus its inputs, which are artifact hashes, seeds and
-settings values (never tensors or models). Engines and servers travel as `backend`, the event
-that lets background work start once decoding is under way as `gate`, and the run's noise drawn
-ahead (tasks/noise.py) as `noise`: all excluded from the key.
+Cache keys are content: the task's inputs, which are artifact hashes, seeds and settings values
+(never tensors or models), the task's own source, and `code_version()`, the source of everything a
+task calls, so a fix in es_core/es.py or the reward invalidates cached rewards and updates (Prefect's
+TASK_SOURCE hashes the task's body only). What decides how the model decodes (dtype and device as
+resolved, compile, backend) enters the evaluation tasks as `model_key` (`evaluation_key`).
+Engines and servers travel as `backend`, the event that lets background work start once decoding
+is under way as `gate`, and the run's noise drawn ahead (tasks/noise.py) as `noise`: all excluded
+from the key.
 Results persist under the data dir, so a re-run or a resume skips finished work. (Prefect's
 DEFAULT policy keys on the flow run id, which a re-run does not share.)
 """
@@ -11,38 +15,99 @@ DEFAULT policy keys on the flow run id, which a re-run does not share.)
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
-import importlib
+import importlib.metadata
+import importlib.util
+import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
+from typing import Any, Optional
 
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.serializers import PickleSerializer
 from prefect.utilities.importtools import from_qualified_name
 from pydantic import Field
 
-CONTENT_CACHE = (INPUTS - "backend" - "gate" - "noise") + TASK_SOURCE
+from artifacts.runs import check_run_id
+
+# The packages whose code a task calls, and the libraries whose versions change what it computes.
+CODE_PACKAGES = ("es_core", "artifacts", "tasks")
+CODE_LIBRARIES = ("torch", "numpy", "transformers", "safetensors")
+
+
+def source_hash(packages: tuple[str, ...] = CODE_PACKAGES, libraries: tuple[str, ...] = CODE_LIBRARIES) -> str:
+    """sha256 over every .py file of `packages` (as found on sys.path; by path relative to the
+    package's parent, so a checkout's location does not matter) and the installed versions of
+    `libraries`. Uncached: `code_version()` is this, once per process."""
+    h = hashlib.sha256()
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"code_version: package {package} not found")
+        folder = Path(list(spec.submodule_search_locations)[0])
+        for path in sorted(folder.rglob("*.py")):
+            h.update(f"{package}/{path.relative_to(folder).as_posix()}\n".encode())
+            h.update(hashlib.sha256(path.read_bytes()).hexdigest().encode())
+    for library in libraries:
+        try:
+            version = importlib.metadata.version(library)
+        except importlib.metadata.PackageNotFoundError:
+            version = "absent"
+        h.update(f"{library}=={version}\n".encode())
+    return h.hexdigest()
+
+
+@functools.cache
+def code_version() -> str:
+    """The version of the code a task calls, for cache keys: sha256 of the source files of es_core,
+    artifacts and tasks (every .py file) and of the torch, numpy, transformers and safetensors
+    versions. Computed once per process (tens of ms). CONTENT_CACHE includes it; a task with its
+    own cache policy should too (`+ CODE_VERSION`), or key on `code_version()` directly."""
+    return source_hash()
+
+
+@dataclass
+class _CodeVersion(CachePolicy):
+    """A cache policy whose key is code_version(): added to a task's policy, any change to the code
+    it calls misses the cache."""
+
+    def compute_key(self, task_ctx, inputs: Optional[dict[str, Any]], flow_parameters: Optional[dict[str, Any]], **kwargs: Any) -> Optional[str]:
+        return code_version()
+
+
+CODE_VERSION = _CodeVersion()
+CONTENT_CACHE = (INPUTS - "backend" - "gate" - "noise") + TASK_SOURCE + CODE_VERSION
 NO_CACHE = NO_CACHE
 
 
-@lru_cache(maxsize=None)
-def code_version(*names: str) -> str:
-    """sha256 of the source of these modules and packages (e.g. "es_core.warm_start",
-    "es_core.countdown"), for cache keys: Prefect's TASK_SOURCE hashes a task's own body only, so a
-    fix in the code it calls would otherwise leave old results cached. Once per process."""
-    h = hashlib.sha256()
-    for name in sorted(names):
-        module = importlib.import_module(name)
-        if hasattr(module, "__path__"):  # a package: every .py file under it
-            root = Path(list(module.__path__)[0])
-            files = sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
-            labels = [f"{name}/{p.relative_to(root).as_posix()}" for p in files]
-        else:
-            files, labels = [Path(module.__file__)], [name]
-        for label, path in zip(labels, files):
-            h.update(label.encode() + b"\0" + hashlib.sha256(path.read_bytes()).hexdigest().encode() + b"\n")
-    return h.hexdigest()
+def evaluation_key(settings, base_model_sha256: str) -> str:
+    """What decides how a backend decodes, as the evaluation tasks' `model_key`: the base model's
+    hash, the backend, the prompt style, compile and batch rows (a batch's shape can change bf16
+    results), and for the embedded engine the dtype and device as they resolve on this machine
+    (`auto` is bf16 on CUDA, float32 on CPU; a GPU by its name), for SGLang the dtype asked of the
+    server and its LoRA kernels and extra arguments. JSON, so the Prefect UI shows it."""
+    from es_core.models import resolve_device, resolve_dtype
+
+    key: dict[str, Any] = {
+        "base_model_sha256": base_model_sha256, "backend": settings.backend.kind, "prompt_style": settings.prompt.style,
+        "compile": settings.generation.compile, "max_batch_rows": settings.generation.max_batch_rows,
+    }
+    if settings.backend.kind == "embedded":
+        device = resolve_device(settings.model.device)
+        key |= {"device": _device_name(device), "dtype": str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch.")}
+    else:
+        sglang = settings.backend.sglang
+        key |= {"dtype": settings.model.dtype, "lora_backend": sglang.lora_backend, "extra_args": list(sglang.extra_args)}
+    return json.dumps(key, sort_keys=True)
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 @dataclass(frozen=True)
@@ -65,7 +130,7 @@ class DataDir:
 
     def run_dir(self, run_id: str) -> Path:
         """A run's own files: report, reward curve, SGLang server logs."""
-        path = self.root / "reports" / run_id
+        path = self.root / "reports" / check_run_id(run_id)
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -19,7 +19,7 @@ def init_population(artifacts_dir: str, base_model_path: str, base_model_sha256:
     """Generation 0's centre (A seeded, B = 0: the base model) as a checkpoint artifact; returns its sha256."""
     targets = find_targets_in_folder(base_model_path, layers, modules)
     center = init_center(targets, rank, seed, init_std)
-    spec = spec_from_tensors(center, lora_alpha, base_model=base_model_path)
+    spec = spec_from_tensors(center, lora_alpha)
     return put_checkpoint(ArtifactStore(Path(artifacts_dir)), ESState(center), spec).sha256
 
 

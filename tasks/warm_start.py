@@ -16,35 +16,31 @@ from artifacts.ledger import Ledger
 from artifacts.store import ArtifactStore
 from es_core.settings import WarmStartSettings
 from es_core.warm_start import WarmStartCheckpoint, train
-from tasks.common import DataDir, code_version
+from tasks.common import CODE_VERSION, DataDir, code_version
 
-# What the result depends on beyond the inputs: the trainer, the problems and prompts, the loader.
-WARM_START_CODE = ("es_core.warm_start", "es_core.countdown", "es_core.models")
-# Location-free: where the data dir or the base model folder lives changes no result.
-WARM_START_CACHE = (INPUTS - "data_dir" - "base_model_dir") + TASK_SOURCE
-
-
-def warm_start_code() -> str:
-    return code_version(*WARM_START_CODE)
+# Location-free: where the data dir or the base model folder lives changes no result; the code
+# that trains (and everything else it calls) does.
+WARM_START_CACHE = (INPUTS - "data_dir" - "base_model_dir") + TASK_SOURCE + CODE_VERSION
 
 
-def lineage_key(base_model_sha256: str, settings: WarmStartSettings, prompt_style: str, dtype: str, device: str, exclude: list[str], code: str) -> str:
-    """Equal for warm starts that differ only in their number of steps (the longer continues the shorter)."""
+def lineage_key(base_model_sha256: str, settings: WarmStartSettings, prompt_style: str, dtype: str, device: str, exclude: list[str]) -> str:
+    """Equal for warm starts that differ only in their number of steps (the longer continues the
+    shorter), trained by the same code."""
     fields = settings.model_dump(mode="json", exclude={"steps", "keep_optimizer_state"})
-    identity = [base_model_sha256, fields, prompt_style, dtype, device, hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest(), code]
+    identity = [base_model_sha256, fields, prompt_style, dtype, device, hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest(), code_version()]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 @task(cache_policy=WARM_START_CACHE, task_run_name="warm-start-{settings.steps}-steps")
 def warm_start(data_dir: str, base_model_dir: str, base_model_sha256: str, settings: WarmStartSettings, prompt_style: str, dtype: str,
-               device: str, exclude: list[str], code: str) -> dict:
+               device: str, exclude: list[str]) -> dict:
     """Fine-tune the base model (continuing the longest recorded shorter warm start of the same
     settings, if its artifacts are there); returns the ledger row of the result (warm_starts, less
     the base model's name, which the flow adds)."""
     logger = get_run_logger()
     data = DataDir(Path(data_dir))
     store = ArtifactStore(data.artifacts)
-    key = lineage_key(base_model_sha256, settings, prompt_style, dtype, device, exclude, code)
+    key = lineage_key(base_model_sha256, settings, prompt_style, dtype, device, exclude)
     start, parent, prior_seconds = None, None, 0.0
     for row in Ledger(data.root).warm_starts_to_continue(key, settings.steps):
         if store.exists(row["warm_start_sha256"]) and store.exists(row["optimizer_sha256"]):

@@ -197,3 +197,30 @@ def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(t
     texts = [[s.completion for s in score.samples] for score in from_seeds]
     assert texts == [[s.completion for s in score.samples] for score in from_files]
     assert len({tuple(t) for t in texts}) > 1, "sigma 0.5 should make members decode differently"
+
+
+def member_hashes(data_dir: Path, run_id: str) -> list[tuple]:
+    _, rows = Ledger(data_dir).query("SELECT generation, member, seed, sign, adapter_sha256 FROM members WHERE run_id = ? ORDER BY 1, 2", [run_id])
+    return rows
+
+
+def test_a_data_dir_copied_elsewhere_resumes_to_the_hashes_of_an_uninterrupted_run(tmp_path, prefect_harness, monkeypatch):
+    """Content addresses do not depend on where the data dir lives: its base model folder (under
+    the data dir here, as by default) and its artifacts move with it, and the resumed run's centres
+    and member adapters are those of a run that never moved."""
+    import shutil
+
+    from flows.es_countdown import es_countdown
+
+    monkeypatch.delenv("ES_MODEL__CACHE_DIR", raising=False)  # the base model is converted under each data dir
+    es_countdown(config_path=str(tiny_config(tmp_path, generations=3)), run_id="r", data_dir=str(tmp_path / "whole"))
+
+    (tmp_path / "short").mkdir()
+    es_countdown(config_path=str(tiny_config(tmp_path / "short", generations=1)), run_id="r", data_dir=str(tmp_path / "here"))
+    shutil.copytree(tmp_path / "here", tmp_path / "elsewhere" / "data")
+    shutil.rmtree(tmp_path / "here")  # nothing can be read from the old place
+    es_countdown(run_id="r", overrides=["es.generations=3"], data_dir=str(tmp_path / "elsewhere" / "data"))
+
+    whole, moved = generation_hashes(tmp_path / "whole", "r"), generation_hashes(tmp_path / "elsewhere" / "data", "r")
+    assert len(whole) == 3 and moved == whole
+    assert member_hashes(tmp_path / "elsewhere" / "data", "r") == member_hashes(tmp_path / "whole", "r")

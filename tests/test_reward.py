@@ -207,3 +207,11 @@ def test_ten_megabyte_completions_get_a_score():
     assert done.returncode == 0, done.stderr
     rewards = [tuple(float(x) for x in line.split()) for line in done.stdout.splitlines()]
     assert rewards == [(0.0, 0.0), (0.0, 0.0), (pytest.approx(0.01), 0.0), (pytest.approx(0.1), 0.0), (pytest.approx(1.1), 1.0), (0.0, 0.0)]
+
+
+def test_each_number_is_used_exactly_as_often_as_it_is_given():
+    """The numbers are a multiset: reusing one, or leaving out one of two equal numbers, is wrong
+    although the set of numbers used equals the set given (a set comparison would pass both)."""
+    assert not score_parts("t</think>\n<answer>44 + 44 + 10</answer>", [44, 10], 98).correct  # 44 reused
+    assert not score_parts("t</think>\n<answer>44 + 10</answer>", [44, 10, 10], 54).correct  # one 10 left out
+    assert score_parts("t</think>\n<answer>44 + 10 + 10</answer>", [44, 10, 10], 64).correct

@@ -402,7 +402,7 @@ def test_real_server_round_trip(tmp_path):
     targets = find_targets_in_folder(base, [0, 1], modules)
     centre = init_center(targets, rank, seed=0)  # B = 0: the base model
     member = {k: v + 0.5 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) if ".lora_B." in k else v for k, v in centre.items()}
-    spec = spec_from_tensors(member, 2.0 * rank, str(base))
+    spec = spec_from_tensors(member, 2.0 * rank)
     from es_core.lora import save_adapter as plain_save
 
     refs = [

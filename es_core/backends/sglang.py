@@ -92,7 +92,7 @@ def save_adapter(tensors: LoRATensors, folder: str | Path, spec: AdapterSpec, *,
             if key not in padded:
                 padded[key] = torch.zeros_like(example, dtype=torch.float32)
     layers = tuple(sorted(set(spec.layers) | {int(x) for x in pad_layers}))
-    return _save_adapter(padded, folder, AdapterSpec(spec.rank, spec.lora_alpha, spec.target_modules, layers, spec.base_model))
+    return _save_adapter(padded, folder, AdapterSpec(spec.rank, spec.lora_alpha, spec.target_modules, layers))
 
 
 # --- one server --------------------------------------------------------------------------------

@@ -19,8 +19,14 @@ to apply them:
   bmm reads once for the member's rows (README, engine benchmark);
 - `lora_silu.silu_lora` (CUDA, ranks 3-16): the gate/up LoRA's expand inside the SiLU kernel, one
   tile of a member's compact B per program on tensor cores; the other Linears use bmm pairs.
-The member's scaling (alpha / r) is folded into B when the slots are filled. Slots are cast to the
-model dtype on the device; the adapters themselves stay float32 in files.
+The member's scaling (alpha / r) is folded into B when the slots are filled. Slots are float32
+whatever the model's dtype, so the member the engine evaluates is the member the ES update credits
+(and the adapter file holds): in bf16 slots, theta + sigma * eps rounds to bf16's 8 bits relative to
+theta, and at the paper's sigma 0.001 the realised perturbation of A was 4-6% off (L2) the credited
+sigma * eps (tests/test_precision.py; 0.2% at sigma 0.05). The LoRA path takes the model's
+activations exactly (bf16 -> float32), computes in float32 and adds its delta to the Linear's output
+in the model's dtype, as PEFT does with its default autocast_adapter_dtype (float32 adapters on a
+bf16 model). float32 matmuls must stay IEEE (torch's default; TF32 would round A to 10 bits).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 
 from es_core.lora import LoRATarget, LoRATensors, StackedLoRA, check_adapter_matches
 
+SLOT_DTYPE = torch.float32  # the members' A and B in the slots (see the module docstring)
 GROUP_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
 GROUPS = ("qkv", "o", "gate_up", "down")
 
@@ -59,23 +66,25 @@ NO_LORA = LayerLoRA()
 
 
 def lora_shrink(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
-    """u = x A^T of each row's member: h [N, T, in] -> [N*T, k*w] (N = G * R), one bmm."""
+    """u = x A^T of each row's member: h [N, T, in] -> [N*T, k*w] (N = G * R), one bmm in the
+    slots' float32 (h converted exactly)."""
     n, t, d_in = h.shape
     g = group.a.shape[0]
-    return torch.bmm(h.reshape(g, (n // g) * t, d_in), group.a.transpose(1, 2)).reshape(n * t, -1)
+    return torch.bmm(h.reshape(g, (n // g) * t, d_in).to(group.a.dtype), group.a.transpose(1, 2)).reshape(n * t, -1)
 
 
 def lora_delta(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
     """h: [N, T, in] -> [N, T, out] with batched matmuls (N = G * R): two in all when B is
-    block-diagonal ([G, out, k*w]), one per part when it is compact."""
+    block-diagonal ([G, out, k*w]), one per part when it is compact. Computed in float32, returned
+    in h's dtype."""
     n, t, _ = h.shape
     b = group.b
     g, out, w = b.shape[0], b.shape[1], b.shape[2]
     u = lora_shrink(h, group).view(g, (n // g) * t, -1)  # [G, R*T, k*w]
     if not group.compact or len(group.parts) == 1 and group.parts[0][1:] == (0, out):
-        return torch.bmm(u, b.transpose(1, 2)).reshape(n, t, out)
+        return torch.bmm(u, b.transpose(1, 2)).reshape(n, t, out).to(h.dtype)
     delta = _by_part(u, group.parts, out, lambda j, first, size: torch.bmm(u[:, :, j * w:(j + 1) * w], b[:, first:first + size].transpose(1, 2)))
-    return delta.reshape(n, t, out)
+    return delta.reshape(n, t, out).to(h.dtype)
 
 
 def lora_delta_fused(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
@@ -114,7 +123,8 @@ class _Part:
 
 
 class PopulationLoRA:
-    """Stacked slots for every fused Linear of every layer that carries LoRA."""
+    """Stacked slots for every fused Linear of every layer that carries LoRA (float32, SLOT_DTYPE;
+    `dtype` is the model's: its activations')."""
 
     def __init__(self, fused_out: dict[str, tuple[tuple[str, int], ...]], fused_in: dict[str, int], n_layers: int,
                  targets: Sequence[LoRATarget], rank: int, dtype: torch.dtype, device: torch.device, pad_rank_to: int = 1,
@@ -156,8 +166,8 @@ class PopulationLoRA:
         self.n_slots = n_slots
         for (layer, group), parts in self._parts.items():
             k = len(parts) * self.block
-            self._a[layer, group] = torch.zeros(n_slots, k, self._in[group], dtype=self.dtype, device=self.device)
-            self._b[layer, group] = torch.zeros(n_slots, self._out[group], self.block if group in self.compact_groups else k, dtype=self.dtype, device=self.device)
+            self._a[layer, group] = torch.zeros(n_slots, k, self._in[group], dtype=SLOT_DTYPE, device=self.device)
+            self._b[layer, group] = torch.zeros(n_slots, self._out[group], self.block if group in self.compact_groups else k, dtype=SLOT_DTYPE, device=self.device)
 
     @torch.no_grad()
     def set_members(self, members: Sequence[LoRATensors | None] | StackedLoRA, scalings: Sequence[float]) -> None:

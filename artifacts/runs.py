@@ -1,0 +1,94 @@
+"""What a run id may be, and one writer per run id.
+
+A run id names a ledger row and folders under the data dir (`reports/<run_id>/`, `locks/<run_id>.lock`),
+so it is a plain name: letters, digits, `.`, `_` and `-`, starting with a letter or digit, at most
+128 characters (no path separator, no `..`).
+
+A run is written by one process at a time: `RunLock` holds an exclusive `fcntl.flock` on
+`<data_dir>/locks/<run_id>.lock` while a run or resume executes. The OS drops the lock when its
+holder exits or dies (SIGKILL included), so a killed run never leaves a stale lock; the file keeps
+the last holder's pid, host and start time, which a refused second writer names. flock works on
+local filesystems; on NFS, Linux emulates it with POSIX byte-range locks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+
+RUN_ID_MAX = 128
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+LOCKS_DIR = "locks"
+
+
+class RunIdError(ValueError):
+    """A run id that cannot name a run: one line."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing this run: one line naming it."""
+
+
+def check_run_id(run_id: str) -> str:
+    """The run id itself if it is a plain name (see the module docstring), else RunIdError."""
+    if not isinstance(run_id, str) or not run_id:
+        raise RunIdError(f"run id {run_id!r}: give a non-empty name")
+    if len(run_id) > RUN_ID_MAX:
+        raise RunIdError(f"run id {run_id[:40]!r}...: {len(run_id)} characters, at most {RUN_ID_MAX}")
+    if ".." in run_id or not _RUN_ID_RE.match(run_id):
+        raise RunIdError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit, no '..')")
+    return run_id
+
+
+class RunLock:
+    """The exclusive write lock of one run id in one data dir (a context manager)."""
+
+    def __init__(self, data_dir: str | Path, run_id: str):
+        self.path = Path(data_dir) / LOCKS_DIR / f"{check_run_id(run_id)}.lock"
+        self.run_id = run_id
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock now or raise RunLockedError naming the holder (never waits)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunLockedError(f"run {self.run_id} is being written by {holder} (lock {self.path}): wait for it to finish, or stop it") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (info + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    """'pid 123 on host gpu-1 since 2026-12-01T10:00:00+00:00', from the lock file the holder wrote."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"pid {info['pid']} on host {info['host']} since {info['since']}"
+    except (ValueError, KeyError, UnicodeDecodeError):  # the holder is between open and write
+        return "another process"

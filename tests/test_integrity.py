@@ -1,0 +1,134 @@
+"""What a run's record guarantees: resume and replay use the stored settings, `verify` finds every
+missing or corrupt artifact, replay checks the stored files, and what was scored is what was recorded."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from artifacts.ledger import Ledger
+from es_core.seeding import NOISE_SCHEME
+from es_core.settings import ConfigError, Settings
+from flows.cli import main as cli_main
+from flows.recorded import recorded_settings
+from tests.test_pipeline import tiny_config
+
+RUN = "rec"
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, prefect_harness, model_cache) -> Path:
+    """A finished 2-generation tiny-llama run (embedded engine) at sigma 0.5, where members decode
+    differently. Tests that damage it work on a copy."""
+    from flows.es_countdown import es_countdown
+
+    tmp = tmp_path_factory.mktemp("recorded")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+        es_countdown(config_path=str(tiny_config(tmp)), overrides=["es.sigma=0.5"], run_id=RUN, data_dir=str(tmp / "data"))
+    return tmp / "data"
+
+
+def copy_of(data_dir: Path, tmp_path: Path) -> Path:
+    shutil.copytree(data_dir, tmp_path / "copy", symlinks=True)
+    return tmp_path / "copy"
+
+
+# --- resume and replay use the stored settings ----------------------------------------------------
+
+
+def run_row(scheme: str = NOISE_SCHEME) -> dict:
+    """A run row as the ledger holds it (call it before setting an ES_* variable: Settings reads them)."""
+    settings = Settings(es={"sigma": 0.05, "population": 4})
+    return {"run_id": "r", "noise_scheme": scheme, "config_json": settings.model_dump_json()}
+
+
+def test_the_stored_settings_apply_and_variables_outside_the_fingerprint_still_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("ES_EVAL__EVERY", "3")
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(tmp_path / "models"))
+    settings = recorded_settings(run_row(), tmp_path, ["es.generations=40"])
+    assert settings.es.sigma == 0.05 and settings.es.generations == 40 and settings.eval.every == 3
+    assert settings.data_dir == tmp_path and settings.model.cache_dir == tmp_path / "models"
+
+
+@pytest.mark.parametrize("variable, value, key", [("ES_ES__SIGMA", "0.01", "es.sigma"), ("es_model__dtype", "bfloat16", "model.dtype"),
+                                                  ("ES_ES", '{"learning_rate": 0.1}', "es.learning_rate")])
+def test_an_environment_variable_that_changes_results_is_refused_naming_it(tmp_path, monkeypatch, variable, value, key):
+    row = run_row()
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as err:
+        recorded_settings(row, tmp_path, verb="replay")
+    message = str(err.value)
+    assert "\n" not in message and f"{variable}={value}" in message and f"recorded {key}" in message, message
+
+
+def test_a_resume_override_that_changes_results_or_another_noise_scheme_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"es.sigma=0.1 asked, but run r was recorded with es.sigma = 0.05: a resume keeps"):
+        recorded_settings(run_row(), tmp_path, ["es.sigma=0.1"])
+    with pytest.raises(ConfigError, match=f"noise scheme torch-cpu-randn, this code draws {NOISE_SCHEME}"):
+        recorded_settings(run_row(scheme="torch-cpu-randn"), tmp_path, verb="replay")
+
+
+def test_replay_and_resume_of_a_real_run_refuse_an_environment_override(recorded, monkeypatch):
+    from flows.es_countdown import es_countdown
+    from flows.replay import replay
+
+    monkeypatch.setenv("ES_ES__SIGMA", "0.01")
+    with pytest.raises(ConfigError, match=r"ES_ES__SIGMA=0.01 in the environment would change run rec's recorded es.sigma \(0.5 -> 0.01\)"):
+        replay(RUN, 1, str(recorded))
+    with pytest.raises(ConfigError, match="ES_ES__SIGMA=0.01"):
+        es_countdown(run_id=RUN, overrides=["es.generations=3"], data_dir=str(recorded))
+    assert Ledger(recorded).last_generation(RUN) == 1  # nothing ran
+
+
+# --- what was scored is what was recorded ---------------------------------------------------------
+
+
+def test_re_decoding_the_stored_member_adapters_gives_the_recorded_completions(recorded):
+    """The embedded flow scores members it builds in memory while `perturb` writes their files: the
+    files (the ledger's adapter hashes) must decode to the very completions the ledger holds. A
+    flow that evaluated other members than it recorded (2 x sigma, another seed) fails here."""
+    from flows.replay import replay
+
+    _, rows = Ledger(recorded).query("SELECT member, list(completion ORDER BY problem_id) FROM samples WHERE run_id = ? AND generation = 1 GROUP BY 1", [RUN])
+    assert len({tuple(texts) for _, texts in rows}) > 1, "members should decode differently at sigma 0.5"
+    for generation in (0, 1):
+        result = replay(RUN, generation, str(recorded), reevaluate=True)
+        assert result["ok"], result["lines"]
+        assert "re-evaluated 4 members, 12 completions" in "\n".join(result["lines"])
+
+
+# --- verify, and replay against the stored files ----------------------------------------------------
+
+
+def test_verify_lists_missing_and_corrupt_artifacts_by_file_and_replay_fails_on_a_flipped_byte(recorded, tmp_path, capsys):
+    from flows.replay import replay
+
+    data = copy_of(recorded, tmp_path)
+    assert cli_main(["verify", RUN, "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().endswith("intact, 0 missing, 0 corrupt") and out.count("\n") == 1, out
+
+    ledger = Ledger(data)
+    member = ledger.member_rows(RUN, 1)[2]
+    weights = data / "artifacts" / member["adapter_sha256"][:2] / member["adapter_sha256"] / "adapter_model.safetensors"
+    os.chmod(weights, 0o644)
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(raw))
+    centre = ledger.generation_row(RUN, 1)["center_sha256"]  # the final centre
+    shutil.rmtree(data / "artifacts" / centre[:2] / centre)
+
+    assert cli_main(["verify", RUN, "--data-dir", str(data)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert any(line.startswith(f"CORRUPT artifact {member['adapter_sha256']} is corrupt: {weights} has sha256") and "members.adapter_sha256" in line for line in lines), lines
+    assert any(line.startswith(f"MISSING artifact {centre} is missing") and "evals.adapter_sha256, generations.center_sha256" in line for line in lines), lines
+    assert lines[-1].endswith("1 missing, 1 corrupt"), lines
+    assert cli_main(["verify", "--data-dir", str(data)]) == 1  # every run's
+    capsys.readouterr()
+
+    result = replay(RUN, 1, str(data))  # its members are rebuilt from seeds: the rebuilt hash still matches the ledger
+    assert not result["ok"], result["lines"]
+    assert any(f"MISMATCH member 2: artifact {member['adapter_sha256']} is corrupt: {weights}" in line for line in result["lines"]), result["lines"]
