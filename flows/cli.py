@@ -85,11 +85,14 @@ def _resume_overrides(args) -> list[str]:
 
 def _cmd_resume(args) -> int:
     _check_run_id(args.run_id)
-    from flows.preflight import resume_settings
+    from flows.preflight import check_writable_data_dir, resume_settings
 
-    resume_settings(args.run_id, _resume_overrides(args), Path(_default_data_dir(args.data_dir)))
-    _isolate_ephemeral_prefect(_default_data_dir(args.data_dir))
-    with _writer_lock(_default_data_dir(args.data_dir), args.run_id):
+    data_dir = Path(_default_data_dir(args.data_dir))
+    check_writable_data_dir(data_dir, "resume writes the ledger and artifacts there")
+    # the lock before the other checks: a run another process is writing has no ledger yet, maybe
+    with _writer_lock(data_dir, args.run_id):
+        resume_settings(args.run_id, _resume_overrides(args), data_dir)
+        _isolate_ephemeral_prefect(str(data_dir))
         from flows.es_countdown import es_countdown
 
         result = es_countdown(run_id=args.run_id, overrides=_resume_overrides(args), data_dir=_default_data_dir(args.data_dir))
