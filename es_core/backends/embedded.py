@@ -36,7 +36,7 @@ class EmbeddedBackend:
         engine = PopulationEngine(
             Decoder.from_hf(model), targets, settings.lora.rank,
             pad_id=tokenizer.pad_token_id, eos_ids=eos_token_ids(model, tokenizer),
-            max_batch_rows=settings.generation.max_batch_rows, compile=settings.generation.compile,
+            max_batch_rows=settings.generation.max_batch_rows, compile=settings.generation.compile, lora_dtype=settings.generation.lora_dtype,
         )
         return cls(engine, tokenizer, settings.lora.scaling)
 
