@@ -131,12 +131,13 @@ def signal(ledger: Ledger, run_id: str) -> str:
 def plot(ledger: Ledger, points: list, path: Path, recipes: dict[str, list[str]] = RECIPES) -> Path:
     fig, (by_gen, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
     warm_eval = evals(ledger, WARM_START_RUN, "warm_start").get(0, {})
+    colour = {f"ES `{run_id}`": f"C{i + 1}" for i, run_id in enumerate(recipes)} | {"supervised": "C0"}  # one per run, both panels
     for run_id in recipes:
         centre = evals(ledger, run_id, "centre")
         if centre:
             gens = [0, *sorted(centre)]
             accs = [warm_eval.get("heldout", (float("nan"),))[0], *(centre[g]["heldout"][0] for g in sorted(centre) if "heldout" in centre[g])]
-            by_gen.plot(gens[: len(accs)], [100 * a for a in accs], "o-", ms=3, label=run_id)
+            by_gen.plot(gens[: len(accs)], [100 * a for a in accs], "o-", ms=3, label=run_id, color=colour[f"ES `{run_id}`"])
     by_gen.set_xlabel("ES generation (0: the warm start)")
     by_gen.set_ylabel("held-out accuracy, 2,000 generated (%)")
     by_gen.set_title("ES recipes from the same warm start")
@@ -150,7 +151,7 @@ def plot(ledger: Ledger, points: list, path: Path, recipes: dict[str, list[str]]
             y = [100 * v["heldout"][0] for _, v in pts]
             lo = [100 * (v["heldout"][0] - v["heldout"][1]) for _, v in pts]
             hi = [100 * (v["heldout"][2] - v["heldout"][0]) for _, v in pts]
-            by_time.errorbar(x, y, yerr=[lo, hi], fmt=style, ms=4, capsize=2, label="warm start continued" if label == "supervised" else label.replace("`", ""))
+            by_time.errorbar(x, y, yerr=[lo, hi], fmt=style, ms=4, capsize=2, color=colour.get(label), label="warm start continued" if label == "supervised" else label.replace("`", ""))
     by_time.set_xlabel("GPU minutes (warm start included)")
     by_time.set_ylabel("held-out accuracy, 2,000 generated (%)")
     by_time.set_title("ES vs more fine-tuning at equal GPU time (95% CI)")
