@@ -23,6 +23,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from flows.progress import artifact_key  # noqa: E402
 
 CURVE_FILE = "reward_curve.png"
+REPORT_FILE = "report.md"
 
 
 def reward_curve_figure(generations: list[tuple], evals: list[tuple]) -> Figure:
@@ -95,7 +96,7 @@ def write_report(ledger, run_id: str, run_dir: Path, ledger_path: Path) -> Path:
         [run_id],
     )
     png = plot_reward_curve(generations, evals, run_dir / CURVE_FILE)
-    path = run_dir / "report.md"
+    path = run_dir / REPORT_FILE
     path.write_text(report_markdown(run_id, generations, evals, ledger_path, CURVE_FILE) + f"\nFile: `{png}`\n")
     create_markdown_artifact(
         markdown=report_markdown(run_id, generations, evals, ledger_path, png_data_uri(png)) + f"\nReport folder: `{run_dir}`\n",
