@@ -71,7 +71,7 @@ def _cmd_run(args) -> int:
     check_settings(settings)  # so does a model, file or data dir the run could not use
     with _writer_lock(settings.data_dir, args.run_id):
         recorded = _recorded_run_settings(settings, args.run_id, overrides, args.config)
-        if recorded is not None and (done := _nothing_to_do(recorded, args.run_id)):
+        if recorded is not None and (done := _complete(settings.data_dir, args.run_id, recorded.es.generations)):
             print(done)
             return 0
         _check_prefect_api()
@@ -96,10 +96,10 @@ def _cmd_resume(args) -> int:
     check_writable_data_dir(data_dir, "resume writes the ledger and artifacts there")
     # the lock before the other checks: a run another process is writing has no ledger yet, maybe
     with _writer_lock(data_dir, args.run_id):
-        settings = resume_settings(args.run_id, _resume_overrides(args), data_dir)
-        if all(_key(o) == "es.generations" for o in args.overrides) and (done := _nothing_to_do(settings, args.run_id)):
+        if done := _complete_on_resume(data_dir, args.run_id, args.overrides):  # before the model check (torch) too
             print(done)
             return 0
+        resume_settings(args.run_id, _resume_overrides(args), data_dir)
         _check_prefect_api()
         _isolate_ephemeral_prefect(str(data_dir))
         from flows.es_countdown import es_countdown
@@ -154,21 +154,40 @@ def _recorded_run_settings(settings, run_id: str | None, overrides: list[str], c
     return resumed
 
 
-def _nothing_to_do(settings, run_id: str) -> str | None:
+def _complete(data_dir, run_id: str, generations: int) -> str | None:
     """The line to print instead of running the flow when `run_id` is complete: status completed,
-    every generation asked for committed, its report written (a run killed before its report was
-    written is not complete: the flow finishes it)."""
+    `generations` committed, its report written (a run killed before its report was written is
+    not complete: the flow finishes it). None otherwise."""
     from artifacts.commands import open_ledger
     from flows.report import REPORT_FILE
     from tasks.common import DataDir
 
-    ledger = open_ledger(settings.data_dir)
+    ledger = open_ledger(data_dir)
     run, last = ledger.run_row(run_id), ledger.last_generation(run_id)
-    report = DataDir(Path(settings.data_dir)).run_dir(run_id) / REPORT_FILE
-    if run is None or run["status"] != "completed" or last is None or last + 1 < settings.es.generations or not report.is_file():
+    if run is None or run["status"] != "completed" or last is None or last + 1 < generations:
         return None
-    return (f"run {run_id} is complete ({last + 1} of {settings.es.generations} generations), report {report}: nothing to do "
+    report = DataDir(Path(data_dir)).run_dir(run_id) / REPORT_FILE
+    if not report.is_file():
+        return None
+    return (f"run {run_id} is complete ({last + 1} of {generations} generations), report {report}: nothing to do "
             f"(to extend it: es-countdown resume {run_id} --set es.generations=N, N > {last + 1})")
+
+
+def _complete_on_resume(data_dir: Path, run_id: str, overrides: list[str]) -> str | None:
+    """`_complete` for a resume: es.generations as recorded or as overridden. Any other override
+    (eval.base_model, say) may give the flow work: then None."""
+    import json
+
+    from artifacts.commands import open_ledger
+    from es_core.settings import parse_overrides
+
+    if any(_key(o) != "es.generations" for o in overrides):
+        return None
+    run = open_ledger(data_dir).run_row(run_id)
+    if run is None:
+        return None  # resume_settings says so in one line
+    generations = parse_overrides(list(overrides)).get("es", {}).get("generations", json.loads(run["config_json"])["es"]["generations"])
+    return _complete(data_dir, run_id, generations) if isinstance(generations, int) else None  # a bad value: the full checks name it
 
 
 def _check_prefect_api() -> None:
