@@ -27,6 +27,7 @@ from es_core.es import FITNESS, member_plan
 from es_core.models import load_tokenizer, resolve_device, resolve_dtype
 from es_core.settings import ConfigError, Settings, load_settings
 from flows.backend import LazyBackend, open_backend
+from flows.crashed import mark_unfinished_task_runs_crashed
 from flows.progress import RunProgress
 from flows.recorded import recorded_settings
 from flows.report import write_report
@@ -102,7 +103,7 @@ def _json(text: str) -> dict:
     return json.loads(text)
 
 
-@flow(name="es-countdown", log_prints=True)
+@flow(name="es-countdown", log_prints=True, on_crashed=[mark_unfinished_task_runs_crashed])
 def es_countdown(config_path: str | None = None, overrides: list[str] | None = None, run_id: str | None = None, data_dir: str | None = None) -> dict:
     """Run (or resume) an ES experiment; returns the run id, the final centre and its held-out scores."""
     logger = get_run_logger()

@@ -22,6 +22,7 @@ from es_core.es import FITNESS, Member, es_update, perturb_center
 from es_core.evaluation import score_member
 from es_core.lora import save_adapter
 from es_core.settings import ConfigError
+from flows.crashed import mark_unfinished_task_runs_crashed
 from flows.recorded import recorded_settings
 
 
@@ -58,7 +59,7 @@ def _folder_sha(tensors, spec) -> str:
         return hash_dir(save_adapter(tensors, Path(tmp) / "adapter", spec))
 
 
-@flow(name="es-countdown-replay", log_prints=True)
+@flow(name="es-countdown-replay", log_prints=True, on_crashed=[mark_unfinished_task_runs_crashed])
 def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False) -> dict:
     """Rebuild generation `generation` of a run and verify it against the ledger."""
     root = Path(data_dir)

@@ -16,7 +16,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowFilter, FlowFilterName
 from prefect.states import Crashed
 
-from flows.crashed import mark_unfinished_task_runs_crashed
+from flows.es_countdown import es_countdown
+from flows.replay import replay
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,9 +76,10 @@ def worker_reports_the_crash(client, flow_run, hooks: list) -> None:
 
 
 @pytest.mark.usefixtures("prefect_harness")
-@pytest.mark.parametrize("hooks, left", [([], "Running"), ([mark_unfinished_task_runs_crashed], "Crashed")])
+@pytest.mark.parametrize("hooks, left", [([], "Running"), (es_countdown.on_crashed_hooks, "Crashed"), (replay.on_crashed_hooks, "Crashed")],
+                         ids=["no-hook", "es-countdown", "es-countdown-replay"])
 def test_a_killed_flow_runs_task_ends_crashed_only_with_the_hook(tmp_path, hooks, left):
-    flow_run = killed_while_its_task_runs(f"killed-{left.lower()}", tmp_path)
+    flow_run = killed_while_its_task_runs(f"killed-{tmp_path.name}", tmp_path)  # one flow name per case
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(flow_run.id).state.name == "Running"  # in-process: nobody is left to say otherwise
         worker_reports_the_crash(client, flow_run, hooks)
