@@ -171,7 +171,7 @@ def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(t
     from es_core.backends.embedded import EmbeddedBackend
     from es_core.countdown.problems import load_problems
     from es_core.countdown.prompt import render_prompts
-    from es_core.es import member_plan
+    from es_core.es import ask
     from es_core.evaluation import score_member
     from es_core.models import load_tokenizer, resolve_base_model
     from es_core.settings import load_settings
@@ -183,13 +183,13 @@ def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(t
     artifacts = str(tmp_path / "artifacts")
     center = init_population.fn(artifacts, str(base.path), base.sha256, settings.lora.layers, settings.lora.modules,
                                 settings.lora.rank, settings.lora.lora_alpha, settings.lora.init_std, 3)
-    members = [(m.index, m.seed, m.sign) for m in member_plan(3, 0, 4, True)]
+    plan = ask(3, 0, 4, 0.5)
     problems, _ = load_problems(settings.data)
     prompts = render_prompts(problems[:3], "raw", load_tokenizer(base.path))
     backend = EmbeddedBackend.from_settings(settings, base.path)
     try:
-        from_seeds = evaluate_population.fn(backend, artifacts, center, members, 0.5, "both", problems[:3], prompts, 6, "paper", "k")["scores"]
-        files = perturb.fn(artifacts, center, members, 0.5, "both")
+        from_seeds = evaluate_population.fn(backend, artifacts, center, plan, problems[:3], prompts, 6, "paper", "k")["scores"]
+        files = perturb.fn(artifacts, center, plan)
         completions = backend.generate([AdapterRef(f"m{i}", Path(path)) for i, (_, path) in enumerate(files)], prompts, 6)
     finally:
         backend.close()
