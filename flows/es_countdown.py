@@ -1,9 +1,8 @@
 """The `es-countdown` flow: ES over a population of LoRA adapters on Countdown.
 
-Each generation g (flows/generation.py): ask for its members, centre_g + sigma * sign_i * eps(seed_i);
-evaluate them by greedy decoding on a batch of training prompts; tell the centre their rewards, and
-it moves by the shaped fitness; commit members, samples and the new centre to the ledger in one
-transaction. The host work around decoding overlaps it (flows/pipeline.py). A killed run resumes
+Each generation g (flows/generation.py): plan its members, centre_g + sigma * sign_i * eps(seed_i);
+evaluate them by greedy decoding on a batch of training prompts; update the centre by their shaped
+fitness; commit members, samples and the new centre to the ledger in one transaction. The host work around decoding overlaps it (flows/pipeline.py). A killed run resumes
 after its last committed generation (cached task results make the redo cheap) and ends
 bit-identical to an uninterrupted run.
 """
@@ -23,7 +22,7 @@ from es_core.countdown.problems import experiment_problems
 from es_core.models import load_tokenizer, resolve_device, resolve_dtype
 from es_core.settings import ConfigError, Settings, load_settings
 from flows.backend import LazyBackend, open_backend
-from flows.generation import Clock, ESRun
+from flows.generation import ESRun, generation
 from flows.pipeline import Pipeline
 from flows.progress import RunProgress
 from flows.recorded import recorded_settings
@@ -119,23 +118,15 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
         if start > 0 and run.eval_due(start):  # a kill between a commit and its evaluation
             run.heldout(start, "centre", (f"centre_g{start}", centre))
 
-        # --- the generations: ask -> evaluate -> tell -> commit ----------------------------------------
-        with Pipeline(run.ask, es.generations, logger.error) as pipeline:
+        # --- the generations: plan -> evaluate -> update -> commit (flows/generation.py) ----------------
+        with Pipeline(run.plan, es.generations, logger.error) as pipeline:
             for g in range(start, es.generations):
-                clock = Clock()
-                inputs = pipeline.start(g)                                  # ask: prepared while g - 1 decoded
-                member_adapters = run.write_members(pipeline, centre, inputs)  # their files, while they decode
-                scored = run.evaluate(pipeline, centre, inputs)             # decode and score
-                update = run.tell(centre, inputs, scored["scores"])          # move the centre
-                timing = clock.timing(scored["generate_seconds"])
-                pipeline.end_generation()
-                run.commit(pipeline, inputs, centre, member_adapters, scored, update, timing)  # while g + 1 decodes
-                centre = update["center_sha256"]
+                centre = generation(run, pipeline, g, centre)
                 if run.eval_due(g + 1):
-                    pipeline.settle()  # the ledger is read
+                    pipeline.settle()  # the held-out evaluation reads the ledger
                     run.heldout(g + 1, "centre", (f"centre_g{g + 1}", centre))
     except BaseException:
-        set_run_status(root, run_id, "failed")
+        set_run_status(root, run_id, "failed", return_state=True)  # a state, not a raise: the run's own error is the one to see
         raise
     finally:
         backend.close()

@@ -1,7 +1,7 @@
-"""The steps of an ES generation, as Prefect tasks bound to one run: ask (plan the members, draw
-their noise, render the prompts), evaluate (decode and score them), tell (move the centre), commit
-(one ledger transaction, then the UI). flows/es_countdown.py runs them in order; flows/pipeline.py
-overlaps the host work with decoding.
+"""One ES generation, as the method reads: plan its members, evaluate them, update the centre,
+commit the generation to the ledger. `generation` is that loop body; `ESRun` holds what every
+generation of a run shares and runs each step as a Prefect task. The overlap of host work with
+decoding is flows/pipeline.py's: here each step only says which decode it may overlap.
 
 Arguments that are long lists or big objects go to tasks through `quote()`: Prefect would walk
 every element looking for futures (the cache keys are the same).
@@ -18,6 +18,7 @@ from prefect.utilities.annotations import quote
 from es_core.countdown.problems import Problem, training_batch
 from es_core.countdown.prompt import render_prompts
 from es_core.es import DrawnPopulation, PopulationPlan, ask, draw_population
+from es_core.evaluation import MemberScore
 from es_core.settings import Settings
 from flows.pipeline import Pipeline
 from tasks.common import DataDir, persisted
@@ -29,14 +30,32 @@ from tasks.population import aggregate, perturb
 HELDOUT_REWARD = "paper"
 
 
+def generation(run: "ESRun", pipeline: Pipeline, g: int, centre: str) -> str:
+    """Generation g from centre (a checkpoint's sha256); returns the new centre's."""
+    clock = Clock()
+    inputs = pipeline.start(g)                               # plan: made while g - 1 decoded
+    adapters = run.write_members(pipeline, centre, inputs)   # the members' files, written while they decode
+    scored = run.evaluate(pipeline, centre, inputs)          # evaluate: decode and score every member
+    update = run.update(centre, inputs, scored.scores)       # update: the centre moves by the shaped fitness
+    pipeline.end_generation()
+    run.commit(pipeline, inputs, centre, adapters, scored.scores, update, clock.timing(scored.generate_seconds))  # while g + 1 decodes
+    return update["center_sha256"]
+
+
 @dataclass(frozen=True)
 class GenerationInputs:
-    """What generation g needs before any reward: its plan (ask), the plan's noise, its prompts."""
+    """What generation g needs before any reward: its plan (es.ask), the plan's noise, its prompts."""
 
     plan: PopulationPlan
     drawn: DrawnPopulation
     problems: list[Problem]
     prompts: list[str]
+
+
+@dataclass(frozen=True)
+class Scored:
+    scores: list[MemberScore]
+    generate_seconds: float
 
 
 @dataclass
@@ -64,9 +83,9 @@ class ESRun:
         self._perturb, self._aggregate = persisted(perturb, data), persisted(aggregate, data)
         self._evaluate_population, self._evaluate_heldout = persisted(evaluate_population, data), persisted(evaluate_heldout, data)
 
-    # --- ask ------------------------------------------------------------------------------------------
+    # --- plan -------------------------------------------------------------------------------------------
 
-    def ask(self, g: int) -> GenerationInputs:
+    def plan(self, g: int) -> GenerationInputs:
         """Generation g's members (seeds, signs, sigma), their noise and its training prompts: none
         depends on a reward, so the pipeline prepares them while the generation before decodes."""
         es, settings = self.settings.es, self.settings
@@ -74,23 +93,24 @@ class ESRun:
         problems = training_batch(settings.data, self.train, g, self.held_out_ids)
         return GenerationInputs(plan, draw_population(plan, self.layout), problems, render_prompts(problems, settings.prompt.style, self.tokenizer))
 
-    # --- evaluate -------------------------------------------------------------------------------------
-
     def write_members(self, pipeline: Pipeline, center_sha256: str, inputs: GenerationInputs):
         """The members' adapter artifacts (the ledger names them), written while they decode."""
         return pipeline.while_decoding(self._perturb, self.artifacts, center_sha256, quote(inputs.plan), drawn=quote(inputs.drawn))
 
-    def evaluate(self, pipeline: Pipeline, center_sha256: str, inputs: GenerationInputs) -> dict:
-        """Every member on the generation's prompts: scores and the seconds decoding took."""
+    # --- evaluate -------------------------------------------------------------------------------------
+
+    def evaluate(self, pipeline: Pipeline, center_sha256: str, inputs: GenerationInputs) -> Scored:
+        """Every member on the generation's prompts: scores, and the seconds decoding took."""
         generation = self.settings.generation
-        return self._evaluate_population(
+        result = self._evaluate_population(
             quote(self.backend), self.artifacts, center_sha256, quote(inputs.plan), quote(inputs.problems), quote(inputs.prompts),
             generation.max_new_tokens, self.settings.reward.kind, self.model_key, decoding=pipeline.decoding, drawn=quote(inputs.drawn),
         )
+        return Scored(result["scores"], result["generate_seconds"])
 
-    # --- tell -------------------------------------------------------------------------------------------
+    # --- update -----------------------------------------------------------------------------------------
 
-    def tell(self, center_sha256: str, inputs: GenerationInputs, scores: list) -> dict:
+    def update(self, center_sha256: str, inputs: GenerationInputs, scores: list[MemberScore]) -> dict:
         """The new centre from the members' rewards: its sha256, the update's metrics, the fitness."""
         es = self.settings.es
         return self._aggregate(
@@ -101,13 +121,13 @@ class ESRun:
 
     # --- commit -----------------------------------------------------------------------------------------
 
-    def commit(self, pipeline: Pipeline, inputs: GenerationInputs, parent_sha256: str, member_adapters, scored: dict, update: dict,
+    def commit(self, pipeline: Pipeline, inputs: GenerationInputs, parent_sha256: str, member_adapters, scores: list[MemberScore], update: dict,
                timing: dict) -> None:
         """Members, samples and the generation row in one transaction, then the console and UI:
         both while the next generation decodes."""
         fresh = inputs.problems if self.settings.data.train_problems == "fresh" else None
         committed = pipeline.while_next_decodes(
-            commit_generation, self.root, self.run_id, quote(inputs.plan), parent_sha256, member_adapters, quote(scored["scores"]),
+            commit_generation, self.root, self.run_id, quote(inputs.plan), parent_sha256, member_adapters, quote(scores),
             quote(update), quote(timing), quote(fresh),
         )
         pipeline.while_next_decodes(publish_generation, quote(self.progress), committed)

@@ -1,6 +1,7 @@
 """Replay a recorded generation from the ledger with the run's own tasks: `perturb` rebuilds its
-members and `aggregate` its new centre from the parent centre, the member seeds and the recorded
-rewards, in a scratch store (the data dir is only read: a read-only copy can be replayed); every
+members and `aggregate` its new centre from the parent centre, the generation's plan (`es.ask` of
+the recorded settings, as the run made it; the ledger's member seeds are checked against it) and
+the recorded rewards, in a scratch store (the data dir is only read: a read-only copy can be replayed); every
 hash is checked: the rebuilt against the ledger's, and the stored artifacts (parent, members, new
 centre) against their own (a flipped byte fails the replay; a member adapter not kept, e.g. a data
 dir carried without them, is noted, since its seed rebuilds it). With `reevaluate`, the stored
@@ -10,7 +11,7 @@ every completion and reward compared with the ledger's: what was scored is what 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from prefect import flow
@@ -20,7 +21,7 @@ from artifacts.ledger import Ledger
 from artifacts.store import ArtifactError, ArtifactStore
 from es_core.countdown.problems import Problem, experiment_problems, training_batch
 from es_core.countdown.prompt import render_prompts
-from es_core.es import Member, PopulationPlan
+from es_core.es import Member, ask
 from es_core.settings import ConfigError
 from flows.recorded import recorded_settings
 from tasks.common import NO_CACHE, evaluation_key
@@ -76,10 +77,15 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
     es = settings.es
     store = ArtifactStore(root / "artifacts")
     members = sorted(ledger.member_rows(run_id, generation), key=lambda m: m["member"])
-    plan = PopulationPlan(generation, tuple(Member(m["member"], int(m["seed"]), int(m["sign"])) for m in members), es.sigma, es.perturb)
     train, _, held_out_ids = experiment_problems(settings.data, settings.eval)
     batch = training_batch(settings.data, train, generation, held_out_ids)
     report = ReplayReport(run_id, generation)
+
+    plan = ask(es.seed, generation, es.population, es.sigma, es.perturb, es.antithetic)  # as the run planned it
+    recorded = tuple(Member(m["member"], int(m["seed"]), int(m["sign"])) for m in members)
+    if recorded != plan.members:
+        report.mismatches.append(f"the ledger's members (index, seed, sign) are not generation {generation}'s plan: the rest checks the ledger's")
+        plan = replace(plan, members=recorded)
 
     with tempfile.TemporaryDirectory(prefix="es-replay-store-") as scratch:
         parent = row["parent_center_sha256"]

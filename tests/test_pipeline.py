@@ -142,6 +142,11 @@ def test_replay_rebuilds_members_and_centre_from_the_ledger(tmp_path, prefect_ha
             con.execute("UPDATE members SET reward_mean = reward_mean + 0.5 WHERE run_id = 'rp' AND generation = 1 AND member = 0")
         result = replay("rp", 1, str(data_dir))
         assert not result["ok"] and any("centre DOES NOT match" in line for line in result["lines"])
+        # a recorded seed the run's plan does not give
+        with duckdb.connect(str(data_dir / "ledger.duckdb")) as con:
+            con.execute("UPDATE members SET seed = seed + 1 WHERE run_id = 'rp' AND generation = 0 AND member = 1")
+        result = replay("rp", 0, str(data_dir))
+        assert not result["ok"] and any("not generation 0's plan" in line for line in result["lines"]), result["lines"]
 
 
 def test_rerun_with_the_same_content_executes_no_task_body_twice(tmp_path, prefect_harness, model_cache, monkeypatch):
