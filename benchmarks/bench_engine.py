@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="compile", help="engine variants for (d): compile (the default engine), graphs "
                    "(no torch.compile), eager (no compile, no graphs), sdpa (SDPA decode attention), nolora (base rows only), bmm / fused "
                    "(LoRA as batched matmuls / as reductions compiled into the layer, whatever the rank), triton (bmm, the gate/up LoRA "
-                   "inside the SiLU kernel, es_core/engine/lora_silu.py), torch-head (the greedy head as F.linear + argmax, not head_argmax)")
+                   "inside the SiLU kernel, es_core/engine/lora_silu.py), torch-head (the greedy head as F.linear + argmax, not head_argmax), "
+                   "model-dtype-lora (the LoRA slots in the model dtype, generation.lora_dtype=model: rounded, faster at rank > 2)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of (d)'s decode step")
     p.add_argument("--smoke", action="store_true", help="CPU-sized: smollm2-135m, 4 members x 4 prompts, rank 1, 32 tokens")
     p.add_argument("--sanity", action="store_true", help="first check the CUDA path: graphs == eager, compiled ~ eager, base rows ~ HF")
@@ -242,7 +243,7 @@ def _peak(device) -> float:
 # --- (d) the engine -------------------------------------------------------------------------
 
 
-VARIANTS = ("compile", "graphs", "eager", "sdpa", "nolora", "bmm", "fused", "triton", "torch-head")
+VARIANTS = ("compile", "graphs", "eager", "sdpa", "nolora", "bmm", "fused", "triton", "torch-head", "model-dtype-lora")
 
 
 def variant_engine(variant: str, decoder, targets, rank: int, members: list, prompts: int, pad_id: int, cuda_graphs: bool | None = None):
@@ -252,7 +253,7 @@ def variant_engine(variant: str, decoder, targets, rank: int, members: list, pro
     engine = PopulationEngine(decoder, targets, rank, pad_id=pad_id, eos_ids=(), max_batch_rows=len(members) * prompts,
                               compile=variant not in ("graphs", "eager"), cuda_graphs=variant != "eager" if cuda_graphs is None else cuda_graphs,
                               attention="sdpa" if variant == "sdpa" else "auto", lora_kernel=variant if variant in ("bmm", "fused", "triton") else "auto",
-                              head="torch" if variant == "torch-head" else "auto")
+                              head="torch" if variant == "torch-head" else "auto", lora_dtype="model" if variant == "model-dtype-lora" else "float32")
     return engine, members
 
 

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from artifacts.ledger import Ledger  # noqa: E402
-from benchmarks.learning_runs import CONFIG, FINAL_FILE, RECIPES, WARM_START_RUN  # noqa: E402
+from benchmarks.learning_runs import CONFIG, FINAL_FILE, RECIPE_SETS, RECIPES, WARM_START_RUN  # noqa: E402
 
 SETS = ("heldout", "paper-test")
 
@@ -52,8 +52,16 @@ def fmt(values: dict[str, tuple] | None) -> str:
     return f"{100 * values['heldout'][3]:.0f}%" if values and "heldout" in values else ""
 
 
-def table(ledger: Ledger, final: dict | None) -> tuple[str, list]:
-    """The markdown table and the points of the GPU-minutes plot."""
+def es_seconds(ledger: Ledger, run_id: str, generations: int) -> float:
+    """Wall seconds of a run's first `generations` generations (its GPU time when it ran alone)."""
+    _, rows = ledger.query("SELECT coalesce(sum(wall_seconds), 0) FROM generations WHERE run_id = ? AND generation < ?", [run_id, generations])
+    return rows[0][0]
+
+
+def table(ledger: Ledger, final: dict | None, recipes: dict[str, list[str]] = RECIPES, alone: bool = False,
+          baseline: Ledger | None = None) -> tuple[str, list]:
+    """The markdown table and the points of the GPU-minutes plot. `alone`: every recipe ran alone,
+    its generations' wall seconds are its GPU time; `baseline`: the ledger of the supervised runs."""
     rows, points = [], []
     warm = warm_start_of(ledger, WARM_START_RUN)
     base = evals(ledger, WARM_START_RUN, "base").get(0)
@@ -63,21 +71,28 @@ def table(ledger: Ledger, final: dict | None) -> tuple[str, list]:
     rows.append((f"warm start ({warm['steps']} steps)", warm["steps"], 0, f"{warm['seconds'] / 60:.1f}", warm_eval, f"`{run_cmd} --run-id {WARM_START_RUN} --set es.generations=0`"))
     points.append(("supervised", warm["seconds"] / 60, warm_eval))
     s_gen = final["solo_seconds_per_generation"] if final else None
-    for run_id, overrides in RECIPES.items():
+    for run_id, overrides in recipes.items():
         centre = evals(ledger, run_id, "centre")
         if not centre:
             continue
         g = max(centre)
-        timed = final is not None and run_id == final["es_run"]  # the others ran side by side: no GPU time of their own
-        minutes = f"{(warm['seconds'] + g * s_gen) / 60:.1f}" if timed else "(side by side)"
+        timed = alone or (final is not None and run_id == final["es_run"])  # side by side: no GPU time of their own
+
+        def gpu_minutes(gen: int) -> float:
+            return (warm["seconds"] + (es_seconds(ledger, run_id, gen) if alone else gen * s_gen)) / 60
+
+        minutes = f"{gpu_minutes(g):.1f}" if timed else "(side by side)"
         sets = "".join(f" --set {kv}" for kv in overrides)
         where = "`python -m benchmarks.learning_runs sweep DATA_DIR`" if not final or run_id != final["es_run"] else "`... learning_runs final DATA_DIR`"
         rows.append((f"ES `{run_id}`", warm["steps"], g, minutes, centre[g], f"`{run_cmd} --run-id {run_id} --set es.generations={g}{sets}` ({where})"))
         if timed:  # from the warm start it continues
-            points += [("ES", warm["seconds"] / 60, warm_eval)] + [("ES", (warm["seconds"] + gen * s_gen) / 60, values) for gen, values in sorted(centre.items())]
+            points += [(f"ES `{run_id}`", warm["seconds"] / 60, warm_eval)] + [(f"ES `{run_id}`", gpu_minutes(gen), values) for gen, values in sorted(centre.items())]
+    supervised = baseline or ledger
+    if baseline is not None:  # the baseline's own warm start, as the first point of its curve
+        points.append(("supervised", warm_start_of(baseline, WARM_START_RUN)["seconds"] / 60, evals(baseline, WARM_START_RUN, "warm_start").get(0)))
     for run_id in ("sft-half", "sft-matched"):
-        w = warm_start_of(ledger, run_id)
-        values = evals(ledger, run_id, "warm_start").get(0)
+        w = warm_start_of(supervised, run_id)
+        values = evals(supervised, run_id, "warm_start").get(0)
         if values:
             rows.append((f"warm start continued (`{run_id}`)", w["steps"], 0, f"{w['seconds'] / 60:.1f}", values,
                          f"`{run_cmd} --run-id {run_id} --set es.generations=0 --set warm_start.steps={w['steps']}`"))
@@ -113,28 +128,30 @@ def signal(ledger: Ledger, run_id: str) -> str:
             f"member reward std {reward_std:.4f}; best minus worst member accuracy {100 * acc_range:.1f} points")
 
 
-def plot(ledger: Ledger, points: list, path: Path) -> Path:
+def plot(ledger: Ledger, points: list, path: Path, recipes: dict[str, list[str]] = RECIPES) -> Path:
     fig, (by_gen, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
     warm_eval = evals(ledger, WARM_START_RUN, "warm_start").get(0, {})
-    for run_id in RECIPES:
+    colour = {f"ES `{run_id}`": f"C{i + 1}" for i, run_id in enumerate(recipes)} | {"supervised": "C0"}  # one per run, both panels
+    for run_id in recipes:
         centre = evals(ledger, run_id, "centre")
         if centre:
             gens = [0, *sorted(centre)]
             accs = [warm_eval.get("heldout", (float("nan"),))[0], *(centre[g]["heldout"][0] for g in sorted(centre) if "heldout" in centre[g])]
-            by_gen.plot(gens[: len(accs)], [100 * a for a in accs], "o-", ms=3, label=run_id)
+            by_gen.plot(gens[: len(accs)], [100 * a for a in accs], "o-", ms=3, label=run_id, color=colour[f"ES `{run_id}`"])
     by_gen.set_xlabel("ES generation (0: the warm start)")
     by_gen.set_ylabel("held-out accuracy, 2,000 generated (%)")
     by_gen.set_title("ES recipes from the same warm start")
     by_gen.grid(alpha=0.3)
     by_gen.legend(fontsize=8)
-    for label, style in (("ES", "o-"), ("supervised", "s--")):
-        pts = sorted((m, v) for kind, m, v in points if kind == label and v and "heldout" in v)
+    for label in dict.fromkeys(kind for kind, _, _ in points):
+        style = "s--" if label == "supervised" else "o-"
+        pts = sorted(((m, v) for kind, m, v in points if kind == label and v and "heldout" in v), key=lambda p: p[0])
         if pts:
             x = [m for m, _ in pts]
             y = [100 * v["heldout"][0] for _, v in pts]
             lo = [100 * (v["heldout"][0] - v["heldout"][1]) for _, v in pts]
             hi = [100 * (v["heldout"][2] - v["heldout"][0]) for _, v in pts]
-            by_time.errorbar(x, y, yerr=[lo, hi], fmt=style, ms=4, capsize=2, label="ES after the warm start" if label == "ES" else "warm start continued")
+            by_time.errorbar(x, y, yerr=[lo, hi], fmt=style, ms=4, capsize=2, color=colour.get(label), label="warm start continued" if label == "supervised" else label.replace("`", ""))
     by_time.set_xlabel("GPU minutes (warm start included)")
     by_time.set_ylabel("held-out accuracy, 2,000 generated (%)")
     by_time.set_title("ES vs more fine-tuning at equal GPU time (95% CI)")
@@ -170,19 +187,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--png", type=Path, default=Path("docs/results/learning.png"))
     parser.add_argument("--slim", type=Path, default=None, help="also write a copy of the ledger without most samples here")
+    parser.add_argument("--recipes", choices=sorted(RECIPE_SETS), default="first", help="which set of ES recipes (benchmarks.learning_runs)")
+    parser.add_argument("--alone", action="store_true", help="the recipes ran one at a time (learning_runs sweep --one-at-a-time)")
+    parser.add_argument("--baseline", type=Path, default=None, help="the data dir (or slim ledger's folder) of the supervised runs, if not DATA_DIR")
     args = parser.parse_args(argv)
+    recipes = RECIPE_SETS[args.recipes]
     ledger = Ledger(args.data_dir)
+    baseline = Ledger(args.baseline) if args.baseline else None
     final_file = args.data_dir / FINAL_FILE
     final = json.loads(final_file.read_text()) if final_file.is_file() else None
-    markdown, points = table(ledger, final)
+    markdown, points = table(ledger, final, recipes, args.alone, baseline)
     print(markdown)
     if final:
         print(f"\nGPU minutes of ES: {final['solo_seconds_per_generation']:.2f} s a generation alone (median of {final['es_run']}'s generations "
               f"{final['first_solo_generation'] + 1}+), warm start {final['warm_start_seconds_per_step']:.3f} s a step.")
     print()
-    for run_id in RECIPES:
+    for run_id in recipes:
         print("- " + signal(ledger, run_id))
-    print(f"\n{plot(ledger, points, args.png)}")
+    print(f"\n{plot(ledger, points, args.png, recipes)}")
     if args.slim:
         print(slim_copy(args.data_dir, args.slim))
     return 0

@@ -44,6 +44,15 @@ RECIPES: dict[str, list[str]] = {
     "es-fresh64-r8": ["lora.rank=8"],
     "es-fresh16-n256": ["es.population=256", "data.prompts_per_generation=16"],
 }
+# The second round: the step of the best recipe of the first (es-fresh64-r8: sigma 0.05, SGD at
+# learning rate 0.025) moved the centre too little to show (its random walk after 50 generations is
+# about alpha / sqrt(N) x sqrt(50) = 0.02 per entry, under sigma). Larger steps, Adam, a larger sigma.
+STEP_SIZE: dict[str, list[str]] = {
+    "es-r8-lr0.1": ["lora.rank=8", "es.learning_rate=0.1"],
+    "es-r8-adam": ["lora.rank=8", "es.optimizer=adam", "es.learning_rate=0.005"],
+    "es-r8-sigma0.1": ["lora.rank=8", "es.sigma=0.1", "es.learning_rate=0.1"],
+}
+RECIPE_SETS = {"first": RECIPES, "step-size": STEP_SIZE}
 EVAL_EVERY = 10  # the config's eval.every
 FINAL_FILE = "learning-final.json"  # what `final` measured, for learning_report
 
@@ -87,18 +96,22 @@ def own_prefect_db(data_dir: Path, run_id: str) -> dict:
     return {"PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{data_dir / 'prefect'}/{run_id}.db"}
 
 
-def sweep(data_dir: Path, paper_set: str, generations: int, deadline_s: float, config: str, extra: list[str]) -> None:
-    """The warm start, then the recipes side by side until they finish or `deadline_s` after the start."""
+def sweep(data_dir: Path, paper_set: str, generations: int, deadline_s: float, config: str, extra: list[str],
+          recipes: dict[str, list[str]] = RECIPES, one_at_a_time: bool = False) -> None:
+    """The warm start, then the recipes side by side until they finish or `deadline_s` after the start
+    (or, `one_at_a_time`, each alone for `generations`: their wall times are then the GPU's)."""
     began = time.monotonic()
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "prefect").mkdir(exist_ok=True)
     common = ["--config", config, "--data-dir", str(data_dir), "--set", paper_set]
     run([*es_command(), "run", *common, "--run-id", WARM_START_RUN, "--set", "es.generations=0", *extra], data_dir / f"{WARM_START_RUN}.log")
     procs = {}
-    for run_id, overrides in RECIPES.items():
+    for run_id, overrides in recipes.items():
         sets = [a for kv in overrides for a in ("--set", kv)]
         procs[run_id] = run([*es_command(), "run", *common, "--run-id", run_id, "--set", f"es.generations={generations}", *sets, *extra],
                             data_dir / f"{run_id}.log", own_prefect_db(data_dir, run_id), wait=False)
+        while one_at_a_time and procs[run_id].poll() is None and time.monotonic() - began < deadline_s:
+            time.sleep(2)
     while any(p.poll() is None for p in procs.values()) and time.monotonic() - began < deadline_s:
         time.sleep(2)
     for run_id, proc in procs.items():
@@ -109,8 +122,8 @@ def sweep(data_dir: Path, paper_set: str, generations: int, deadline_s: float, c
             print(f"{run_id}: exit {proc.returncode}: {(data_dir / f'{run_id}.log').read_text()[-1500:]}")
 
 
-def best_recipe(data_dir: Path) -> str:
-    ids = ", ".join(f"'{r}'" for r in RECIPES)
+def best_recipe(data_dir: Path, recipes: dict[str, list[str]] = RECIPES) -> str:
+    ids = ", ".join(f"'{r}'" for r in recipes)
     rows = sql(data_dir, f"""SELECT run_id, generation, accuracy FROM evals WHERE split = 'heldout' AND model = 'centre' AND run_id IN ({ids})
                              QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY generation DESC) = 1 ORDER BY accuracy DESC, run_id""")
     for run_id, generation, accuracy in rows:
@@ -118,9 +131,11 @@ def best_recipe(data_dir: Path) -> str:
     return rows[0][0]
 
 
-def final(data_dir: Path, paper_set: str, limit_s: float, sft_overhead_s: float, config: str, extra: list[str]) -> None:
+def final(data_dir: Path, paper_set: str, limit_s: float, sft_overhead_s: float, config: str, extra: list[str],
+          recipes: dict[str, list[str]] = RECIPES, baseline: bool = True) -> None:
+    """The best recipe continues alone; then (`baseline`) the warm start continued for its GPU time."""
     started = time.monotonic()
-    best = best_recipe(data_dir)
+    best = best_recipe(data_dir, recipes)
     first_solo = sql(data_dir, f"SELECT max(generation) + 1 FROM generations WHERE run_id = '{best}'")[0][0]
     proc = run([*es_command(), "resume", best, "--data-dir", str(data_dir), "--set", "es.generations=1000"], data_dir / f"{best}.log", wait=False)
     s_step, warm_steps = sql(data_dir, f"SELECT w.seconds / w.steps, w.steps FROM warm_starts w JOIN runs r USING (warm_start_sha256) WHERE r.run_id = '{WARM_START_RUN}'")[0]
@@ -134,7 +149,7 @@ def final(data_dir: Path, paper_set: str, limit_s: float, sft_overhead_s: float,
         s_gen = statistics.median(walls)
         # go on to the next evaluation only if the supervised run of the same GPU time still fits after it
         next_eval = (evaluated // EVAL_EVERY + 1) * EVAL_EVERY
-        needed = (next_eval - evaluated) * s_gen * 1.2 + next_eval * s_gen + sft_overhead_s
+        needed = (next_eval - evaluated) * s_gen * 1.2 + (next_eval * s_gen + sft_overhead_s if baseline else 0)
         if evaluated >= first_solo + EVAL_EVERY and time.monotonic() - started + needed > limit_s:
             stop_at = evaluated
             break
@@ -147,7 +162,11 @@ def final(data_dir: Path, paper_set: str, limit_s: float, sft_overhead_s: float,
           f"the warm start trains {s_step:.3f} s a step: {matched - warm_steps} more steps")
     (data_dir / FINAL_FILE).write_text(json.dumps({"es_run": best, "generations": generations, "solo_seconds_per_generation": s_gen,
                                                    "first_solo_generation": first_solo, "es_seconds": es_seconds,
-                                                   "warm_start_seconds_per_step": s_step, "sft_steps": [half, matched]}, indent=1) + "\n")
+                                                   "warm_start_seconds_per_step": s_step, "sft_steps": [half, matched] if baseline else []},
+                                                  indent=1) + "\n")
+    if not baseline:
+        print(f"done in {time.monotonic() - started:.0f} s")
+        return
     common = ["--config", config, "--data-dir", str(data_dir), "--set", paper_set, "--set", "es.generations=0", *extra]
     for run_id, steps in (("sft-half", half), ("sft-matched", matched)):
         run([*es_command(), "run", *common, "--run-id", run_id, "--set", f"warm_start.steps={steps}"], data_dir / f"{run_id}.log")
@@ -165,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-overhead", type=float, default=100, help="final: seconds of the supervised runs beyond training")
     parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--paper-size", type=int, default=PAPER_TEST_SIZE, help="held-out problems from the paper's file")
+    parser.add_argument("--recipes", choices=sorted(RECIPE_SETS), default="first", help="which set of ES recipes")
+    parser.add_argument("--one-at-a-time", action="store_true", help="sweep: each recipe alone (its wall time is then the GPU's)")
+    parser.add_argument("--no-baseline", action="store_true", help="final: no supervised run of equal GPU time")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="an override of every run, applied last (a CPU rehearsal: model.name=tiny-llama es.population=4 ...)")
     args = parser.parse_args(argv)
@@ -172,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = [a for kv in args.extra for a in ("--set", kv)]
     paper_set = eval_sets(args.paper, args.paper_size)
     if args.step == "sweep":
-        sweep(data_dir, paper_set, args.generations, args.deadline, args.config, extra)
+        sweep(data_dir, paper_set, args.generations, args.deadline, args.config, extra, RECIPE_SETS[args.recipes], args.one_at_a_time)
     else:
-        final(data_dir, paper_set, args.limit, args.sft_overhead, args.config, extra)
+        final(data_dir, paper_set, args.limit, args.sft_overhead, args.config, extra, RECIPE_SETS[args.recipes], not args.no_baseline)
     return 0
 
 

@@ -69,8 +69,13 @@ def _cmd_run(args) -> int:
     from flows.preflight import check_settings
 
     check_settings(settings)  # so does a model, file or data dir the run could not use
-    _isolate_ephemeral_prefect(str(settings.data_dir))
     with _writer_lock(settings.data_dir, args.run_id):
+        recorded = _recorded_run_settings(settings, args.run_id, overrides, args.config)
+        if recorded is not None and (done := _complete(settings.data_dir, args.run_id, recorded.es.generations)):
+            print(done)
+            return 0
+        _check_prefect_api()
+        _isolate_ephemeral_prefect(str(settings.data_dir))
         from flows.es_countdown import es_countdown
 
         result = es_countdown(config_path=str(Path(args.config).resolve()), overrides=overrides, run_id=args.run_id, data_dir=str(settings.data_dir))
@@ -91,7 +96,11 @@ def _cmd_resume(args) -> int:
     check_writable_data_dir(data_dir, "resume writes the ledger and artifacts there")
     # the lock before the other checks: a run another process is writing has no ledger yet, maybe
     with _writer_lock(data_dir, args.run_id):
+        if done := _complete_on_resume(data_dir, args.run_id, args.overrides):  # before the model check (torch) too
+            print(done)
+            return 0
         resume_settings(args.run_id, _resume_overrides(args), data_dir)
+        _check_prefect_api()
         _isolate_ephemeral_prefect(str(data_dir))
         from flows.es_countdown import es_countdown
 
@@ -106,11 +115,99 @@ def _cmd_replay(args) -> int:
 
     # a replay only reads the data dir: a read-only copy of one can be checked
     check_replay(args.run_id, args.generation, Path(_default_data_dir(args.data_dir)))
+    _check_prefect_api()
     _isolate_ephemeral_prefect(_default_data_dir(args.data_dir))
     from flows.replay import replay
 
     result = replay(args.run_id, args.generation, _default_data_dir(args.data_dir), args.reevaluate)
     return 0 if result["ok"] else 1
+
+
+# --- what can be answered before Prefect starts (issue 19) ------------------------------------------
+# The flow runs on Prefect's temporary server, which takes 18-50 s to start on a small machine:
+# a command whose answer is already in the ledger, or that would fail at once, answers first.
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].strip()
+
+
+def _recorded_run_settings(settings, run_id: str | None, overrides: list[str], config: str):
+    """For `run --run-id` of a run the ledger holds: its recorded settings, if the config asks for
+    the same (the flow resumes it); a one-line ConfigError if not, as the flow would raise after
+    starting Prefect. None for a new run."""
+    from artifacts.ledger import LEDGER_FILE
+
+    root = Path(settings.data_dir)
+    if run_id is None or not (root / LEDGER_FILE).is_file():
+        return None
+    from artifacts.commands import open_ledger
+    from es_core.settings import ConfigError
+    from flows.recorded import recorded_settings
+
+    run = open_ledger(root).run_row(run_id)
+    if run is None:
+        return None
+    resumed = recorded_settings(run, root, overrides)  # an override that changes results: one line
+    if resumed.fingerprint() != settings.fingerprint():
+        raise ConfigError(f"run {run_id} in {root} was started with other settings than {config}; start a new run id")
+    return resumed
+
+
+def _complete(data_dir, run_id: str, generations: int) -> str | None:
+    """The line to print instead of running the flow when `run_id` is complete: status completed,
+    `generations` committed, its report written (a run killed before its report was written is
+    not complete: the flow finishes it). None otherwise."""
+    from artifacts.commands import open_ledger
+    from flows.report import REPORT_FILE
+    from tasks.common import DataDir
+
+    ledger = open_ledger(data_dir)
+    run, last = ledger.run_row(run_id), ledger.last_generation(run_id)
+    if run is None or run["status"] != "completed" or last is None or last + 1 < generations:
+        return None
+    report = DataDir(Path(data_dir)).run_dir(run_id) / REPORT_FILE
+    if not report.is_file():
+        return None
+    return (f"run {run_id} is complete ({last + 1} of {generations} generations), report {report}: nothing to do "
+            f"(to extend it: es-countdown resume {run_id} --set es.generations=N, N > {last + 1})")
+
+
+def _complete_on_resume(data_dir: Path, run_id: str, overrides: list[str]) -> str | None:
+    """`_complete` for a resume: es.generations as recorded or as overridden. Any other override
+    (eval.base_model, say) may give the flow work: then None."""
+    import json
+
+    from artifacts.commands import open_ledger
+    from es_core.settings import parse_overrides
+
+    if any(_key(o) != "es.generations" for o in overrides):
+        return None
+    run = open_ledger(data_dir).run_row(run_id)
+    if run is None:
+        return None  # resume_settings says so in one line
+    generations = parse_overrides(list(overrides)).get("es", {}).get("generations", json.loads(run["config_json"])["es"]["generations"])
+    return _complete(data_dir, run_id, generations) if isinstance(generations, int) else None  # a bad value: the full checks name it
+
+
+def _check_prefect_api() -> None:
+    """With PREFECT_API_URL set (environment or Prefect profile), the flow reports to that server:
+    one that does not answer is named now, in seconds, not after Prefect's retries (20 s). Any
+    HTTP answer counts (a server behind auth may refuse /health)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return
+    import requests
+
+    from es_core.settings import ConfigError
+
+    try:
+        requests.get(f"{url.rstrip('/')}/health", timeout=5)
+    except requests.RequestException as exc:
+        raise ConfigError(f"PREFECT_API_URL={url} does not answer ({type(exc).__name__}): start that server "
+                          f"(prefect server start) or unset PREFECT_API_URL to run on a temporary one") from None
 
 
 # --- one writer per run id (issue 17) ---------------------------------------------------------------

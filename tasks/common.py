@@ -89,8 +89,8 @@ def evaluation_key(settings, base_model_sha256: str) -> str:
     hash, the backend, the prompt style, compile and batch rows (a batch's shape can change bf16
     results), and what the backend itself names (`decode_key`: for the embedded engine the dtype
     and device as they resolve on this machine, `auto` being bf16 on CUDA and float32 on CPU, a GPU
-    by its name; for SGLang the dtype asked of the server and its LoRA kernels and extra
-    arguments). JSON, so the Prefect UI shows it."""
+    by its name, and the dtype of its LoRA slots; for SGLang the dtype asked of the server and its
+    LoRA kernels and extra arguments). JSON, so the Prefect UI shows it."""
     from es_core.backends import backend_class
 
     key: dict[str, Any] = {

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("change", [
     "model.dtype=bfloat16", "model.dtype=float16", "model.device=cuda", "generation.compile=false", "backend.kind=sglang",
-    "generation.max_batch_rows=64", "prompt.style=raw",
+    "generation.max_batch_rows=64", "prompt.style=raw", "generation.lora_dtype=model",
 ])
 def test_every_setting_that_changes_decoding_changes_the_model_key(change):
     base = evaluation_key(load_settings(None, ["model.device=cpu"]), "b" * 64)

@@ -21,9 +21,9 @@ def trained_centre() -> dict[str, torch.Tensor]:
     return centre
 
 
-def slots(population, dtype) -> object:
+def slots(population, dtype, **options) -> object:
     lora = PopulationLoRA({"qkv": (("q_proj", D),), "o": (), "gate_up": (), "down": ()}, {"qkv": D, "o": D, "gate_up": D, "down": D}, 1,
-                          [TARGET], RANK, dtype, "cpu")
+                          [TARGET], RANK, dtype, "cpu", **options)
     lora.set_members(population, [SCALING] * len(population))
     return lora.layer(0).qkv
 
@@ -71,3 +71,15 @@ def test_the_lora_path_in_a_bf16_model_applies_the_float32_member(sigma):
           f"(float32 slots, bf16 output; {exact:.1e} before that rounding), {before:.2%} with bf16 slots")
     assert exact < 1e-4
     assert now < before
+
+
+def test_slots_in_the_models_dtype_are_the_opt_in_that_rounds():
+    """generation.lora_dtype=model: the engine's faster slots, rounded as measured above."""
+    from es_core.engine.generate import PopulationEngine
+
+    centre = trained_centre()
+    population = stacked_population(centre, draw_population(ask(0, 0, MEMBERS, 0.001), noise_layout(centre)))
+    group = slots(population, torch.bfloat16, slot_dtype=torch.bfloat16)
+    assert group.a.dtype == torch.bfloat16 and not torch.equal(group.a[:, :RANK].float(), population.tensors[TARGET.key_a])
+    with pytest.raises(ValueError, match="lora_dtype must be float32 or model"):
+        PopulationEngine(None, [TARGET], RANK, pad_id=0, eos_ids=[2], lora_dtype="bf16")

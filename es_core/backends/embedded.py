@@ -38,18 +38,20 @@ class EmbeddedBackend:
         engine = PopulationEngine(
             Decoder.from_hf(model), targets, settings.lora.rank,
             pad_id=tokenizer.pad_token_id, eos_ids=eos_token_ids(model, tokenizer),
-            max_batch_rows=settings.generation.max_batch_rows, compile=settings.generation.compile,
+            max_batch_rows=settings.generation.max_batch_rows, compile=settings.generation.compile, lora_dtype=settings.generation.lora_dtype,
         )
         return cls(engine, tokenizer, settings.lora.scaling)
 
     @staticmethod
     def decode_key(settings: Settings) -> dict:
         """What, beyond the settings every backend shares, decides how this one decodes: the
-        device (a GPU by its name) and the dtype as they resolve on this machine."""
+        device (a GPU by its name) and the dtype as they resolve on this machine, and the dtype of
+        the members' LoRA slots."""
         from es_core.models import resolve_device, resolve_dtype
 
         device = resolve_device(settings.model.device)
-        return {"device": _device_name(device), "dtype": str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch.")}
+        return {"device": _device_name(device), "dtype": str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch."),
+                "lora_dtype": settings.generation.lora_dtype}
 
     def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
         """Greedy completion of every prompt under every adapter (path None: the base model): result[a][p]."""

@@ -80,7 +80,8 @@ class _Session:
         bmm = engine.lora_kernel in ("bmm", "triton")
         self.lora = PopulationLoRA(cfg.fused_out, cfg.fused_in, cfg.n_layers, engine.targets, engine.rank, d.dtype, dev,
                                    pad_rank_to=8 if dev.type == "cuda" and bmm else 1,
-                                   compact=("gate_up",) if engine.lora_kernel == "triton" else not bmm)
+                                   compact=("gate_up",) if engine.lora_kernel == "triton" else not bmm,
+                                   slot_dtype=torch.float32 if engine.lora_dtype == "float32" else d.dtype)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)  # last token of each row
         self.positions = torch.zeros(rows, dtype=torch.long, device=dev)  # its RoPE position
         self.write = torch.zeros(1, dtype=torch.long, device=dev)  # cache slot it is written to
@@ -144,8 +145,13 @@ class PopulationEngine:
     def __init__(self, decoder: Decoder, targets: Sequence[LoRATarget], rank: int, *, pad_id: int, eos_ids: Sequence[int],
                  max_batch_rows: int = 1024, compile: bool = True, cuda_graphs: bool | None = None, bucket: int = 64,
                  prefill_tokens: int = 32768, check_every: int = 16, attention: str = "auto", lora_kernel: str = "auto",
-                 head: str = "auto"):
+                 head: str = "auto", lora_dtype: str = "float32"):
         self.decoder, self.targets, self.rank = decoder, list(targets), int(rank)
+        if lora_dtype not in ("float32", "model"):
+            raise ValueError(f"lora_dtype must be float32 or model (got {lora_dtype!r})")
+        # float32: the member evaluated is the member credited (population_lora); model: the slots in
+        # the model's dtype, faster at rank > 2 on CUDA but rounded (5.7% off at sigma 0.001 in bf16)
+        self.lora_dtype = lora_dtype
         self.pad_id, self.eos_ids = int(pad_id), tuple(int(e) for e in eos_ids)
         self.max_batch_rows, self.bucket, self.prefill_tokens, self.check_every = int(max_batch_rows), int(bucket), int(prefill_tokens), int(check_every)
         cuda = decoder.device.type == "cuda"

@@ -123,13 +123,14 @@ class _Part:
 
 
 class PopulationLoRA:
-    """Stacked slots for every fused Linear of every layer that carries LoRA (float32, SLOT_DTYPE;
-    `dtype` is the model's: its activations')."""
+    """Stacked slots for every fused Linear of every layer that carries LoRA (`slot_dtype`, float32
+    unless asked otherwise; `dtype` is the model's: its activations')."""
 
     def __init__(self, fused_out: dict[str, tuple[tuple[str, int], ...]], fused_in: dict[str, int], n_layers: int,
                  targets: Sequence[LoRATarget], rank: int, dtype: torch.dtype, device: torch.device, pad_rank_to: int = 1,
-                 compact: bool | Sequence[str] = True):
+                 compact: bool | Sequence[str] = True, slot_dtype: torch.dtype = SLOT_DTYPE):
         self.targets, self.rank, self.dtype, self.device = list(targets), int(rank), dtype, torch.device(device)
+        self.slot_dtype = slot_dtype
         # B compact (lora_delta_fused, silu_lora, or one bmm per part) or block-diagonal (one bmm): all groups, or those named
         self.compact_groups = frozenset(GROUPS if compact is True else () if compact is False else compact)
         # Each part's rank block is zero-padded to a multiple of pad_rank_to (exact: zero rows of A,
@@ -166,8 +167,8 @@ class PopulationLoRA:
         self.n_slots = n_slots
         for (layer, group), parts in self._parts.items():
             k = len(parts) * self.block
-            self._a[layer, group] = torch.zeros(n_slots, k, self._in[group], dtype=SLOT_DTYPE, device=self.device)
-            self._b[layer, group] = torch.zeros(n_slots, self._out[group], self.block if group in self.compact_groups else k, dtype=SLOT_DTYPE, device=self.device)
+            self._a[layer, group] = torch.zeros(n_slots, k, self._in[group], dtype=self.slot_dtype, device=self.device)
+            self._b[layer, group] = torch.zeros(n_slots, self._out[group], self.block if group in self.compact_groups else k, dtype=self.slot_dtype, device=self.device)
 
     @torch.no_grad()
     def set_members(self, members: Sequence[LoRATensors | None] | StackedLoRA, scalings: Sequence[float]) -> None:
