@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.utilities.annotations import quote
 
 from artifacts.ledger import Ledger
@@ -36,7 +37,14 @@ from tasks.warm_start import warm_start
 
 
 def new_run_id(run_name: str) -> str:
+    """<run name>-<utc time>-<4 hex>, of this flow run: its creation time and id, so that a retry of
+    the flow run (the UI's Retry, or Prefect restarting a crashed one) continues the same ES run
+    instead of starting a second one. Outside a flow run, the time now and random hex."""
     slug = "".join(c if c.isalnum() else "-" for c in run_name.lower()).strip("-") or "run"
+    context = FlowRunContext.get()
+    flow_run = context.flow_run if context is not None else None
+    if flow_run is not None and flow_run.created is not None:
+        return f"{slug}-{flow_run.created.astimezone(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.id.hex[:4]}"
     return f"{slug}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
@@ -45,6 +53,7 @@ def resolve_settings(config_path: str | None, overrides: list[str] | None, run_i
     extra = [f"data_dir={data_dir}"] if data_dir else []
     settings = load_settings(config_path, [*(overrides or []), *extra]) if config_path else None
     root = Path(data_dir) if data_dir else (settings.data_dir if settings else load_settings(None, extra).data_dir)
+    run_id = run_id or (new_run_id(settings.run_name) if settings is not None else None)  # a retried flow run: the id of its first attempt
     if run_id:
         stored = Ledger(root).run_row(run_id) if (root / "ledger.duckdb").exists() else None
         if stored:
@@ -56,7 +65,7 @@ def resolve_settings(config_path: str | None, overrides: list[str] | None, run_i
             raise ConfigError(f"run {run_id} is not in the ledger at {root / 'ledger.duckdb'}; give --config to start it")
     if settings is None:
         raise ConfigError("give a config path (or the id of a recorded run to resume)")
-    return settings, run_id or new_run_id(settings.run_name), False
+    return settings, run_id, False
 
 
 def prepare_warm_start(settings: Settings, data: DataDir, base: dict, held_out_ids: set[str]) -> dict:
