@@ -48,23 +48,29 @@ def new_run_id(run_name: str) -> str:
     return f"{slug}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
+# What a new run given no config runs (a deployment run with no config_path): the paper-scale experiment.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "experiments" / "countdown_es.yaml"
+
+
 def resolve_settings(config_path: str | None, overrides: list[str] | None, run_id: str | None, data_dir: str | None) -> tuple[Settings, str, bool]:
-    """(settings, run_id, resuming). A known run id resumes with its stored settings."""
-    extra = [f"data_dir={data_dir}"] if data_dir else []
-    settings = load_settings(config_path, [*(overrides or []), *extra]) if config_path else None
-    root = Path(data_dir) if data_dir else (settings.data_dir if settings else load_settings(None, extra).data_dir)
-    run_id = run_id or (new_run_id(settings.run_name) if settings is not None else None)  # a retried flow run: the id of its first attempt
-    if run_id:
-        stored = Ledger(root).run_row(run_id) if (root / "ledger.duckdb").exists() else None
-        if stored:
-            resumed = recorded_settings(stored, root, overrides or [])  # the stored settings; ES_* that change results refused
-            if settings is not None and settings.fingerprint() != resumed.fingerprint():
-                raise ConfigError(f"run {run_id} in {root} was started with other settings than {config_path}; start a new run id")
-            return resumed, run_id, True
-        if settings is None:
-            raise ConfigError(f"run {run_id} is not in the ledger at {root / 'ledger.duckdb'}; give --config to start it")
+    """(settings, run_id, resuming). A recorded run id resumes with its stored settings; a config
+    given with it must ask for the same, none given is no conflict. A new run reads config_path, or
+    DEFAULT_CONFIG if none is given, and without a run id is named after the flow run (so that a
+    retry of the flow run finds it recorded, and resumes it)."""
+    where = [f"data_dir={data_dir}"] if data_dir else []
+    settings = load_settings(config_path, [*(overrides or []), *where]) if config_path else None
+    if run_id is None:
+        settings = settings or load_settings(DEFAULT_CONFIG, [*(overrides or []), *where])
+        run_id = new_run_id(settings.run_name)
+    root = Path(data_dir) if data_dir else (settings or load_settings(None, where)).data_dir
+    stored = Ledger(root).run_row(run_id) if (root / "ledger.duckdb").exists() else None
+    if stored:
+        resumed = recorded_settings(stored, root, overrides or [])  # the stored settings; ES_* that change results refused
+        if config_path and settings.fingerprint() != resumed.fingerprint():
+            raise ConfigError(f"run {run_id} in {root} was started with other settings than {config_path}; start a new run id")
+        return resumed, run_id, True
     if settings is None:
-        raise ConfigError("give a config path (or the id of a recorded run to resume)")
+        raise ConfigError(f"run {run_id} is not in the ledger at {root / 'ledger.duckdb'}; give a config (--config, config_path) to start it")
     return settings, run_id, False
 
 
