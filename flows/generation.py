@@ -55,7 +55,7 @@ class GenerationInputs:
 @dataclass(frozen=True)
 class Scored:
     scores: list[MemberScore]
-    generate_seconds: float
+    generate_seconds: float  # decoding in this generation: 0 for a cached evaluation
 
 
 @dataclass
@@ -100,13 +100,16 @@ class ESRun:
     # --- evaluate -------------------------------------------------------------------------------------
 
     def evaluate(self, pipeline: Pipeline, center_sha256: str, inputs: GenerationInputs) -> Scored:
-        """Every member on the generation's prompts: scores, and the seconds decoding took."""
+        """Every member on the generation's prompts: scores, and the seconds decoding took now."""
         generation = self.settings.generation
-        result = self._evaluate_population(
+        state = self._evaluate_population(
             quote(self.backend), self.artifacts, center_sha256, quote(inputs.plan), quote(inputs.problems), quote(inputs.prompts),
             generation.max_new_tokens, self.settings.reward.kind, self.model_key, decoding=pipeline.decoding, drawn=quote(inputs.drawn),
+            return_state=True,
         )
-        return Scored(result["scores"], result["generate_seconds"])
+        result = state.result()
+        # a cached result carries the seconds of the run that decoded it; this generation decoded nothing
+        return Scored(result["scores"], 0.0 if state.name == "Cached" else result["generate_seconds"])
 
     # --- update -----------------------------------------------------------------------------------------
 

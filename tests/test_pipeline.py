@@ -167,6 +167,10 @@ def test_rerun_with_the_same_content_executes_no_task_body_twice(tmp_path, prefe
     assert len(content_tasks) >= 2 * 3 + 1
     assert all(r.state.name == "Cached" for r in content_tasks), [(r.name, r.state.name) for r in content_tasks]
     assert counts(Path(data_dir), "second") == counts(Path(data_dir), "first")
+    # the timings are this run's: the first decoded, the second decoded nothing (no negative 'other')
+    _, timings = Ledger(Path(data_dir)).query("SELECT run_id, generate_seconds, wall_seconds FROM generations ORDER BY run_id, generation")
+    assert all(0 < gen <= wall for run, gen, wall in timings if run == "first"), timings
+    assert all(gen == 0 < wall for run, gen, wall in timings if run == "second"), timings
 
 
 def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(tmp_path, model_cache):
