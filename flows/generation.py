@@ -133,7 +133,7 @@ class ESRun:
             commit_generation, self.root, self.run_id, quote(inputs.plan), parent_sha256, member_adapters, quote(scores),
             quote(update), quote(timing), quote(fresh),
         )
-        pipeline.while_next_decodes(publish_generation, quote(self.progress), committed)
+        pipeline.while_next_decodes(publish_generation, quote(self.progress), inputs.plan.generation, committed)
 
     # --- held-out evaluations ------------------------------------------------------------------------------
 
@@ -148,7 +148,7 @@ class ESRun:
             if evaluated(self.root, self.run_id, label, split, name):
                 continue
             summary = self._evaluate_heldout(
-                quote(backend or self.backend), self.artifacts, adapter, quote(problems), quote(self.eval_prompts[split]),
+                quote(backend or self.backend), self.artifacts, adapter, split, quote(problems), quote(self.eval_prompts[split]),
                 self.settings.generation.max_new_tokens, HELDOUT_REWARD, model_key or self.model_key,
             )
             record_eval(self.root, {"run_id": self.run_id, "generation": label, "split": split, "model": name, "adapter_sha256": adapter[1], **summary})

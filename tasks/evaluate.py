@@ -61,7 +61,8 @@ def _backend_failed(task, task_run, state) -> bool:
     return False
 
 
-@task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_backend_failed)
+@task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_backend_failed,
+      task_run_name="evaluate-g{plan.generation}")
 def evaluate_population(
     backend,
     artifacts_dir: str,
@@ -113,18 +114,20 @@ def evaluate_adapters(
     return _score_adapters(backend, artifacts_dir, adapters, problems, prompts, max_new_tokens, reward_kind)
 
 
-@task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_backend_failed)
+@task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_backend_failed,
+      task_run_name="eval-{adapter[0]}-on-{split}")
 def evaluate_heldout(
     backend,
     artifacts_dir: str,
     adapter: tuple[str, str | None],
+    split: str,
     problems: list[Problem],
     prompts: list[str],
     max_new_tokens: int,
     reward_kind: str,
     model_key: str,
 ) -> dict:
-    """The centre (or the base model, sha None) on a held-out set: summary with 95% bootstrap
+    """The centre (or the base model, sha None) on held-out set `split`: summary with 95% bootstrap
     intervals, and every completion kept as a JSONL artifact."""
     (score,) = _score_adapters(backend, artifacts_dir, [adapter], problems, prompts, max_new_tokens, reward_kind)
     lines = "".join(json.dumps(vars(s)) + "\n" for s in score.samples)

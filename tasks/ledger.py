@@ -38,7 +38,7 @@ def record_problems(data_dir: str, problems: list[Problem]) -> None:
     Ledger(Path(data_dir)).record_problems(problem_rows(problems))
 
 
-@task(**LEDGER_WRITE)
+@task(**LEDGER_WRITE, task_run_name="record-run-{run_id}")
 def record_run(data_dir: str, run_id: str, settings_json: str, settings_sha256: str, run_name: str, seed: int, base_model: dict,
                warm_start_sha256: str | None) -> None:
     """The run row (status running): created, or on a resume checked against what was recorded."""
@@ -46,7 +46,7 @@ def record_run(data_dir: str, run_id: str, settings_json: str, settings_sha256: 
                                       warm_start_sha256=warm_start_sha256)
 
 
-@task(**LEDGER_WRITE)
+@task(**LEDGER_WRITE, task_run_name="run-{status}")
 def set_run_status(data_dir: str, run_id: str, status: str) -> None:
     """running, completed or failed."""
     Ledger(Path(data_dir)).set_run_status(run_id, status)
@@ -58,7 +58,7 @@ def record_warm_start(data_dir: str, row: dict) -> None:
     Ledger(Path(data_dir)).record_warm_start(row)
 
 
-@task(**LEDGER_WRITE)
+@task(**LEDGER_WRITE, task_run_name="record-eval-{row[model]}-g{row[generation]}-on-{row[split]}")
 def record_eval(data_dir: str, row: dict) -> None:
     """One held-out evaluation (centre, base model or warm start)."""
     Ledger(Path(data_dir)).record_eval(row)
@@ -92,7 +92,7 @@ def generation_rows(run_id: str, plan: PopulationPlan, parent_sha256: str, membe
     return generation, members, samples
 
 
-@task(**LEDGER_WRITE)
+@task(**LEDGER_WRITE, task_run_name="commit-g{plan.generation}")
 def commit_generation(data_dir: str, run_id: str, plan: PopulationPlan, parent_sha256: str, member_adapters: list[tuple[str, str]],
                       scores: list[MemberScore], update: dict, timing: dict, new_problems: list[Problem] | None = None, decoding=None) -> dict:
     """Members, samples, new problems (a fresh training stream's) and the generation row land in
@@ -103,8 +103,8 @@ def commit_generation(data_dir: str, run_id: str, plan: PopulationPlan, parent_s
     return {"generation": generation, "members": members}
 
 
-@task(cache_policy=NO_CACHE)
-def publish_generation(progress, committed: dict, decoding=None) -> None:
+@task(cache_policy=NO_CACHE, task_run_name="publish-g{generation}")
+def publish_generation(progress, generation: int, committed: dict, decoding=None) -> None:
     """The console line, progress bar and member table of a committed generation (Prefect UI)."""
     wait_for_decoding(decoding)
-    progress.generation(committed["generation"]["generation"], committed["generation"], committed["members"])
+    progress.generation(generation, committed["generation"], committed["members"])

@@ -29,7 +29,7 @@ def write_member_adapters(store: ArtifactStore, center: LoRATensors, spec: Adapt
     return [put_adapter_folder(store, members.member(i), spec) for i in range(len(members))]
 
 
-@task(cache_policy=CONTENT_CACHE)
+@task(cache_policy=CONTENT_CACHE, task_run_name="perturb-g{plan.generation}")
 def perturb(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, decoding=None, drawn: DrawnPopulation | None = None) -> list[tuple[str, str]]:
     """Materialise a generation's member adapters (centre + sigma * sign * eps(seed)); returns (sha256, path) each."""
     wait_for_decoding(decoding)
@@ -38,7 +38,7 @@ def perturb(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, decodi
     return [(ref.sha256, str(ref.path)) for ref in write_member_adapters(store, state.center, spec, population_of(plan, state.center, drawn))]
 
 
-@task(cache_policy=CONTENT_CACHE)
+@task(cache_policy=CONTENT_CACHE, task_run_name="aggregate-g{plan.generation}")
 def aggregate(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, rewards: list[float], sample_rewards: list[list[float]], fitness: str,
               learning_rate: float, shaping: str, optimizer: str, adam: tuple[float, float, float], drawn: DrawnPopulation | None = None) -> dict:
     """theta_{g+1} = theta_g + alpha * (1/N) * sum_i w_i eps_i, w shaped from the members' fitness

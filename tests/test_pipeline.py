@@ -163,7 +163,7 @@ def test_rerun_with_the_same_content_executes_no_task_body_twice(tmp_path, prefe
     assert second["center_sha256"] == first["center_sha256"]
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    content_tasks = [r for r in runs if r.name.rsplit("-", 1)[0] in ("init_population", "perturb", "evaluate_population", "evaluate_heldout", "aggregate")]
+    content_tasks = [r for r in runs if r.task_key.rsplit("-", 1)[0] in ("init_population", "perturb", "evaluate_population", "evaluate_heldout", "aggregate")]
     assert len(content_tasks) >= 2 * 3 + 1
     assert all(r.state.name == "Cached" for r in content_tasks), [(r.name, r.state.name) for r in content_tasks]
     assert counts(Path(data_dir), "second") == counts(Path(data_dir), "first")
@@ -171,6 +171,22 @@ def test_rerun_with_the_same_content_executes_no_task_body_twice(tmp_path, prefe
     _, timings = Ledger(Path(data_dir)).query("SELECT run_id, generate_seconds, wall_seconds FROM generations ORDER BY run_id, generation")
     assert all(0 < gen <= wall for run, gen, wall in timings if run == "first"), timings
     assert all(gen == 0 < wall for run, gen, wall in timings if run == "second"), timings
+
+
+def test_task_runs_are_named_by_generation(tmp_path, prefect_harness, model_cache, monkeypatch):
+    """The UI's task list and timeline read like the run: which generation, which held-out set."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.es_countdown import es_countdown
+
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    state = es_countdown(config_path=str(tiny_config(tmp_path)), run_id="named", data_dir=str(tmp_path / "data"), return_state=True)
+    with get_client(sync_client=True) as client:
+        names = {r.name for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))}
+    for g in (0, 1):
+        assert {f"perturb-g{g}", f"evaluate-g{g}", f"aggregate-g{g}", f"commit-g{g}", f"publish-g{g}"} <= names, sorted(names)
+    assert {"eval-base-on-heldout", "eval-centre_g2-on-heldout", "record-eval-centre-g2-on-heldout", "record-run-named", "run-completed"} <= names, sorted(names)
 
 
 def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(tmp_path, model_cache):
