@@ -28,14 +28,16 @@ class SleepingBackend:
     def __init__(self, seconds: float, tokens: int):
         self.seconds, self.tokens = seconds, tokens
 
-    def generate_tensors(self, members, prompts, max_new_tokens, scaling=None, on_decode=None):
+    def generate_population(self, members, prompts, max_new_tokens, on_decode=None):
+        members.stacked()  # what the engine does before it decodes
         if on_decode is not None:
             on_decode()
         time.sleep(self.seconds)
         return [[Completion(f"{TEXT}{m}{p}{ANSWER}", self.tokens, "length", SERVER) for p in range(len(prompts))] for m in range(len(members))]
 
     def generate(self, adapters, prompts, max_new_tokens):
-        return self.generate_tensors(adapters, prompts, max_new_tokens)
+        time.sleep(self.seconds)
+        return [[Completion(f"{TEXT}{m}{p}{ANSWER}", self.tokens, "length", SERVER) for p in range(len(prompts))] for m in range(len(adapters))]
 
     def close(self):
         pass
@@ -52,7 +54,7 @@ def main() -> None:
     import es_core.backends.embedded as embedded
     from flows.es_countdown import es_countdown
 
-    embedded.EmbeddedBackend.from_settings = classmethod(lambda cls, settings, path: SleepingBackend(args.decode_seconds, settings.generation.max_new_tokens))
+    embedded.EmbeddedBackend.from_settings = classmethod(lambda cls, settings, path, **_: SleepingBackend(args.decode_seconds, settings.generation.max_new_tokens))
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="es-overhead-")
     overrides = [f"es.generations={args.generations}", "eval.every=0", "eval.base_model=false", "data.heldout_size=32", *args.overrides]
     out = es_countdown(config_path=args.config, overrides=overrides, run_id="overhead", data_dir=data_dir)

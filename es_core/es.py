@@ -156,17 +156,54 @@ def _flat(center: LoRATensors, keys: Sequence[str]) -> torch.Tensor:
     return torch.cat([center[k].reshape(-1) for k in keys]) if keys else torch.empty(0)
 
 
-def stacked_population(center: LoRATensors, members: Sequence[Member], sigma: float, perturb: str = "both",
-                       noise: PopulationNoise | None = None, signed: torch.Tensor | None = None) -> StackedLoRA:
+# --- ask: a generation's members ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PopulationPlan:
+    """What `ask` returns for generation g: its members (seeds and signs), the scale of their noise
+    and which LoRA factors it moves. Plain values, so it keys the cache of every task it enters;
+    the one way sigma reaches the members."""
+
+    generation: int
+    members: tuple[Member, ...]
+    sigma: float
+    perturb: str = "both"
+
+
+def ask(run_seed: int, generation: int, population: int, sigma: float, perturb: str = "both", antithetic: bool = True) -> PopulationPlan:
+    """Generation g's members: seeds from (run seed, g, pair), +eps and -eps pairs when antithetic."""
+    return PopulationPlan(int(generation), tuple(member_plan(run_seed, generation, population, antithetic)), float(sigma), perturb)
+
+
+@dataclass(frozen=True)
+class DrawnPopulation:
+    """A plan's noise drawn over a layout, and the members' offsets from any centre of that layout:
+    row i is sigma * sign_i * eps(seed_i). Depends on the plan alone, never on a centre or rewards,
+    so it can be drawn ahead of time; the member build, the adapter files and the update share it."""
+
+    plan: PopulationPlan
+    noise: PopulationNoise
+    offsets: torch.Tensor  # [members, total] float32
+
+
+def draw_population(plan: PopulationPlan, layout: tuple[tuple[str, int], ...]) -> DrawnPopulation:
+    """The plan's noise over `layout` (`noise_layout` of the run's centre and plan.perturb)."""
+    noise = draw_population_noise(layout, plan.members)
+    return DrawnPopulation(plan, noise, noise.signed(plan.members, plan.sigma))
+
+
+def stacked_population(center: LoRATensors, population: DrawnPopulation) -> StackedLoRA:
     """perturb_center for every member, stacked per key: bit-identical values (the same float32
-    ops, on one [members, parameters] matrix), each seed's noise drawn once (or taken from `noise`;
-    `signed`: its `signed(members, sigma)`, computed ahead), a few ops per key."""
-    noise = _checked_noise(noise, center, members, perturb)
+    ops, on one [members, parameters] matrix), a few ops per key."""
+    noise = population.noise
+    if noise.layout != noise_layout(center, population.plan.perturb):
+        raise ValueError("the population was drawn for another LoRA layout than this centre's")
     keys = noise.keys
-    offsets = noise.signed(members, sigma) if signed is None else signed
-    moved = _split(_flat(center, keys).unsqueeze(0) + offsets, center, keys)
-    stacked = {key: moved[key] if key in moved else value.unsqueeze(0).expand(len(members), *value.shape) for key, value in center.items()}
-    return StackedLoRA(stacked, len(members))
+    members = len(population.plan.members)
+    moved = _split(_flat(center, keys).unsqueeze(0) + population.offsets, center, keys)
+    stacked = {key: moved[key] if key in moved else value.unsqueeze(0).expand(members, *value.shape) for key, value in center.items()}
+    return StackedLoRA(stacked, members)
 
 
 # --- fitness shaping: rewards -> weights, one signature -----------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence
 
 from es_core.backends.base import Completion
@@ -32,21 +32,6 @@ class MemberScore:
     tokens: int
     samples: tuple[SampleScore, ...]
     server: str = ""
-
-    def __reduce__(self):
-        # Prefect persists every evaluation result with cloudpickle, whose Python hook runs once per
-        # object: a population's 1,024 samples as objects took 12 ms of each generation on a 2-core
-        # machine, as columns of plain values 2 ms (and each prompt text is stored once).
-        columns = [[getattr(s, f) for s in self.samples] for f in _SAMPLE_FIELDS]
-        return _unpack_member_score, (self.reward_mean, self.format_rate, self.accuracy, self.tokens, columns, self.server)
-
-
-_SAMPLE_FIELDS = tuple(f.name for f in fields(SampleScore))
-
-
-def _unpack_member_score(reward_mean, format_rate, accuracy, tokens, columns: list[list], server: str) -> MemberScore:
-    samples = tuple(SampleScore(*values) for values in zip(*columns)) if columns and columns[0] else ()
-    return MemberScore(reward_mean, format_rate, accuracy, tokens, samples, server)
 
 
 def score_member(problems: Sequence[Problem], prompts: Sequence[str], completions: Sequence[Completion], reward_kind: RewardKind = "paper",

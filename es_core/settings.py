@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 _ENV_PREFIX, _ENV_NESTING = "ES_", "__"  # as Settings.model_config reads the environment
 DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -202,8 +202,9 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        # The YAML file arrives through init_settings' `_yaml` slot (see load_settings), below env.
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+        # The values given, alone: `settings_from_dict` layers the file, the ES_* variables and the
+        # overrides itself, in that order, so that nothing but its arguments says what a load reads.
+        return (init_settings,)
 
     @property
     def sglang_urls(self) -> list[str]:
@@ -213,16 +214,6 @@ class Settings(BaseSettings):
     def fingerprint(self) -> str:
         """sha256 of everything that changes results (not where they are written)."""
         return settings_hash(self)
-
-
-class _YamlSource(PydanticBaseSettingsSource):
-    current: dict[str, Any] = {}
-
-    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used instead
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(_YamlSource.current)
 
 
 def settings_hash(settings: Settings) -> str:
@@ -239,6 +230,20 @@ def settings_hash(settings: Settings) -> str:
         evaluation_set.pop("path", None)  # where a machine keeps the file is no part of a run's identity
     data = {k: v for k, v in data.items() if v != {}}  # a section left empty by the exclusions
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def environment_values() -> dict[str, Any]:
+    """The settings the ES_* variables give, nested, as pydantic-settings reads them."""
+    return EnvSettingsSource(Settings)()
+
+
+def merged(base: dict[str, Any], *updates: dict[str, Any]) -> dict[str, Any]:
+    """`base` with each update laid over it, section by section (later ones win)."""
+    out = dict(base)
+    for update in updates:
+        for key, value in update.items():
+            out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -280,14 +285,10 @@ def load_settings(path: str | Path | None = None, overrides: list[str] | tuple[s
 
 def settings_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), where: str = "<settings>") -> Settings:
     """Settings from a mapping (a YAML file's, or a run's stored config) under env and overrides."""
-    init = parse_overrides(overrides)
-    _YamlSource.current = data
     try:
-        settings = Settings(**init)
+        settings = Settings(**merged(data, environment_values(), parse_overrides(overrides)))
     except ValidationError as exc:
         raise ConfigError(_first_error(exc, overrides, data, where)) from None
-    finally:
-        _YamlSource.current = {}
     if settings.data_dir is None:
         settings.data_dir = Path("runs").resolve()
     return settings

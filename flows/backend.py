@@ -1,26 +1,36 @@
-"""Open the configured inference backend for a run (the flow holds it; tasks receive it)."""
+"""The backend factory: open the configured inference backend for a run (the flow holds it; tasks
+receive it), or check what it needs before Prefect starts. The one place outside es_core/backends
+that looks at `backend.kind`."""
 
 from __future__ import annotations
 
+import shlex
+import shutil
 from pathlib import Path
 
-from es_core.settings import Settings
+from es_core.backends import backend_class
+from es_core.settings import ConfigError, Settings
 
 
 def open_backend(settings: Settings, base_model_path: Path, run_dir: Path, run_id: str = ""):
-    if settings.backend.kind == "embedded":
-        from es_core.backends.embedded import EmbeddedBackend
-
-        return EmbeddedBackend.from_settings(settings, base_model_path)
-    from es_core.backends.sglang import SGLangBackend
-
     # adapter names carry the run id, so two runs on one standing server never swap weights
-    return SGLangBackend.from_settings(settings, base_model_path, log_dir=run_dir, name_prefix=f"{run_id}-" if run_id else "")
+    return backend_class(settings.backend.kind).from_settings(settings, Path(base_model_path), log_dir=run_dir, name_prefix=f"{run_id}-" if run_id else "")
+
+
+def check_backend(settings: Settings) -> None:
+    """What the backend needs that settings validation cannot see, checked without opening it (no
+    torch import): SGLang's launcher on PATH, unless the run attaches to running servers."""
+    sglang = settings.backend.sglang
+    if settings.backend.kind == "sglang" and not settings.sglang_urls:
+        launcher = (shlex.split(sglang.python) or [""])[0]
+        if not shutil.which(launcher):
+            raise ConfigError(f"backend.sglang.python {sglang.python!r}: {launcher!r} is not a program on PATH (it launches the SGLang server; "
+                              "or attach to one with ES_SGLANG_URL)")
 
 
 class LazyBackend:
-    """A backend opened on its first generate: an evaluation that is a cache hit (the base model
-    under a warm start, say) never loads the model or starts a server."""
+    """A backend opened on its first use: an evaluation that is a cache hit (the base model under a
+    warm start, say) never loads the model or starts a server. The whole InferenceBackend."""
 
     def __init__(self, open_backend_fn):
         self._open, self._backend = open_backend_fn, None
@@ -32,6 +42,9 @@ class LazyBackend:
 
     def generate(self, adapters, prompts, max_new_tokens):
         return self._get().generate(adapters, prompts, max_new_tokens)
+
+    def generate_population(self, members, prompts, max_new_tokens, on_decode=None):
+        return self._get().generate_population(members, prompts, max_new_tokens, on_decode)
 
     def close(self) -> None:
         if self._backend is not None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
-import shutil
 import tempfile
 from pathlib import Path
 
 from artifacts.commands import open_ledger
 from artifacts.ledger import LEDGER_FILE, Ledger
 from es_core.settings import ConfigError, Settings, settings_from_dict
+from flows.backend import check_backend
 
 PREFECT_FOLDER = "prefect"  # <data_dir>/prefect/prefect.db: the ephemeral API's database of this data dir
 
@@ -31,11 +30,7 @@ def check_settings(settings: Settings, command: str = "run") -> None:
         problem = _not_writable(Path(settings.model.cache_dir))
         if problem:
             raise ConfigError(f"model.cache_dir {settings.model.cache_dir} is not writable ({problem}); converted base models are kept there")
-    sglang = settings.backend.sglang
-    if settings.backend.kind == "sglang" and not settings.sglang_urls:
-        launcher = (shlex.split(sglang.python) or [""])[0]
-        if not shutil.which(launcher):
-            raise ConfigError(f"backend.sglang.python {sglang.python!r}: {launcher!r} is not a program on PATH (it launches the SGLang server; or attach to one with ES_SGLANG_URL)")
+    check_backend(settings)
     from es_core.models import check_base_model  # imports torch: after the cheap checks
 
     check_base_model(settings.model)

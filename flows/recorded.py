@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from es_core.seeding import NOISE_SCHEME
-from es_core.settings import ConfigError, Settings, parse_overrides, settings_from_dict
+from es_core.settings import ConfigError, Settings, merged, parse_overrides, settings_from_dict
 
 
 def recorded_settings(run: dict, root: str | Path, overrides: list[str] | tuple[str, ...] = (), verb: str = "resume") -> Settings:
@@ -43,24 +43,9 @@ def recorded_settings(run: dict, root: str | Path, overrides: list[str] | tuple[
     return settings
 
 
-class _Given(Settings):
-    """Settings from the values given alone: no ES_* variable, no YAML source."""
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        return (init_settings,)
-
-
 def _without_environment(stored: dict[str, Any], overrides) -> Settings:
-    """The stored settings under `overrides`, no ES_* variable read."""
-    return _Given(**_merged(stored, parse_overrides(list(overrides))))
-
-
-def _merged(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    """The stored settings under `overrides`, no ES_* variable read (Settings reads only what it is given)."""
+    return Settings(**merged(stored, parse_overrides(list(overrides))))
 
 
 def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -91,7 +76,7 @@ def _in_fingerprint(settings: Settings, key: str, value: Any) -> bool:
         node = node[part]
     node[last] = value
     try:
-        return _Given(**changed).fingerprint() != settings.fingerprint()
+        return Settings(**changed).fingerprint() != settings.fingerprint()
     except ValueError:  # pydantic's ValidationError
         return True
 

@@ -1,29 +1,33 @@
-"""Replay a recorded generation from the ledger: rebuild its members and its new centre from the
-parent centre, the member seeds and the recorded rewards, and check every hash: the rebuilt
-against the ledger's, and the stored artifacts (parent, members, new centre) against their own (a
-flipped byte fails the replay; a member adapter not kept, e.g. a data dir carried without them, is
-noted, since its seed rebuilds it). With `reevaluate`, also decode the stored member adapters again
-and compare every completion and reward with the ledger's: what was scored is what was recorded."""
+"""Replay a recorded generation from the ledger with the run's own tasks: `perturb` rebuilds its
+members and `aggregate` its new centre from the parent centre, the generation's plan (`es.ask` of
+the recorded settings, as the run made it; the ledger's member seeds are checked against it) and
+the recorded rewards, in a scratch store (the data dir is only read: a read-only copy can be replayed); every
+hash is checked: the rebuilt against the ledger's, and the stored artifacts (parent, members, new
+centre) against their own (a flipped byte fails the replay; a member adapter not kept, e.g. a data
+dir carried without them, is noted, since its seed rebuilds it). With `reevaluate`, the stored
+member adapters are also decoded again (`evaluate_adapters`, from the files the ledger names) and
+every completion and reward compared with the ledger's: what was scored is what was recorded."""
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from prefect import flow
+from prefect.utilities.annotations import quote
 
-from artifacts.checkpoints import load_checkpoint, put_checkpoint
 from artifacts.ledger import Ledger
-from artifacts.store import ArtifactError, ArtifactStore, hash_dir
+from artifacts.store import ArtifactError, ArtifactStore
 from es_core.countdown.problems import Problem, experiment_problems, training_batch
 from es_core.countdown.prompt import render_prompts
-from es_core.es import FITNESS, Member, es_update, perturb_center
-from es_core.evaluation import score_member
-from es_core.lora import save_adapter
+from es_core.es import Member, ask
 from es_core.settings import ConfigError
 from flows.crashed import mark_unfinished_task_runs_crashed
 from flows.recorded import recorded_settings
+from tasks.common import NO_CACHE, evaluation_key
+from tasks.evaluate import evaluate_adapters
+from tasks.population import aggregate, perturb
 
 
 @dataclass
@@ -54,9 +58,9 @@ class ReplayReport:
         return out
 
 
-def _folder_sha(tensors, spec) -> str:
-    with tempfile.TemporaryDirectory(prefix="es-replay-") as tmp:
-        return hash_dir(save_adapter(tensors, Path(tmp) / "adapter", spec))
+def _replayed(task):
+    """The run's task, run again: never answered from the cache (that would check nothing), nothing persisted."""
+    return task.with_options(cache_policy=NO_CACHE, persist_result=False)
 
 
 @flow(name="es-countdown-replay", log_prints=True, on_crashed=[mark_unfinished_task_runs_crashed])
@@ -73,27 +77,31 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
     settings = recorded_settings(run, root, verb="replay")  # as recorded: an ES_* variable that changes results is refused
     es = settings.es
     store = ArtifactStore(root / "artifacts")
-    store.get(row["parent_center_sha256"])  # its files against its hash (load_checkpoint may answer from memory)
-    parent, spec = load_checkpoint(store, row["parent_center_sha256"])
     members = sorted(ledger.member_rows(run_id, generation), key=lambda m: m["member"])
-    report = ReplayReport(run_id, generation)
-
-    plan = [Member(m["member"], int(m["seed"]), int(m["sign"])) for m in members]
-    for m, member in zip(members, plan):
-        sha = _folder_sha(perturb_center(parent.center, member, es.sigma, es.perturb), spec)
-        report.members_checked += 1
-        if sha != m["adapter_sha256"]:
-            report.mismatches.append(f"member {m['member']}: rebuilt adapter {sha[:12]} != ledger {m['adapter_sha256'][:12]}")
-        _check_stored(store, m["adapter_sha256"], f"member {m['member']}", report)
-    rewards = [float(m["reward_mean"]) for m in members]
     train, _, held_out_ids = experiment_problems(settings.data, settings.eval)
     batch = training_batch(settings.data, train, generation, held_out_ids)
-    fitness = _fitness(ledger, run_id, generation, members, batch, es.fitness) if es.fitness != "mean_reward" else None
-    new_state, _ = es_update(parent, plan, rewards, es.learning_rate, es.shaping, es.optimizer, es.perturb, (es.adam_beta1, es.adam_beta2), es.adam_eps,
-                             fitness=fitness)
-    with tempfile.TemporaryDirectory(prefix="es-replay-store-") as tmp:
-        rebuilt = put_checkpoint(ArtifactStore(Path(tmp)), new_state, spec).sha256
-    report.center_ok = rebuilt == row["center_sha256"]
+    report = ReplayReport(run_id, generation)
+
+    plan = ask(es.seed, generation, es.population, es.sigma, es.perturb, es.antithetic)  # as the run planned it
+    recorded = tuple(Member(m["member"], int(m["seed"]), int(m["sign"])) for m in members)
+    if recorded != plan.members:
+        report.mismatches.append(f"the ledger's members (index, seed, sign) are not generation {generation}'s plan: the rest checks the ledger's")
+        plan = replace(plan, members=recorded)
+
+    with tempfile.TemporaryDirectory(prefix="es-replay-store-") as scratch:
+        parent = row["parent_center_sha256"]
+        ArtifactStore(Path(scratch)).put_dir(store.get(parent))  # its files checked against its hash on the way
+        rebuilt = _replayed(perturb)(scratch, parent, quote(plan))
+        for m, (sha, _) in zip(members, rebuilt):
+            report.members_checked += 1
+            if sha != m["adapter_sha256"]:
+                report.mismatches.append(f"member {m['member']}: rebuilt adapter {sha[:12]} != ledger {m['adapter_sha256'][:12]}")
+            _check_stored(store, m["adapter_sha256"], f"member {m['member']}", report)
+        update = _replayed(aggregate)(
+            scratch, parent, quote(plan), quote([float(m["reward_mean"]) for m in members]), quote(_sample_rewards(ledger, run_id, generation, members, batch)),
+            es.fitness, es.learning_rate, es.shaping, es.optimizer, (es.adam_beta1, es.adam_beta2, es.adam_eps),
+        )
+    report.center_ok = update["center_sha256"] == row["center_sha256"]
     _check_stored(store, row["center_sha256"], "new centre", report)
 
     if reevaluate:
@@ -103,11 +111,11 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
     return {"ok": report.ok, "lines": report.lines()}
 
 
-def _fitness(ledger, run_id: str, generation: int, members: list[dict], batch: list[Problem], kind: str) -> list[float]:
-    """The members' fitness from the recorded samples, prompts in the generation's batch order."""
+def _sample_rewards(ledger, run_id: str, generation: int, members: list[dict], batch: list[Problem]) -> list[list[float]]:
+    """The members' recorded rewards on each prompt, in the generation's batch order."""
     _, rows = ledger.query("SELECT member, problem_id, reward FROM samples WHERE run_id = ? AND generation = ?", [run_id, generation])
     reward = {(member, pid): r for member, pid, r in rows}
-    return FITNESS[kind]([[reward[m["member"], p.id] for p in batch] for m in members])
+    return [[reward[m["member"], p.id] for p in batch] for m in members]
 
 
 def _check_stored(store: ArtifactStore, sha256: str, what: str, report: ReplayReport) -> None:
@@ -123,32 +131,33 @@ def _check_stored(store: ArtifactStore, sha256: str, what: str, report: ReplayRe
 
 
 def _reevaluate(settings, run, members, batch: list[Problem], generation, store, report) -> tuple[int, float]:
-    from es_core.backends.base import AdapterRef
     from es_core.models import load_tokenizer
     from flows.backend import open_backend
 
     # ES ran on the warm-started model when there is one
+    model_sha = run.get("warm_start_sha256") or run["base_model_sha256"]
     base_path = store.get(run["warm_start_sha256"]) if run.get("warm_start_sha256") else Path(run["base_model"])
     prompts = render_prompts(batch, settings.prompt.style, load_tokenizer(base_path))
     backend = open_backend(settings, base_path, Path(tempfile.mkdtemp(prefix="es-replay-")))
     try:
-        refs = [AdapterRef(f"replay_g{generation}_m{m['member']:03d}", store.get(m["adapter_sha256"])) for m in members]
-        completions = backend.generate(refs, prompts, settings.generation.max_new_tokens)
+        adapters = [(f"replay_g{generation}_m{m['member']:03d}", m["adapter_sha256"]) for m in members]
+        scores = _replayed(evaluate_adapters)(quote(backend), str(store.root), adapters, quote(batch), quote(prompts), settings.generation.max_new_tokens,
+                                             settings.reward.kind, evaluation_key(settings, model_sha))
     finally:
         backend.close()
     _, rows = Ledger(Path(settings.data_dir)).query(
         "SELECT member, problem_id, completion FROM samples WHERE run_id = ? AND generation = ?", [run["run_id"], generation])
     recorded = {(member, problem): text for member, problem, text in rows}
     worst = 0.0
-    for m, comps in zip(members, completions):
-        reward = score_member(batch, prompts, comps, settings.reward.kind).reward_mean
+    for m, score in zip(members, scores):
+        reward = score.reward_mean
         diff = abs(reward - float(m["reward_mean"]))
         worst = max(worst, diff)
         if diff > 1e-9:
             report.mismatches.append(f"member {m['member']}: re-evaluated reward {reward:.6f} != ledger {float(m['reward_mean']):.6f}")
-        differ = [p.id for p, c in zip(batch, comps) if recorded.get((m["member"], p.id)) != c.text]
-        report.completions_checked += len(comps)
+        differ = [p.id for p, s in zip(batch, score.samples) if recorded.get((m["member"], p.id)) != s.completion]
+        report.completions_checked += len(score.samples)
         if differ:
             report.mismatches.append(f"member {m['member']}: re-decoding its stored adapter gives other completions than the ledger's "
-                                     f"for {len(differ)} of {len(comps)} problems (first {differ[0]})")
+                                     f"for {len(differ)} of {len(score.samples)} problems (first {differ[0]})")
     return len(members), worst

@@ -5,9 +5,9 @@ Cache keys are content: the task's inputs, which are artifact hashes, seeds and 
 task calls, so a fix in es_core/es.py or the reward invalidates cached rewards and updates (Prefect's
 TASK_SOURCE hashes the task's body only). What decides how the model decodes (dtype and device as
 resolved, compile, backend) enters the evaluation tasks as `model_key` (`evaluation_key`).
-Engines and servers travel as `backend`, the event that lets background work start once decoding
-is under way as `gate`, and the run's noise drawn ahead (tasks/noise.py) as `noise`: all excluded
-from the key.
+Engines and servers travel as `backend`, the event of a generation's decoding having started as
+`decoding` (the evaluation sets it, background work waits for it: flows/pipeline.py), and the
+generation's noise drawn ahead (tasks/noise.py) as `drawn`: all excluded from the key.
 Results persist under the data dir, so a re-run or a resume skips finished work. (Prefect's
 DEFAULT policy keys on the flow run id, which a re-run does not share.)
 """
@@ -19,17 +19,20 @@ import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
-from dataclasses import dataclass
+from collections import ChainMap
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
+import cloudpickle
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.serializers import PickleSerializer
-from prefect.utilities.importtools import from_qualified_name
 from pydantic import Field
 
 from artifacts.runs import check_run_id
+from es_core.evaluation import MemberScore, SampleScore
 
 # The packages whose code a task calls, and the libraries whose versions change what it computes.
 CODE_PACKAGES = ("es_core", "artifacts", "tasks")
@@ -77,38 +80,25 @@ class _CodeVersion(CachePolicy):
 
 
 CODE_VERSION = _CodeVersion()
-CONTENT_CACHE = (INPUTS - "backend" - "gate" - "noise") + TASK_SOURCE + CODE_VERSION
+CONTENT_CACHE = (INPUTS - "backend" - "decoding" - "drawn") + TASK_SOURCE + CODE_VERSION
 NO_CACHE = NO_CACHE
 
 
 def evaluation_key(settings, base_model_sha256: str) -> str:
     """What decides how a backend decodes, as the evaluation tasks' `model_key`: the base model's
     hash, the backend, the prompt style, compile and batch rows (a batch's shape can change bf16
-    results), and for the embedded engine the dtype and device as they resolve on this machine
-    (`auto` is bf16 on CUDA, float32 on CPU; a GPU by its name) and of its LoRA slots, for SGLang the dtype asked of the
-    server and its LoRA kernels and extra arguments. JSON, so the Prefect UI shows it."""
-    from es_core.models import resolve_device, resolve_dtype
+    results), and what the backend itself names (`decode_key`: for the embedded engine the dtype
+    and device as they resolve on this machine, `auto` being bf16 on CUDA and float32 on CPU, a GPU
+    by its name, and the dtype of its LoRA slots; for SGLang the dtype asked of the server and its
+    LoRA kernels and extra arguments). JSON, so the Prefect UI shows it."""
+    from es_core.backends import backend_class
 
     key: dict[str, Any] = {
         "base_model_sha256": base_model_sha256, "backend": settings.backend.kind, "prompt_style": settings.prompt.style,
         "compile": settings.generation.compile, "max_batch_rows": settings.generation.max_batch_rows,
     }
-    if settings.backend.kind == "embedded":
-        device = resolve_device(settings.model.device)
-        key |= {"device": _device_name(device), "dtype": str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch."),
-                "lora_dtype": settings.generation.lora_dtype}
-    else:
-        sglang = settings.backend.sglang
-        key |= {"dtype": settings.model.dtype, "lora_backend": sglang.lora_backend, "extra_args": list(sglang.extra_args)}
+    key |= backend_class(settings.backend.kind).decode_key(settings)
     return json.dumps(key, sort_keys=True)
-
-
-def _device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda" and torch.cuda.is_available():
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
 
 
 @dataclass(frozen=True)
@@ -141,15 +131,40 @@ class DataDir:
         return self.task_results
 
 
+_SAMPLE_FIELDS = tuple(f.name for f in fields(SampleScore))
+
+
+def _member_score_columns(score: MemberScore):
+    """A member's scores as columns of plain values: cloudpickle's Python hook runs once per
+    object, so a population's 1,024 samples as objects took 12 ms of each generation on a 2-core
+    machine, as columns 2 ms (and each prompt text is stored once)."""
+    columns = [[getattr(s, f) for s in score.samples] for f in _SAMPLE_FIELDS]
+    return _member_score_from_columns, (score.reward_mean, score.format_rate, score.accuracy, score.tokens, columns, score.server)
+
+
+def _member_score_from_columns(reward_mean, format_rate, accuracy, tokens, columns: list[list], server: str) -> MemberScore:
+    samples = tuple(SampleScore(*values) for values in zip(*columns)) if columns and columns[0] else ()
+    return MemberScore(reward_mean, format_rate, accuracy, tokens, samples, server)
+
+
+class _ResultPickler(cloudpickle.Pickler):
+    """cloudpickle, with evaluation results stored as columns."""
+
+    dispatch_table = ChainMap({MemberScore: _member_score_columns}, cloudpickle.Pickler.dispatch_table)
+
+
 class OneLinePickleSerializer(PickleSerializer):
-    """Prefect's pickle serializer with its base64 done in one call: `base64.encodebytes` loops in
-    Python over 57-byte lines, 10 ms per population result (1,024 completions) on the GPU machine,
-    on the path between two generations. Its output is read back by PickleSerializer's `loads`."""
+    """Prefect's pickle serializer for task results, with evaluation scores pickled as columns and
+    its base64 done in one call: `base64.encodebytes` loops in Python over 57-byte lines, 10 ms per
+    population result (1,024 completions) on the GPU machine, on the path between two generations.
+    Its output is read back by PickleSerializer's `loads`."""
 
     type: str = Field(default="es-pickle", frozen=True)
 
     def dumps(self, obj) -> bytes:
-        return base64.b64encode(from_qualified_name(self.picklelib).dumps(obj))
+        with io.BytesIO() as buffer:
+            _ResultPickler(buffer, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
+            return base64.b64encode(buffer.getvalue())
 
 
 def persisted(task, data_dir: DataDir):
@@ -157,8 +172,8 @@ def persisted(task, data_dir: DataDir):
     return task.with_options(result_storage=data_dir.result_storage(), persist_result=True, result_serializer=OneLinePickleSerializer())
 
 
-def wait_for_gate(gate) -> None:
-    """Background work of a generation starts once the GPU is decoding (see the flow): before that
-    it would take the GIL from the short CPU steps that decoding waits on."""
-    if gate is not None:
-        gate.wait()
+def wait_for_decoding(decoding) -> None:
+    """Background work starts once the GPU is decoding (flows/pipeline.py): before that it would
+    take the GIL from the short CPU steps that decoding waits on."""
+    if decoding is not None:
+        decoding.wait()

@@ -1,5 +1,5 @@
-"""Evaluation tasks: a whole population in one batched call (embedded, members built from seeds in
-memory), one member (SGLang, from its adapter artifact), held-out."""
+"""Evaluation tasks: a generation's members (every backend, through `generate_population`); stored
+adapters, such as the centre or a base model on a held-out set (through `generate`)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,35 @@ from prefect import task
 
 from artifacts.checkpoints import load_checkpoint
 from artifacts.store import ArtifactStore
-from es_core.backends.base import AdapterRef
+from es_core.backends.base import AdapterRef, BackendError
 from es_core.countdown.problems import Problem
-from es_core.es import Member, stacked_population
+from es_core.es import DrawnPopulation, PopulationPlan, stacked_population
 from es_core.evaluation import MemberScore, heldout_summary, score_population
+from es_core.lora import AdapterSpec, LoRATensors, StackedLoRA
 from tasks.common import CONTENT_CACHE
-from tasks.noise import NoisePool, population_args
+from tasks.noise import population_of
+from tasks.population import write_member_adapters
+
+
+class GenerationMembers:
+    """A generation's members as `es_core.backends.base.Members`: stacked in memory for a backend
+    that decodes them there, written as adapter artifacts (the same bytes `perturb` writes) for one
+    that loads files. Each is built on first use only."""
+
+    def __init__(self, store: ArtifactStore, center: LoRATensors, spec: AdapterSpec, population: DrawnPopulation):
+        self.store, self.center, self.spec, self.population = store, center, spec, population
+        self.scaling = spec.lora_alpha / spec.rank
+
+    def __len__(self) -> int:
+        return len(self.population.plan.members)
+
+    def stacked(self) -> StackedLoRA:
+        return stacked_population(self.center, self.population)
+
+    def adapters(self) -> list[AdapterRef]:
+        plan = self.population.plan
+        refs = write_member_adapters(self.store, self.center, self.spec, self.population)
+        return [AdapterRef(f"g{plan.generation}_m{m.index:03d}", ref.path) for m, ref in zip(plan.members, refs)]
 
 
 def _scored(generate, problems: list[Problem], prompts: list[str], reward_kind: str) -> tuple[list[MemberScore], float]:
@@ -27,79 +50,86 @@ def _scored(generate, problems: list[Problem], prompts: list[str], reward_kind: 
     return score_population(problems, prompts, completions, reward_kind), seconds
 
 
-def _generate_and_score(backend, artifacts_dir: str, adapters: list[tuple[str, str | None]], problems: list[Problem], prompts: list[str],
-                        max_new_tokens: int, reward_kind: str) -> tuple[list[MemberScore], float]:
-    """Scores of each adapter (sha None: the base model) and the seconds spent decoding."""
-    store = ArtifactStore(Path(artifacts_dir))
-    refs = [AdapterRef(name, store.get(sha) if sha else None) for name, sha in adapters]
-    return _scored(lambda: backend.generate(refs, prompts, max_new_tokens), problems, prompts, reward_kind)
+def _backend_failed(task, task_run, state) -> bool:
+    """Retry what a backend reports as its failure (a server's), not a bug or an engine's error."""
+    try:
+        state.result()
+    except BackendError:
+        return True
+    except BaseException:
+        return False
+    return False
 
 
-@task(cache_policy=CONTENT_CACHE)
+@task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_backend_failed,
+      task_run_name="evaluate-g{plan.generation}")
 def evaluate_population(
     backend,
     artifacts_dir: str,
     center_sha256: str,
-    members: list[tuple[int, int, int]],
-    sigma: float,
-    perturb_factor: str,
+    plan: PopulationPlan,
     problems: list[Problem],
     prompts: list[str],
     max_new_tokens: int,
     reward_kind: str,
     model_key: str,
-    gate=None,
-    noise: NoisePool | None = None,
+    decoding=None,
+    drawn: DrawnPopulation | None = None,
 ) -> dict:
-    """Greedy completions of every prompt under every member (index, seed, sign) of a generation in
-    one batched call of the embedded engine, scored.
+    """Greedy completions of every prompt under every member of a generation, scored.
 
-    The members are built in memory from the centre checkpoint and their seeds: the same float32
-    tensors `perturb` writes as adapter artifacts (a safetensors round trip is exact), so decoding
-    need not wait for those files, which are written meanwhile. The cache key is that content: the
-    centre's hash, the seeds and sigma; `model_key` (base model sha + backend) is only part of it.
-    `gate` is set once decoding is under way (background work waits for it); `noise`, the run's
-    pool of noise drawn ahead (none: drawn here)."""
+    The members are the centre checkpoint plus their seeds' noise (`drawn`: drawn ahead for this
+    plan); the backend takes them as it decodes them (es_core/backends/base.py `Members`). The cache
+    key is that content: the centre's hash and the plan; `model_key` (how the backend decodes) is
+    part of it. `decoding` is set once decoding is under way (background work waits for it).
+    Retried with backoff on a backend's (a server's) failure."""
     store = ArtifactStore(Path(artifacts_dir))
     state, spec = load_checkpoint(store, center_sha256)
-    plan = [Member(*m) for m in members]
-    tensors = stacked_population(state.center, plan, sigma, perturb_factor, *population_args(noise, state.center, plan, sigma, perturb_factor))
-    on_decode = gate.set if gate is not None else None
-    scores, seconds = _scored(lambda: backend.generate_tensors(tensors, prompts, max_new_tokens, scaling=spec.lora_alpha / spec.rank, on_decode=on_decode),
-                              problems, prompts, reward_kind)
+    members = GenerationMembers(store, state.center, spec, population_of(plan, state.center, drawn))
+    on_decode = decoding.set if decoding is not None else None
+    scores, seconds = _scored(lambda: backend.generate_population(members, prompts, max_new_tokens, on_decode), problems, prompts, reward_kind)
     return {"scores": scores, "generate_seconds": seconds}
 
 
-@task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
-def evaluate_member(
+def _score_adapters(backend, artifacts_dir: str, adapters: list[tuple[str, str | None]], problems: list[Problem], prompts: list[str],
+                    max_new_tokens: int, reward_kind: str) -> list[MemberScore]:
+    store = ArtifactStore(Path(artifacts_dir))
+    refs = [AdapterRef(name, store.get(sha) if sha else None) for name, sha in adapters]
+    return _scored(lambda: backend.generate(refs, prompts, max_new_tokens), problems, prompts, reward_kind)[0]
+
+
+@task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_backend_failed)
+def evaluate_adapters(
     backend,
     artifacts_dir: str,
-    adapter: tuple[str, str | None],
+    adapters: list[tuple[str, str | None]],
     problems: list[Problem],
     prompts: list[str],
     max_new_tokens: int,
     reward_kind: str,
     model_key: str,
-) -> dict:
-    """One member on a server (SGLang): retried with backoff on transient server errors."""
-    scores, seconds = _generate_and_score(backend, artifacts_dir, [adapter], problems, prompts, max_new_tokens, reward_kind)
-    return {"score": scores[0], "generate_seconds": seconds}
+) -> list[MemberScore]:
+    """Stored adapter artifacts (name, sha256; sha None: the base model) on these prompts, scored:
+    what replay decodes again, from the files the ledger names."""
+    return _score_adapters(backend, artifacts_dir, adapters, problems, prompts, max_new_tokens, reward_kind)
 
 
-@task(cache_policy=CONTENT_CACHE)
+@task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_backend_failed,
+      task_run_name="eval-{adapter[0]}-on-{split}")
 def evaluate_heldout(
     backend,
     artifacts_dir: str,
     adapter: tuple[str, str | None],
+    split: str,
     problems: list[Problem],
     prompts: list[str],
     max_new_tokens: int,
     reward_kind: str,
     model_key: str,
 ) -> dict:
-    """The centre (or the base model, sha None) on the held-out split: summary with 95% bootstrap
+    """The centre (or the base model, sha None) on held-out set `split`: summary with 95% bootstrap
     intervals, and every completion kept as a JSONL artifact."""
-    (score,), _ = _generate_and_score(backend, artifacts_dir, [adapter], problems, prompts, max_new_tokens, reward_kind)
+    (score,) = _score_adapters(backend, artifacts_dir, [adapter], problems, prompts, max_new_tokens, reward_kind)
     lines = "".join(json.dumps(vars(s)) + "\n" for s in score.samples)
     samples = ArtifactStore(Path(artifacts_dir)).put_bytes(lines.encode(), "samples.jsonl")
     return {**heldout_summary(score), "samples_sha256": samples.sha256}

@@ -1,4 +1,4 @@
-"""Population tasks: the generation-0 centre, member adapters from seeds, the ES update."""
+"""Population tasks: the generation-0 centre, member adapters from seeds, the ES update (tell)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 from prefect import task
 
 from artifacts.checkpoints import load_checkpoint, put_adapter_folder, put_checkpoint
-from artifacts.store import ArtifactStore
-from es_core.es import ESState, Member, es_update, stacked_population
-from es_core.lora import init_center, find_targets_in_folder, spec_from_tensors
-from tasks.common import CONTENT_CACHE, wait_for_gate
-from tasks.noise import NoisePool, population_args
+from artifacts.store import ArtifactRef, ArtifactStore
+from es_core.es import FITNESS, DrawnPopulation, ESState, PopulationPlan, es_update, stacked_population
+from es_core.lora import AdapterSpec, LoRATensors, find_targets_in_folder, init_center, spec_from_tensors
+from tasks.common import CONTENT_CACHE, wait_for_decoding
+from tasks.noise import population_of
 
 
 @task(cache_policy=CONTENT_CACHE)
@@ -23,32 +23,32 @@ def init_population(artifacts_dir: str, base_model_path: str, base_model_sha256:
     return put_checkpoint(ArtifactStore(Path(artifacts_dir)), ESState(center), spec).sha256
 
 
-@task(cache_policy=CONTENT_CACHE)
-def perturb(artifacts_dir: str, center_sha256: str, members: list[tuple[int, int, int]], sigma: float, perturb_factor: str, gate=None,
-            noise: NoisePool | None = None) -> list[tuple[str, str]]:
+def write_member_adapters(store: ArtifactStore, center: LoRATensors, spec: AdapterSpec, population: DrawnPopulation) -> list[ArtifactRef]:
+    """The members centre + sigma * sign * eps(seed) as adapter artifacts, in plan order."""
+    members = stacked_population(center, population)
+    return [put_adapter_folder(store, members.member(i), spec) for i in range(len(members))]
+
+
+@task(cache_policy=CONTENT_CACHE, task_run_name="perturb-g{plan.generation}")
+def perturb(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, decoding=None, drawn: DrawnPopulation | None = None) -> list[tuple[str, str]]:
     """Materialise a generation's member adapters (centre + sigma * sign * eps(seed)); returns (sha256, path) each."""
-    wait_for_gate(gate)
+    wait_for_decoding(decoding)
     store = ArtifactStore(Path(artifacts_dir))
     state, spec = load_checkpoint(store, center_sha256)
-    plan = [Member(*m) for m in members]
-    population = stacked_population(state.center, plan, sigma, perturb_factor, *population_args(noise, state.center, plan, sigma, perturb_factor))
-    shas = []
-    for i in range(len(population)):
-        ref = put_adapter_folder(store, population.member(i), spec)
-        shas.append((ref.sha256, str(ref.path)))
-    return shas
+    return [(ref.sha256, str(ref.path)) for ref in write_member_adapters(store, state.center, spec, population_of(plan, state.center, drawn))]
 
 
-@task(cache_policy=CONTENT_CACHE)
-def aggregate(artifacts_dir: str, center_sha256: str, members: list[tuple[int, int, int]], rewards: list[float], learning_rate: float, shaping: str,
-              optimizer: str, perturb_factor: str, adam: tuple[float, float, float], noise: NoisePool | None = None,
-              fitness: list[float] | None = None) -> dict:
-    """theta_{g+1} = theta_g + alpha * (1/N) * sum_i w_i eps_i, w shaped from the members' mean
-    rewards (or from `fitness`, see es_core.es.FITNESS); returns the new centre's sha256 and metrics."""
+@task(cache_policy=CONTENT_CACHE, task_run_name="aggregate-g{plan.generation}")
+def aggregate(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, rewards: list[float], sample_rewards: list[list[float]], fitness: str,
+              learning_rate: float, shaping: str, optimizer: str, adam: tuple[float, float, float], drawn: DrawnPopulation | None = None) -> dict:
+    """theta_{g+1} = theta_g + alpha * (1/N) * sum_i w_i eps_i, w shaped from the members' fitness
+    (es_core.es.FITNESS[fitness] of their rewards on each prompt, `sample_rewards[member][prompt]`;
+    the paper's, mean_reward, is the mean rewards `rewards` as recorded on the members); returns
+    the new centre's sha256, the metrics and the fitness."""
     store = ArtifactStore(Path(artifacts_dir))
     state, spec = load_checkpoint(store, center_sha256)
-    plan = [Member(i, seed, sign) for i, seed, sign in members]
-    drawn = noise.get(state.center, plan, perturb_factor) if noise is not None else None
-    new_state, metrics = es_update(state, plan, rewards, learning_rate, shaping, optimizer, perturb_factor, adam[:2], adam[2], drawn, fitness)
+    values = FITNESS[fitness](sample_rewards)
+    new_state, metrics = es_update(state, plan.members, rewards, learning_rate, shaping, optimizer, plan.perturb, adam[:2], adam[2],
+                                   population_of(plan, state.center, drawn).noise, None if fitness == "mean_reward" else values)
     ref = put_checkpoint(store, new_state, spec)
-    return {"center_sha256": ref.sha256, "center_path": str(ref.path), **metrics}
+    return {"center_sha256": ref.sha256, "center_path": str(ref.path), "fitness": values, **metrics}

@@ -98,6 +98,6 @@ def test_a_bfloat16_run_does_not_reuse_a_float32_runs_evaluations(tmp_path, pref
     state = es_countdown(config_path=config, overrides=["model.dtype=bfloat16"], run_id="bf16", data_dir=data_dir, return_state=True)
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    evaluations = [(r.name, r.state.name) for r in runs if r.name.rsplit("-", 1)[0] in ("evaluate_population", "evaluate_heldout")]
+    evaluations = [(r.name, r.state.name) for r in runs if r.task_key.rsplit("-", 1)[0] in ("evaluate_population", "evaluate_heldout")]
     assert len(evaluations) == 2 + 2  # two generations, the base model and the final centre
     assert all(state_name == "Completed" for _, state_name in evaluations), evaluations

@@ -84,11 +84,11 @@ def wait_terminal(env, flow_run_id: str, timeout: float) -> str:
 
 
 def task_run_states(env, flow_run_id: str, attempt: int) -> list[tuple[str, str]]:
-    """(task name, state name) of the task runs of one attempt of a flow run."""
+    """(task function, state name) of the task runs of one attempt of a flow run."""
     body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200}
     r = requests.post(f"{env['PREFECT_API_URL']}/task_runs/filter", json=body, timeout=10)
     r.raise_for_status()
-    return [(t["name"], t["state"]["name"]) for t in r.json() if t["flow_run_run_count"] == attempt]
+    return [(t["task_key"].rsplit("-", 1)[0], t["state"]["name"]) for t in r.json() if t["flow_run_run_count"] == attempt]
 
 
 def test_deployment_run_on_a_process_worker_then_ui_retry(prefect_server, tmp_path, model_cache):
@@ -122,7 +122,21 @@ def test_deployment_run_on_a_process_worker_then_ui_retry(prefect_server, tmp_pa
         assert after == before  # nothing duplicated
         # no task body ran twice: the retry's content-cached tasks are all Cached
         cached_kinds = ("init_population", "perturb", "evaluate_population", "evaluate_heldout", "aggregate")
-        retried = [(n, s) for n, s in task_run_states(env, flow_run_id, attempt=2) if n.rsplit("-", 1)[0] in cached_kinds]
+        retried = [(n, s) for n, s in task_run_states(env, flow_run_id, attempt=2) if n in cached_kinds]
         assert retried and all(s == "Cached" for _, s in retried), retried
+
+        # resume by id alone: the deployment gives no config_path, so the recorded settings apply
+        by_id = ["--param", f"data_dir={data_dir}", "--param", "run_id=deployed-smoke"]
+        out = prefect(env, "deployment", "run", "es-countdown/gpu", *by_id, "--watch", "--watch-timeout", "900", timeout=1000)
+        assert "Completed" in out or "COMPLETED" in out, out[-2000:] + (tmp_path / "worker.log").read_text()[-3000:]
+        # a config that asks for other settings than the recorded run's is refused
+        other = ["--param", "config_path=configs/experiments/countdown_es.yaml", *by_id]
+        refused = subprocess.run([PREFECT, "deployment", "run", "es-countdown/gpu", *other, "--watch", "--watch-timeout", "600"],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=700)
+        assert "Failed" in refused.stdout or "FAILED" in refused.stdout, refused.stdout[-2000:]
+        assert "was started with other settings" in (tmp_path / "worker.log").read_text()
+        _, runs = ledger.query("SELECT run_id, status FROM runs")
+        assert runs == [("deployed-smoke", "completed")]
+        assert ledger.query("SELECT count(*) FROM samples WHERE run_id = 'deployed-smoke'")[1] == before
     finally:
         stop(worker)

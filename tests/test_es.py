@@ -8,12 +8,16 @@ import torch
 from es_core.es import (
     ESState,
     Member,
+    PopulationPlan,
+    ask,
     centered_rank,
+    draw_population,
     es_update,
     estimate_gradient,
     iter_noise,
     member_noise,
     member_plan,
+    noise_layout,
     noise_seed,
     optimizer_tensors,
     perturb_center,
@@ -28,6 +32,11 @@ A, B = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "base_m
 
 def center():
     return {A: torch.linspace(-1, 1, 2 * 8).reshape(2, 8), B: torch.zeros(6, 2)}
+
+
+def stacked(c, members, sigma, perturb="both"):
+    plan = PopulationPlan(0, tuple(members), sigma, perturb)
+    return stacked_population(c, draw_population(plan, noise_layout(c, perturb)))
 
 
 def test_noise_is_regenerated_bit_for_bit_from_the_seed():
@@ -74,9 +83,9 @@ def test_stacked_population_is_perturb_center_bit_for_bit():
     c = center()
     plan = member_plan(5, 2, 6, antithetic=True) + member_plan(5, 3, 2, antithetic=False)
     for perturb in ("both", "A"):
-        stacked = stacked_population(c, plan, 0.03, perturb)
-        population = [stacked.member(i) for i in range(len(stacked))]
-        assert len(stacked) == len(plan) and stacked.take([2, 0]).member(1)[A].equal(population[0][A])
+        members = stacked(c, plan, 0.03, perturb)
+        population = [members.member(i) for i in range(len(members))]
+        assert len(members) == len(plan) and members.take([2, 0]).member(1)[A].equal(population[0][A])
         for member, tensors in zip(plan, population):
             expected = perturb_center(c, member, 0.03, perturb)
             assert tensors.keys() == expected.keys()
@@ -169,30 +178,33 @@ def test_adam_state_round_trips_through_tensors():
     assert optimizer_tensors(ESState(c)) == {}
 
 
-def test_noise_drawn_ahead_gives_the_same_population_and_update():
-    """The pool's noise (tasks/noise.py) must not change a run by a bit: members, update, sha."""
-    import threading
+def test_a_population_drawn_ahead_gives_the_same_members_and_update():
+    """The flow draws each generation's noise ahead, in another thread (flows/pipeline.py): that
+    must not change a run by a bit (members, update, centre hash); noise drawn for another plan is
+    refused."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.noise import NoisePool, population_args
+    from tasks.noise import population_of
 
     c = {A: torch.randn(2, 8, generator=torch.Generator().manual_seed(3)), B: torch.randn(6, 2, generator=torch.Generator().manual_seed(4))}
-    pool = NoisePool()
-    for g, perturb in [(0, "both"), (1, "B")]:
-        plan = member_plan(7, g, 6)
-        pool.get(c, member_plan(7, 99, 6), perturb)  # the run's layout becomes known
-        gate = threading.Event()
-        pool.prefetch(plan, 0.05, perturb, gate)
-        gate.set()
-        fresh = stacked_population(c, plan, 0.05, perturb)
-        pooled = stacked_population(c, plan, 0.05, perturb, *population_args(pool, c, plan, 0.05, perturb))
-        assert all(torch.equal(fresh.tensors[k], pooled.tensors[k]) for k in c)
-        rewards = [0.1, 0.5, 0.2, 0.9, 0.0, 0.3]
-        plain, m1 = es_update(ESState(c), plan, rewards, 0.1, perturb=perturb)
-        drawn, m2 = es_update(ESState(c), plan, rewards, 0.1, perturb=perturb, noise=pool.get(c, plan, perturb))
-        assert tensors_sha256(plain.center) == tensors_sha256(drawn.center)
-        assert m1["update_norm"] == pytest.approx(m2["update_norm"], rel=1e-12)
+    with ThreadPoolExecutor(1) as ahead:
+        for g, perturb in [(0, "both"), (1, "B")]:
+            plan = ask(7, g, 6, 0.05, perturb)
+            drawn = ahead.submit(draw_population, plan, noise_layout(c, perturb)).result()
+            fresh, pooled = stacked(c, plan.members, 0.05, perturb), stacked_population(c, population_of(plan, c, drawn))
+            assert all(torch.equal(fresh.tensors[k], pooled.tensors[k]) for k in c)
+            rewards = [0.1, 0.5, 0.2, 0.9, 0.0, 0.3]
+            plain, m1 = es_update(ESState(c), plan.members, rewards, 0.1, perturb=perturb)
+            ahead_drawn, m2 = es_update(ESState(c), plan.members, rewards, 0.1, perturb=perturb, noise=drawn.noise)
+            assert tensors_sha256(plain.center) == tensors_sha256(ahead_drawn.center)
+            assert m1["update_norm"] == pytest.approx(m2["update_norm"], rel=1e-12)
+    first = draw_population(ask(7, 0, 6, 0.05), noise_layout(c))
+    with pytest.raises(ValueError, match="generation 0's, not generation 5's"):
+        population_of(ask(7, 5, 6, 0.05), c, first)
     with pytest.raises(ValueError, match="other seeds"):
-        es_update(ESState(c), member_plan(7, 5, 6), [0.0] * 6, 0.1, noise=pool.get(c, member_plan(7, 0, 6), "both"))
+        es_update(ESState(c), member_plan(7, 5, 6), [0.0] * 6, 0.1, noise=first.noise)
+    with pytest.raises(ValueError, match="another LoRA layout"):
+        stacked_population({A: c[A]}, first)
 
 
 # --- the noise is the same bytes on every machine ------------------------------------------------

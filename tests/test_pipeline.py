@@ -142,6 +142,11 @@ def test_replay_rebuilds_members_and_centre_from_the_ledger(tmp_path, prefect_ha
             con.execute("UPDATE members SET reward_mean = reward_mean + 0.5 WHERE run_id = 'rp' AND generation = 1 AND member = 0")
         result = replay("rp", 1, str(data_dir))
         assert not result["ok"] and any("centre DOES NOT match" in line for line in result["lines"])
+        # a recorded seed the run's plan does not give
+        with duckdb.connect(str(data_dir / "ledger.duckdb")) as con:
+            con.execute("UPDATE members SET seed = seed + 1 WHERE run_id = 'rp' AND generation = 0 AND member = 1")
+        result = replay("rp", 0, str(data_dir))
+        assert not result["ok"] and any("not generation 0's plan" in line for line in result["lines"]), result["lines"]
 
 
 def test_rerun_with_the_same_content_executes_no_task_body_twice(tmp_path, prefect_harness, model_cache, monkeypatch):
@@ -158,10 +163,30 @@ def test_rerun_with_the_same_content_executes_no_task_body_twice(tmp_path, prefe
     assert second["center_sha256"] == first["center_sha256"]
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    content_tasks = [r for r in runs if r.name.rsplit("-", 1)[0] in ("init_population", "perturb", "evaluate_population", "evaluate_heldout", "aggregate")]
+    content_tasks = [r for r in runs if r.task_key.rsplit("-", 1)[0] in ("init_population", "perturb", "evaluate_population", "evaluate_heldout", "aggregate")]
     assert len(content_tasks) >= 2 * 3 + 1
     assert all(r.state.name == "Cached" for r in content_tasks), [(r.name, r.state.name) for r in content_tasks]
     assert counts(Path(data_dir), "second") == counts(Path(data_dir), "first")
+    # the timings are this run's: the first decoded, the second decoded nothing (no negative 'other')
+    _, timings = Ledger(Path(data_dir)).query("SELECT run_id, generate_seconds, wall_seconds FROM generations ORDER BY run_id, generation")
+    assert all(0 < gen <= wall for run, gen, wall in timings if run == "first"), timings
+    assert all(gen == 0 < wall for run, gen, wall in timings if run == "second"), timings
+
+
+def test_task_runs_are_named_by_generation(tmp_path, prefect_harness, model_cache, monkeypatch):
+    """The UI's task list and timeline read like the run: which generation, which held-out set."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.es_countdown import es_countdown
+
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    state = es_countdown(config_path=str(tiny_config(tmp_path)), run_id="named", data_dir=str(tmp_path / "data"), return_state=True)
+    with get_client(sync_client=True) as client:
+        names = {r.name for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))}
+    for g in (0, 1):
+        assert {f"perturb-g{g}", f"evaluate-g{g}", f"aggregate-g{g}", f"commit-g{g}", f"publish-g{g}"} <= names, sorted(names)
+    assert {"eval-base-on-heldout", "eval-centre_g2-on-heldout", "record-eval-centre-g2-on-heldout", "record-run-named", "run-completed"} <= names, sorted(names)
 
 
 def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(tmp_path, model_cache):
@@ -171,7 +196,7 @@ def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(t
     from es_core.backends.embedded import EmbeddedBackend
     from es_core.countdown.problems import load_problems
     from es_core.countdown.prompt import render_prompts
-    from es_core.es import member_plan
+    from es_core.es import ask
     from es_core.evaluation import score_member
     from es_core.models import load_tokenizer, resolve_base_model
     from es_core.settings import load_settings
@@ -183,13 +208,13 @@ def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(t
     artifacts = str(tmp_path / "artifacts")
     center = init_population.fn(artifacts, str(base.path), base.sha256, settings.lora.layers, settings.lora.modules,
                                 settings.lora.rank, settings.lora.lora_alpha, settings.lora.init_std, 3)
-    members = [(m.index, m.seed, m.sign) for m in member_plan(3, 0, 4, True)]
+    plan = ask(3, 0, 4, 0.5)
     problems, _ = load_problems(settings.data)
     prompts = render_prompts(problems[:3], "raw", load_tokenizer(base.path))
     backend = EmbeddedBackend.from_settings(settings, base.path)
     try:
-        from_seeds = evaluate_population.fn(backend, artifacts, center, members, 0.5, "both", problems[:3], prompts, 6, "paper", "k")["scores"]
-        files = perturb.fn(artifacts, center, members, 0.5, "both")
+        from_seeds = evaluate_population.fn(backend, artifacts, center, plan, problems[:3], prompts, 6, "paper", "k")["scores"]
+        files = perturb.fn(artifacts, center, plan)
         completions = backend.generate([AdapterRef(f"m{i}", Path(path)) for i, (_, path) in enumerate(files)], prompts, 6)
     finally:
         backend.close()

@@ -1,14 +1,19 @@
 """What every inference backend does: greedy completions of prompts under a set of adapters.
 
 Two implementations: `embedded` (in-process PyTorch, every member x every prompt in one batched
-pass) and `sglang` (HTTP to one or more SGLang servers). The flow only sees this interface.
+pass, members taken as stacked tensors) and `sglang` (HTTP to one or more SGLang servers, members
+taken as adapter folders). Tasks call only what `InferenceBackend` declares; which backend a run
+gets is decided once, by flows/backend.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from es_core.lora import StackedLoRA
 
 
 @dataclass(frozen=True)
@@ -31,9 +36,32 @@ class BackendError(RuntimeError):
     """A backend failure: one line naming the server, adapter and step."""
 
 
+class Members(Protocol):
+    """A generation's members, both ways a backend may take them (each built only when asked)."""
+
+    scaling: float  # lora_alpha / rank of every member
+
+    def __len__(self) -> int: ...
+
+    def stacked(self) -> "StackedLoRA":
+        """The members' LoRA tensors in memory, stacked per key ([members, *shape])."""
+        ...
+
+    def adapters(self) -> list[AdapterRef]:
+        """The members as adapter folders, named `g<generation>_m<index>` (written when first asked)."""
+        ...
+
+
 class InferenceBackend(Protocol):
     def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
         """Greedy completion of every prompt under every adapter: result[a][p]."""
+        ...
+
+    def generate_population(self, members: Members, prompts: Sequence[str], max_new_tokens: int,
+                            on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
+        """Greedy completion of every prompt under every member of a generation: result[m][p].
+        `on_decode` is called once decoding is under way and the host has nothing to do until it
+        ends (work waiting for it may start)."""
         ...
 
     def close(self) -> None:

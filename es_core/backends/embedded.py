@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from es_core.backends.base import AdapterRef, Completion
+from es_core.backends.base import AdapterRef, Completion, Members
 from es_core.engine.generate import GenerationOutput, PopulationEngine
 from es_core.engine.model import Decoder
 from es_core.lora import LoRATensors, StackedLoRA, check_adapter_matches, find_targets, load_adapter
@@ -28,8 +28,10 @@ class EmbeddedBackend:
         self._lock = threading.Lock()  # one batch at a time: the engine's buffers are shared
 
     @classmethod
-    def from_settings(cls, settings: Settings, model_path: Path) -> "EmbeddedBackend":
-        """Load the base model from a local HF folder and build the engine for settings.lora's targets."""
+    def from_settings(cls, settings: Settings, model_path: Path, log_dir: Path | None = None, name_prefix: str = "") -> "EmbeddedBackend":
+        """Load the base model from a local HF folder and build the engine for settings.lora's
+        targets. (`log_dir`, `name_prefix`: as SGLangBackend's; an engine in this process writes no
+        log and names no adapter.)"""
         model = load_causal_lm(Path(model_path), settings.model.dtype, settings.model.device)
         targets = find_targets(model, settings.lora.layers, settings.lora.modules)
         tokenizer = load_tokenizer(Path(model_path))
@@ -39,6 +41,17 @@ class EmbeddedBackend:
             max_batch_rows=settings.generation.max_batch_rows, compile=settings.generation.compile, lora_dtype=settings.generation.lora_dtype,
         )
         return cls(engine, tokenizer, settings.lora.scaling)
+
+    @staticmethod
+    def decode_key(settings: Settings) -> dict:
+        """What, beyond the settings every backend shares, decides how this one decodes: the
+        device (a GPU by its name) and the dtype as they resolve on this machine, and the dtype of
+        the members' LoRA slots."""
+        from es_core.models import resolve_device, resolve_dtype
+
+        device = resolve_device(settings.model.device)
+        return {"device": _device_name(device), "dtype": str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch."),
+                "lora_dtype": settings.generation.lora_dtype}
 
     def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
         """Greedy completion of every prompt under every adapter (path None: the base model): result[a][p]."""
@@ -54,6 +67,12 @@ class EmbeddedBackend:
             members.append(tensors)
             scalings.append(spec.lora_alpha / spec.rank)
         return self._complete(members, scalings, prompts, max_new_tokens)
+
+    def generate_population(self, members: Members, prompts: Sequence[str], max_new_tokens: int,
+                            on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
+        """Every member x every prompt in one batched pass, the members built in memory (their
+        adapter files are not needed). `on_decode`: see PopulationEngine.generate."""
+        return self._complete(members.stacked(), [members.scaling] * len(members), prompts, max_new_tokens, on_decode)
 
     def generate_tensors(self, members: Sequence[LoRATensors | None] | StackedLoRA, prompts: Sequence[str], max_new_tokens: int,
                          scaling: float | None = None, on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
@@ -81,6 +100,14 @@ class EmbeddedBackend:
                 k += 1
             result.append(completions)
         return result
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

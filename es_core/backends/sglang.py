@@ -43,7 +43,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from es_core.backends.base import AdapterRef, BackendError, Completion
+from es_core.backends.base import AdapterRef, BackendError, Completion, Members
 from es_core.backends.sglang_client import (
     AdapterChecker,
     AdapterNotLoaded,
@@ -243,6 +243,13 @@ class SGLangBackend:
         server.start()
         return cls([SGLangClient(server.url, **timeouts)], [server], **options)
 
+    @staticmethod
+    def decode_key(settings: Settings) -> dict:
+        """What, beyond the settings every backend shares, decides how the servers decode: the
+        dtype asked of them, their LoRA kernels and extra arguments."""
+        sglang = settings.backend.sglang
+        return {"dtype": settings.model.dtype, "lora_backend": sglang.lora_backend, "extra_args": list(sglang.extra_args)}
+
     @property
     def urls(self) -> list[str]:
         return [s.url for s in self._slots]
@@ -296,7 +303,16 @@ class SGLangBackend:
                     f.result()
         return results  # type: ignore[return-value]
 
-    # --- per-server operations (one Prefect task per member can use these) --------------------
+    def generate_population(self, members: Members, prompts: Sequence[str], max_new_tokens: int, on_decode=None) -> list[list[Completion]]:
+        """A generation's members from their adapter folders (the servers load files), sharded as
+        `generate` does. `on_decode` is called before the requests go out: the host has nothing to
+        do while the servers decode."""
+        adapters = members.adapters()
+        if on_decode is not None:
+            on_decode()
+        return self.generate(adapters, prompts, max_new_tokens)
+
+    # --- per-server operations --------------------------------------------------------------------
 
     def load_set(self, server: int, adapters: Sequence[AdapterRef]) -> None:
         """Load these adapters on one server and hold them until `unload_set` (restart mode: one

@@ -1,0 +1,153 @@
+"""Results do not move when the code around them does: three small runs, recorded with the code
+before issue 20's redesign of the flow (99cc8cc), must give the same hashes today.
+
+What is compared, per run: every centre, member adapter and evaluation samples artifact hash, every
+reward, fitness and token count, and a digest of every sample (completion, reward parts) and of the
+problems recorded. The runs: the smoke config (SmolLM2, embedded), tiny-llama with a warm start, a
+further held-out set, per-prompt fitness, fresh training problems and Adam (embedded), and tiny-llama
+against the fake SGLang server (whose completions depend on the adapters' weights, so the centre
+moves).
+
+The embedded runs decode float32 on the CPU: a machine whose BLAS sums in another order could give
+other bits. The golden file was recorded on the project's 2-core CPU machine; re-record it (with the
+code whose results are the reference, never with a change under test) by running this file with
+ES_RECORD_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from artifacts.ledger import Ledger
+
+GOLDEN = Path(__file__).with_name("golden") / "recorded_results.json"
+
+# configs/experiments/smoke.yaml as it was when the golden file was recorded (a copy: the file may change)
+SMOKE = """
+run_name: smoke
+model: {name: smollm2-135m}
+lora: {rank: 1, layers: [0, 1, 2, 3]}
+es: {population: 4, sigma: 0.05, learning_rate: 0.01, generations: 2}
+data: {source: generated, train_size: 8, heldout_size: 8, prompts_per_generation: 4}
+generation: {max_new_tokens: 32, compile: false}
+backend: {kind: embedded}
+eval: {every: 2, base_model: true}
+"""
+
+WARM = """
+run_name: warm
+model: {name: tiny-llama}
+lora: {rank: 2, layers: [0, 1]}
+es: {population: 4, sigma: 0.5, learning_rate: 0.05, generations: 3, seed: 5, fitness: prompt_normalized, optimizer: adam}
+data: {train_size: 6, heldout_size: 4, prompts_per_generation: 3, train_problems: fresh}
+prompt: {style: raw}
+generation: {max_new_tokens: 8, compile: false}
+eval: {every: 2, base_model: true, sets: [{name: extra, source: jsonl, path: EXTRA, size: 3}]}
+warm_start: {steps: 3, batch_size: 2, learning_rate: 0.01, warmup_steps: 1}
+"""
+
+SGLANG = """
+run_name: tiny
+model: {name: tiny-llama}
+lora: {rank: 2, layers: [0, 1]}
+es: {population: 4, sigma: 0.05, learning_rate: 0.05, generations: 3, seed: 3}
+data: {train_size: 6, heldout_size: 4, prompts_per_generation: 3}
+prompt: {style: raw}
+generation: {max_new_tokens: 24, compile: false}
+backend: {kind: sglang}
+eval: {every: 2, base_model: true}
+"""
+
+
+def _digest(rows) -> str:
+    return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()
+
+
+def ledger_results(data_dir: Path, run_id: str) -> dict:
+    """What a run computed, as recorded: no times, paths or ids that name the run or machine."""
+    ledger = Ledger(data_dir)
+
+    def rows(sql: str) -> list:
+        return [list(r) for r in ledger.query(sql, [run_id])[1]]
+
+    return {
+        "warm_start": rows("SELECT warm_start_sha256 FROM runs WHERE run_id = ?"),
+        "generations": rows("SELECT generation, parent_center_sha256, center_sha256, reward_mean, reward_std, reward_max, update_norm"
+                            " FROM generations WHERE run_id = ? ORDER BY generation"),
+        "members": rows("SELECT generation, member, seed, sign, adapter_sha256, reward_mean, format_rate, accuracy, tokens, fitness"
+                        " FROM members WHERE run_id = ? ORDER BY generation, member"),
+        "samples": _digest(rows("SELECT generation, member, problem_id, prompt, completion, reward, format_reward, format_ok, correct,"
+                                " completion_tokens FROM samples WHERE run_id = ? ORDER BY generation, member, problem_id")),
+        "evals": rows("SELECT generation, split, model, adapter_sha256, n, reward_mean, reward_ci_low, reward_ci_high, accuracy, format_rate,"
+                      " samples_sha256 FROM evals WHERE run_id = ? ORDER BY generation, split, model"),
+        "problems": _digest([list(r) for r in ledger.query("SELECT problem_id, numbers, target, split FROM problems ORDER BY problem_id")[1]]),
+    }
+
+
+def _compare_or_record(name: str, got: dict) -> None:
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    if os.environ.get("ES_RECORD_GOLDEN") == "1":
+        golden[name] = got
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        return
+    assert name in golden, f"no recorded results for {name} in {GOLDEN}"
+    want = json.loads(json.dumps(golden[name]))
+    got = json.loads(json.dumps(got, default=str))
+    for key in want:
+        assert got[key] == want[key], f"{name}: {key} differs from the recorded run"
+    assert got["generations"], "the run recorded no generation"
+
+
+def _run(tmp_path: Path, name: str, config_text: str, monkeypatch, model_cache) -> tuple[Path, str]:
+    from flows.es_countdown import es_countdown
+
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    config = tmp_path / f"{name}.yaml"  # the data dir is shared by the runs of a test
+    config.write_text(config_text)
+    data_dir = tmp_path / "data"
+    es_countdown(config_path=str(config), run_id=name, data_dir=str(data_dir))
+    return data_dir, name
+
+
+@pytest.mark.slow
+def test_the_smoke_run_gives_the_recorded_hashes(tmp_path, prefect_harness, model_cache, monkeypatch):
+    data_dir, run_id = _run(tmp_path, "smoke", SMOKE, monkeypatch, model_cache)
+    _compare_or_record("smoke", ledger_results(data_dir, run_id))
+
+
+def test_warm_started_prompt_normalized_runs_on_both_backends_give_the_recorded_hashes(tmp_path, prefect_harness, model_cache, monkeypatch,
+                                                                                          smollm2_tokenizer):
+    """One data dir: the warm start is trained once; on the fake SGLang server rewards vary, so the
+    per-prompt fitness and Adam move the centre."""
+    from es_core.countdown.problems import generate_problems, save_jsonl
+    from tests.fake_sglang import FakeSGLang
+
+    config = WARM.replace("EXTRA", str(save_jsonl(generate_problems(3, seed=99), tmp_path / "extra.jsonl")))
+    data_dir, run_id = _run(tmp_path, "warm", config, monkeypatch, model_cache)
+    results = ledger_results(data_dir, run_id)
+    assert {row[1] for row in results["evals"]} == {"heldout", "extra"} and results["warm_start"][0][0]
+    _compare_or_record("warm", results)
+
+    with FakeSGLang(max_lora_rank=8, decode=smollm2_tokenizer.decode) as fake:
+        monkeypatch.setenv("ES_SGLANG_URL", fake.url)
+        data_dir, run_id = _run(tmp_path, "warm-sglang", config.replace("run_name: warm", "run_name: warm\nbackend: {kind: sglang}"), monkeypatch, model_cache)
+    results = ledger_results(data_dir, run_id)
+    assert len({row[2] for row in results["generations"]}) == 3 and any(row[9] for row in results["members"])
+    _compare_or_record("warm-sglang", results)
+
+
+def test_a_run_on_sglang_gives_the_recorded_hashes(tmp_path, prefect_harness, model_cache, monkeypatch, smollm2_tokenizer):
+    from tests.fake_sglang import FakeSGLang
+
+    with FakeSGLang(max_lora_rank=8, decode=smollm2_tokenizer.decode) as fake:
+        monkeypatch.setenv("ES_SGLANG_URL", fake.url)
+        data_dir, run_id = _run(tmp_path, "sglang", SGLANG, monkeypatch, model_cache)
+    results = ledger_results(data_dir, run_id)
+    assert len({row[2] for row in results["generations"]}) == 3  # the centre moved every generation
+    _compare_or_record("sglang", results)
