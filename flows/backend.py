@@ -8,6 +8,10 @@ from es_core.settings import Settings
 
 
 def open_backend(settings: Settings, base_model_path: Path, run_dir: Path, run_id: str = ""):
+    if settings.runner.kind == "ray":  # embedded engines on a Ray cluster (settings refuse ray with sglang)
+        from es_core.backends.ray_engines import RayBackend
+
+        return RayBackend.from_settings(settings, base_model_path)
     if settings.backend.kind == "embedded":
         from es_core.backends.embedded import EmbeddedBackend
 

@@ -25,7 +25,7 @@ PREFECT_FOLDER = "prefect"  # <data_dir>/prefect/prefect.db: the ephemeral API's
 def check_settings(settings: Settings, command: str = "run") -> None:
     """What the run reads and writes exists and can be: the data dir (writable), the base model
     (resolvable without building it), the problem file (every record valid), the interpreter that
-    launches SGLang."""
+    launches SGLang, and with runner.kind ray, Ray itself and the cluster at runner.address."""
     check_writable_data_dir(Path(settings.data_dir), f"{command} writes the ledger and artifacts there")
     if settings.model.cache_dir is not None:
         problem = _not_writable(Path(settings.model.cache_dir))
@@ -36,6 +36,8 @@ def check_settings(settings: Settings, command: str = "run") -> None:
         launcher = (shlex.split(sglang.python) or [""])[0]
         if not shutil.which(launcher):
             raise ConfigError(f"backend.sglang.python {sglang.python!r}: {launcher!r} is not a program on PATH (it launches the SGLang server; or attach to one with ES_SGLANG_URL)")
+    if settings.runner.kind == "ray":
+        check_ray_runner(settings)
     from es_core.models import check_base_model  # imports torch: after the cheap checks
 
     check_base_model(settings.model)
@@ -48,6 +50,22 @@ def check_settings(settings: Settings, command: str = "run") -> None:
 
         for spec in settings.eval.sets:
             load_eval_set(spec)
+
+
+def check_ray_runner(settings: Settings) -> None:
+    """Ray is installed, and a cluster named by runner.address accepts connections (a TCP connect,
+    in at most runner.connect_timeout_s; ray.init would retry for minutes)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("runner.kind ray: Ray is not installed here (pip install 'es-countdown[ray]')")
+    runner = settings.runner
+    if runner.address:
+        from es_core.backends.ray_engines import unreachable_address
+
+        unreachable = unreachable_address(runner.address, runner.connect_timeout_s)
+        if unreachable:
+            raise ConfigError(unreachable)
 
 
 def resume_settings(run_id: str, overrides: list[str], data_dir: Path) -> Settings:

@@ -85,7 +85,8 @@ def evaluation_key(settings, base_model_sha256: str) -> str:
     """What decides how a backend decodes, as the evaluation tasks' `model_key`: the base model's
     hash, the backend, the prompt style, compile and batch rows (a batch's shape can change bf16
     results), and for the embedded engine the dtype and device as they resolve on this machine
-    (`auto` is bf16 on CUDA, float32 on CPU; a GPU by its name) and of its LoRA slots, for SGLang the dtype asked of the
+    (`auto` is bf16 on CUDA, float32 on CPU; a GPU by its name; on a Ray cluster as they resolve in its
+    engines, and how many) and of its LoRA slots, for SGLang the dtype asked of the
     server and its LoRA kernels and extra arguments. JSON, so the Prefect UI shows it."""
     from es_core.models import resolve_device, resolve_dtype
 
@@ -97,6 +98,10 @@ def evaluation_key(settings, base_model_sha256: str) -> str:
         device = resolve_device(settings.model.device)
         key |= {"device": _device_name(device), "dtype": str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch."),
                 "lora_dtype": settings.generation.lora_dtype}
+        if settings.runner.kind == "ray":  # the engines' device and dtype, not this machine's; their split
+            from es_core.backends.ray_engines import RayBackend
+
+            key |= RayBackend.decode_key(settings)
     else:
         sglang = settings.backend.sglang
         key |= {"dtype": settings.model.dtype, "lora_backend": sglang.lora_backend, "extra_args": list(sglang.extra_args)}
