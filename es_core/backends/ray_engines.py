@@ -199,15 +199,17 @@ class RayBackend:
     def decode_key(settings: Settings) -> dict:
         """What decides how the engines decode, beyond the settings every backend shares: the device
         and dtype as they resolve in an engine (a GPU when gpus_per_engine > 0, the CPU otherwise;
-        not the GPU's name, which the driver does not see) and the split over engines (a shard's
-        rows are a batch: its shape can change bf16 results, as max_batch_rows can)."""
+        not the GPU's name, which the driver does not see), the LoRA slots' dtype (as the embedded
+        backend's) and the split over engines (a shard's rows are a batch: its shape can change
+        bf16 results, as max_batch_rows can). The whole of what this backend adds, so that a
+        factory may take it alone in place of the embedded backend's."""
         from es_core.models import resolve_dtype
 
         import torch
 
         device = torch.device("cuda" if settings.runner.gpus_per_engine > 0 else "cpu")
         return {"runner": "ray", "device": device.type, "dtype": str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch."),
-                "engines": settings.runner.engines, "gpus_per_engine": settings.runner.gpus_per_engine}
+                "lora_dtype": settings.generation.lora_dtype, "engines": settings.runner.engines, "gpus_per_engine": settings.runner.gpus_per_engine}
 
     # --- InferenceBackend -------------------------------------------------------------------------
 
