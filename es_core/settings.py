@@ -152,6 +152,21 @@ class BackendSettings(_Section):
     sglang: SGLangSettings = Field(default_factory=SGLangSettings)
 
 
+class RunnerSettings(_Section):
+    """Where the embedded engines run: in this process (local), or one per GPU of a Ray cluster
+    (es_core/backends/ray_engines.py). Where, not what: outside the run's fingerprint, so a run
+    started locally can be resumed on a cluster."""
+
+    kind: Literal["local", "ray"] = Field("local", description="local: one embedded engine in this process; ray: one per GPU (or per gpus_per_engine) of a Ray cluster, the population sharded over them.")
+    address: str | None = Field(None, description="An existing Ray cluster: host:port of its head (this machine a node of it: `ray start --address`), auto (the one `ray start` made here), or ray://host:10001 (Ray Client, needs ray[client]); None: a new local one of this machine, for the run.")
+    gpus_per_engine: float = Field(1.0, ge=0, le=1, description="GPUs each engine reserves: 1, one engine per GPU; 0.5, two share a GPU; 0, CPU engines (tests; then give engines).")
+    engines: int | None = Field(None, ge=1, description="Engines to start; None: as many as the cluster's GPUs hold at gpus_per_engine.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to reach runner.address before failing with one line.")
+    startup_timeout_s: float = Field(900.0, gt=0, description="Seconds for the engines to start and load the model (at the first call, and again when Ray restarts a lost one).")
+    shard_timeout_s: float = Field(1800.0, gt=0, description="Seconds one engine's shard of a generation may take; then the engine is killed (Ray restarts it) and the shard sent to another.")
+    shard_attempts: int = Field(3, ge=1, description="Tries of one shard (an engine died or timed out) before the generation fails.")
+
+
 class EvalSetSettings(_Section):
     """A further held-out set, e.g. the paper's 2,000 test problems (read at run time, never copied)."""
 
@@ -198,6 +213,7 @@ class Settings(BaseSettings):
     warm_start: WarmStartSettings = Field(default_factory=WarmStartSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     backend: BackendSettings = Field(default_factory=BackendSettings)
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
 
     @classmethod
@@ -205,6 +221,12 @@ class Settings(BaseSettings):
         # The values given, alone: `settings_from_dict` layers the file, the ES_* variables and the
         # overrides itself, in that order, so that nothing but its arguments says what a load reads.
         return (init_settings,)
+
+    @model_validator(mode="after")
+    def _ray_runs_embedded_engines(self) -> "Settings":
+        if self.runner.kind == "ray" and self.backend.kind != "embedded":
+            raise ValueError(f"runner.kind ray runs embedded engines; backend.kind {self.backend.kind} has its own servers (list them in ES_SGLANG_URL)")
+        return self
 
     @property
     def sglang_urls(self) -> list[str]:
@@ -217,14 +239,14 @@ class Settings(BaseSettings):
 
 
 def settings_hash(settings: Settings) -> str:
-    """Identity of a run's results: not where they are written, how long the run goes on, or how
-    often it is evaluated (so a finished run can be extended with `resume --set es.generations=N`).
+    """Identity of a run's results: not where they are written or decoded (runner), how long the
+    run goes on, or how often it is evaluated (so a finished run can be extended with `resume --set es.generations=N`).
     The evaluation sets count: fresh training problems and the warm start avoid their problems.
     Values at their defaults are left out, so a setting added later with a default that keeps the
     old behaviour leaves the hash of a recorded run (and its resume) as it was."""
     data = settings.model_dump(mode="json", exclude_defaults=True, exclude={
         "data_dir": True, "run_name": True, "sglang_url": True, "eval": {"every", "base_model", "warm_start"},
-        "es": {"generations"}, "model": {"cache_dir"},
+        "es": {"generations"}, "model": {"cache_dir"}, "runner": True,
     })
     for evaluation_set in data.get("eval", {}).get("sets", []):
         evaluation_set.pop("path", None)  # where a machine keeps the file is no part of a run's identity

@@ -24,7 +24,7 @@ PREFECT_FOLDER = "prefect"  # <data_dir>/prefect/prefect.db: the ephemeral API's
 def check_settings(settings: Settings, command: str = "run") -> None:
     """What the run reads and writes exists and can be: the data dir (writable), the base model
     (resolvable without building it), the problem file (every record valid), the interpreter that
-    launches SGLang."""
+    launches SGLang, and with runner.kind ray, Ray itself and the cluster at runner.address."""
     check_writable_data_dir(Path(settings.data_dir), f"{command} writes the ledger and artifacts there")
     if settings.model.cache_dir is not None:
         problem = _not_writable(Path(settings.model.cache_dir))
@@ -43,6 +43,7 @@ def check_settings(settings: Settings, command: str = "run") -> None:
 
         for spec in settings.eval.sets:
             load_eval_set(spec)
+
 
 
 def resume_settings(run_id: str, overrides: list[str], data_dir: Path) -> Settings:

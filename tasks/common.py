@@ -89,15 +89,16 @@ def evaluation_key(settings, base_model_sha256: str) -> str:
     hash, the backend, the prompt style, compile and batch rows (a batch's shape can change bf16
     results), and what the backend itself names (`decode_key`: for the embedded engine the dtype
     and device as they resolve on this machine, `auto` being bf16 on CUDA and float32 on CPU, a GPU
-    by its name, and the dtype of its LoRA slots; for SGLang the dtype asked of the server and its
+    by its name, and the dtype of its LoRA slots; on a Ray cluster as they resolve in its engines, and
+    how many; for SGLang the dtype asked of the server and its
     LoRA kernels and extra arguments). JSON, so the Prefect UI shows it."""
-    from es_core.backends import backend_class
+    from es_core.backends import backend_class, backend_kind
 
     key: dict[str, Any] = {
         "base_model_sha256": base_model_sha256, "backend": settings.backend.kind, "prompt_style": settings.prompt.style,
         "compile": settings.generation.compile, "max_batch_rows": settings.generation.max_batch_rows,
     }
-    key |= backend_class(settings.backend.kind).decode_key(settings)
+    key |= backend_class(backend_kind(settings)).decode_key(settings)
     return json.dumps(key, sort_keys=True)
 
 

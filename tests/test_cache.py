@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("change", [
     "model.dtype=bfloat16", "model.dtype=float16", "model.device=cuda", "generation.compile=false", "backend.kind=sglang",
-    "generation.max_batch_rows=64", "prompt.style=raw", "generation.lora_dtype=model",
+    "generation.max_batch_rows=64", "prompt.style=raw", "generation.lora_dtype=model", "runner.kind=ray",
 ])
 def test_every_setting_that_changes_decoding_changes_the_model_key(change):
     base = evaluation_key(load_settings(None, ["model.device=cpu"]), "b" * 64)
@@ -34,6 +34,12 @@ def test_the_model_key_is_what_the_settings_resolve_to_on_this_machine():
     sglang = ["backend.kind=sglang"]
     assert evaluation_key(load_settings(None, sglang), "b" * 64) != evaluation_key(load_settings(None, [*sglang, "backend.sglang.lora_backend=triton"]), "b" * 64)
     assert evaluation_key(load_settings(None, sglang), "b" * 64) != evaluation_key(load_settings(None, [*sglang, "model.dtype=float16"]), "b" * 64)
+    # on a Ray cluster, the device and dtype the engines get (a GPU each), and how they are split
+    ray = ["model.device=cpu", "runner.kind=ray"]
+    assert '"device": "cuda"' in evaluation_key(load_settings(None, ray), "b" * 64)
+    assert evaluation_key(load_settings(None, ray), "b" * 64) != evaluation_key(load_settings(None, [*ray, "runner.engines=2"]), "b" * 64)
+    assert evaluation_key(load_settings(None, [*ray, "runner.gpus_per_engine=0"]), "b" * 64) != evaluation_key(load_settings(None, ray), "b" * 64)
+    assert evaluation_key(load_settings(None, [*ray, "generation.lora_dtype=model"]), "b" * 64) != evaluation_key(load_settings(None, ray), "b" * 64)
 
 
 _CODE_VERSION = """

@@ -32,6 +32,9 @@ def test_fingerprint_changes_with_results_not_with_location(tmp_path):
     b = load_settings(None, ["es.sigma=0.01", f"data_dir={tmp_path}"])
     c = load_settings(None, ["es.sigma=0.02"])
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    # where the engines run is no part of it: a run started locally resumes on a Ray cluster
+    on_ray = load_settings(None, ["es.sigma=0.01", "runner.kind=ray", "runner.address=head:6379", "runner.gpus_per_engine=0.5"])
+    assert on_ray.fingerprint() == a.fingerprint()
 
 
 @pytest.mark.parametrize(
@@ -45,6 +48,8 @@ def test_fingerprint_changes_with_results_not_with_location(tmp_path):
         ("", ["es.sigma"], "expected key=value"),
         ("", ["backend.kind=tpu"], "backend.kind"),
         ("data:\n  source: paper\n", [], "data.path is required"),
+        ("backend:\n  kind: sglang\n", ["runner.kind=ray"], "runner.kind ray runs embedded engines"),
+        ("", ["runner.gpus_per_engine=2"], "runner.gpus_per_engine"),
     ],
 )
 def test_broken_config_is_one_line_naming_key_and_file(tmp_path, text, overrides, message):

@@ -1,11 +1,19 @@
-"""Inference backends: the interface (base.py), `embedded` and `sglang`. `backend_class` is the one
-place a run's `backend.kind` is looked at."""
+"""Inference backends: the interface (base.py), `embedded`, `sglang`, and `ray` (embedded engines in
+Ray actors, when `runner.kind` is ray). `backend_kind` is the one place a run's `backend.kind` and
+`runner.kind` are looked at."""
 
 from __future__ import annotations
 
 import importlib
 
-_CLASSES = {"embedded": ("es_core.backends.embedded", "EmbeddedBackend"), "sglang": ("es_core.backends.sglang", "SGLangBackend")}
+_CLASSES = {"embedded": ("es_core.backends.embedded", "EmbeddedBackend"), "sglang": ("es_core.backends.sglang", "SGLangBackend"),
+            "ray": ("es_core.backends.ray_engines", "RayBackend")}
+
+
+def backend_kind(settings) -> str:
+    """Which backend class serves a run: the Ray runner's engines (settings refuse ray with sglang),
+    else `backend.kind`."""
+    return "ray" if settings.runner.kind == "ray" else settings.backend.kind
 
 
 def backend_class(kind: str):

@@ -1,0 +1,423 @@
+"""The Ray runner: embedded engines on every GPU of a Ray cluster, behind the InferenceBackend interface.
+
+Each engine is an `EngineActor`: a Ray actor holding one `EmbeddedBackend` (the population engine
+on its GPU, or on CPU for tests), which loads the base model once and keeps it across generations.
+A call is split into `sharding.plan_shards` rectangles of members x prompts, one per engine; the
+members travel as stacked LoRA tensors (`generate_tensors`, each shard only its own rows) or as
+adapter folders by path (`generate`: the content-addressed artifacts, which every node must see at
+the same path), prompts as text; completions come back and are put together by
+`sharding.merge`. Scoring and the ES update stay in the flow.
+
+Faults: an engine that dies mid-call (its process killed, its node lost) is restarted by Ray
+(max_restarts; it loads the model again) and its shard sent to the next engine not lost in this
+call, or, when every engine was, to the lost one once it answers again; a shard that has not
+answered after `runner.shard_timeout_s` has its engine killed (and so restarted) and is redone the
+same way. Results are kept per shard and merged once every shard has answered exactly once, so a
+redone shard replaces nothing and loses nothing; after `runner.shard_attempts` failures of one
+shard, or an engine that does not come back in `runner.startup_timeout_s`, the call fails with one
+line: it never waits without a bound. An error raised by the engine itself (a bad adapter, say) is
+the same on any engine: it is raised as the local engine raises it, not redone.
+
+Ray is started here when `runner.address` is empty (a new local cluster of this machine, from the
+calling thread), attached to when it names a cluster (this machine must be a node of it, or the
+address a Ray Client `ray://` one), and used as it is when the process already runs it (a test, a
+Prefect worker with its own `ray.init`); only a cluster started or attached here is let go by
+`close`.
+
+Where this sits: es_core/backends, beside the SGLang backend that launches and restarts its own
+servers: infrastructure behind the one InferenceBackend interface, with no Prefect in it; the flow
+and tasks see only that interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+from urllib.parse import urlsplit
+
+from es_core.backends.base import AdapterRef, BackendError, Completion
+from es_core.backends.sglang_client import one_line
+from es_core.backends.sharding import Shard, merge, plan_shards
+from es_core.lora import LoRATensors, StackedLoRA
+from es_core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+# --- connecting -------------------------------------------------------------------------------------
+
+
+def address_problem(address: str, timeout_s: float) -> str | None:
+    """Why no Ray cluster can answer at `address` (`host:port`, `ray://host:port`), or None when its
+    port accepts a connection. A TCP connect, in at most timeout_s: ray.init itself retries an
+    address where nothing listens for minutes. `auto` (the cluster `ray start` left on this
+    machine) is not checked here: ray.init says at once when there is none."""
+    if address == "auto":
+        return None
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        return f"not host:port ({exc})"
+    if not host or port is None:
+        return "not host:port or ray://host:port"
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except socket.timeout:
+        return f"no answer from {host}:{port} in {timeout_s:g} s"
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
+
+
+def unreachable_address(address: str, timeout_s: float) -> str | None:
+    """The one line to stop with when no Ray cluster answers at `address`, or None."""
+    problem = address_problem(address, timeout_s)
+    if problem is None:
+        return None
+    return f"runner.address {address}: no Ray cluster answers ({problem}); start one with `ray start --head` or leave runner.address empty for a local one"
+
+
+def connect(address: str | None, timeout_s: float) -> bool:
+    """Ray in this process: a new local cluster (address None), attached to, or already running
+    (then left as it is). Returns whether this call started or attached it (and so `close` shuts it
+    down). One-line BackendError, in about timeout_s, when no cluster answers at `address` (checked
+    even when Ray already runs here: a wrong address is a wrong setting either way)."""
+    import ray
+
+    unreachable = unreachable_address(address, timeout_s) if address else None
+    if unreachable:
+        raise BackendError(unreachable)
+    if ray.is_initialized():
+        return False
+    if not address:
+        # In this thread, never a helper one: Ray starts its GCS and raylet with a parent-death
+        # signal, which Linux sends when the *thread* that started them ends (a local cluster started
+        # from a short-lived thread died a few seconds later). A local start has its own timeouts.
+        try:
+            ray.init(address="local", log_to_driver=False)  # the actors' logs go to Ray's session folder
+        except Exception as exc:  # noqa: BLE001 - reported in one line
+            raise BackendError(f"a local Ray cluster did not start: {type(exc).__name__}: {one_line(exc)}") from exc
+        return True
+    where = f"runner.address {address}"
+    outcome: dict = {}
+
+    def attach() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except BaseException as exc:  # noqa: BLE001 - reported below, in one line
+            outcome["error"] = exc
+
+    # ray.init has no timeout: a port that accepts connections but is no Ray head would hold it for
+    # minutes. Attaching starts no process, so a helper thread is safe here (see above); a daemon,
+    # so a process that gives up is not kept alive by it.
+    thread = threading.Thread(target=attach, name="ray-init", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise BackendError(f"{where}: Ray did not connect in {timeout_s:g} s (runner.connect_timeout_s): not a Ray head's port (6379), "
+                           "or a cluster with token authentication and no RAY_AUTH_MODE=token with its token here (`ray get-auth-token`)")
+    if "error" in outcome:
+        exc = outcome["error"]
+        raise BackendError(f"{where}: {type(exc).__name__}: {one_line(exc)}") from exc
+    return True
+
+
+# --- the engines --------------------------------------------------------------------------------------
+
+
+class EngineActor:
+    """One embedded engine in a Ray actor: the base model loaded once, at start."""
+
+    def __init__(self, settings: Settings, model_path: str, name: str, threads: int):
+        import ray
+        import torch
+
+        from es_core.backends.embedded import EmbeddedBackend
+
+        self.name = f"{name}@{ray.util.get_node_ip_address()}"
+        if not Path(model_path).is_dir():
+            raise BackendError(f"engine {self.name}: base model folder {model_path} not found on this node (every node must see the data dir at the same path)")
+        self.backend = EmbeddedBackend.from_settings(settings, Path(model_path))
+        if self.backend.engine.decoder.device.type == "cpu":
+            torch.set_num_threads(threads)  # the actor's CPUs, not the whole machine's
+
+    def info(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "device": str(self.backend.engine.decoder.device)}
+
+    def generate(self, adapters: list[AdapterRef], prompts: list[str], max_new_tokens: int) -> list[list[Completion]]:
+        return self._named(self.backend.generate(adapters, prompts, max_new_tokens))
+
+    def generate_tensors(self, members, prompts: list[str], max_new_tokens: int, scaling: float | None) -> list[list[Completion]]:
+        return self._named(self.backend.generate_tensors(members, prompts, max_new_tokens, scaling=scaling))
+
+    def _named(self, result: list[list[Completion]]) -> list[list[Completion]]:
+        # the ledger's `server` column says which engine decoded a member
+        return [[dataclasses.replace(c, server=f"ray:{self.name}") for c in row] for row in result]
+
+
+@dataclasses.dataclass
+class Redo:
+    """A shard sent again: which, on which engine it failed, and why (for logs and tests)."""
+
+    shard: Shard
+    engine: int
+    reason: str
+
+
+class RayBackend:
+    """The population over `engines` EngineActors of a Ray cluster (see the module's docstring)."""
+
+    def __init__(self, settings: Settings, model_path: Path, owns_ray: bool):
+        runner = settings.runner
+        self.settings, self.model_path, self.owns_ray = _engine_settings(settings), str(Path(model_path).resolve()), owns_ray
+        self.gpus_per_engine, self.engines_asked = float(runner.gpus_per_engine), runner.engines
+        self.shard_timeout_s, self.startup_timeout_s, self.attempts = runner.shard_timeout_s, runner.startup_timeout_s, runner.shard_attempts
+        self.actors: list = []
+        self.infos: list[dict] = []  # each engine's name, pid and device, once started
+        self.redone: list[Redo] = []
+        self._down: set[int] = set()  # engines lost (Ray restarts them) and not seen answering since
+        self._lock = threading.Lock()  # one call at a time, as the embedded backend
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model_path: Path, log_dir: Path | None = None, name_prefix: str = "") -> "RayBackend":
+        """Connect to (or start) the cluster now, so a wrong address fails at once; the engines
+        start at the first call (a backend opened for a cached evaluation never starts them, and
+        the base model's engines are gone before the run's own take the GPUs). `log_dir`,
+        `name_prefix`: as SGLangBackend's (the engines write no log of the run's and name no
+        adapter)."""
+        runner = settings.runner
+        return cls(settings, model_path, connect(runner.address, runner.connect_timeout_s))
+
+    @staticmethod
+    def decode_key(settings: Settings) -> dict:
+        """What decides how the engines decode, beyond the settings every backend shares: the device
+        and dtype as they resolve in an engine (a GPU when gpus_per_engine > 0, the CPU otherwise;
+        not the GPU's name, which the driver does not see), the LoRA slots' dtype (as the embedded
+        backend's) and the split over engines (a shard's rows are a batch: its shape can change
+        bf16 results, as max_batch_rows can). The whole of what this backend adds, so that a
+        factory may take it alone in place of the embedded backend's."""
+        from es_core.models import resolve_dtype
+
+        import torch
+
+        device = torch.device("cuda" if settings.runner.gpus_per_engine > 0 else "cpu")
+        return {"runner": "ray", "device": device.type, "dtype": str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch."),
+                "lora_dtype": settings.generation.lora_dtype, "engines": settings.runner.engines, "gpus_per_engine": settings.runner.gpus_per_engine}
+
+    # --- InferenceBackend -------------------------------------------------------------------------
+
+    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
+        """Greedy completion of every prompt under every adapter (path None: the base model):
+        result[a][p]. The engines read the adapter folders by their path."""
+        adapters, prompts = list(adapters), list(prompts)
+        return self._sharded(len(adapters), len(prompts), lambda actor, s: actor.generate.remote(
+            [adapters[m] for m in s.members], [prompts[p] for p in s.prompts], max_new_tokens))
+
+    def generate_tensors(self, members: Sequence[LoRATensors | None] | StackedLoRA, prompts: Sequence[str], max_new_tokens: int,
+                         scaling: float | None = None, on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
+        """As EmbeddedBackend.generate_tensors, each engine sent its own members' tensors only.
+        `on_decode` is called once every shard is sent: the driver then only waits."""
+        prompts = list(prompts)
+        stacked = isinstance(members, StackedLoRA)
+        population = members if stacked else list(members)
+
+        def part(s: Shard):
+            # take(): a copy of these rows only (a view would pickle the whole population's storage)
+            return population.take(s.members) if stacked else [population[m] for m in s.members]
+
+        return self._sharded(len(population), len(prompts), lambda actor, s: actor.generate_tensors.remote(
+            part(s), [prompts[p] for p in s.prompts], max_new_tokens, scaling), on_decode)
+
+    def generate_population(self, members, prompts: Sequence[str], max_new_tokens: int,
+                            on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
+        """A generation's members (`Members`: `.stacked()`, `.scaling`) as stacked tensors, sharded
+        over the engines: result[m][p]."""
+        return self.generate_tensors(members.stacked(), prompts, max_new_tokens, scaling=members.scaling, on_decode=on_decode)
+
+    def close(self) -> None:
+        import ray
+
+        actors, self.actors = self.actors, []
+        for actor in actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as exc:  # noqa: BLE001 - closing must not fail a run that is ending
+                log.warning("close: %s", one_line(exc))
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self.owns_ray = False
+
+    # --- engines ----------------------------------------------------------------------------------
+
+    def start_engines(self) -> list[dict]:
+        """The engine actors, started and loaded (once; later calls return at once): their name,
+        pid and device. One-line BackendError when the cluster cannot hold them or they do not load
+        in runner.startup_timeout_s."""
+        import ray
+
+        if self.actors:
+            return self.infos
+        count, cpus = self._engine_count()
+        engine_cls = ray.remote(EngineActor)
+        # max_restarts: a dead engine comes back (loading the model again); how often it may cost a
+        # shard is bounded by shard_attempts. max_task_retries 0: the redo is ours, never twice.
+        options = dict(num_cpus=cpus, num_gpus=self.gpus_per_engine, max_restarts=-1, max_task_retries=0)
+        actors = [engine_cls.options(**options).remote(self.settings, self.model_path, f"engine-{i}", max(1, int(cpus))) for i in range(count)]
+        try:
+            infos = ray.get([a.info.remote() for a in actors], timeout=self.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            raise BackendError(f"Ray: {count} engines (gpus_per_engine={self.gpus_per_engine:g}) not started in {self.startup_timeout_s:g} s "
+                               f"(runner.startup_timeout_s); free resources: {_resources(ray.available_resources())}") from None
+        except ray.exceptions.RayActorError as exc:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            raise BackendError(f"Ray: an engine failed to start: {one_line(exc)}") from exc
+        self.actors, self.infos = actors, infos
+        log.info("Ray: %d engines: %s", count, ", ".join(f"{i['name']} ({i['device']})" for i in infos))
+        return infos
+
+    def _engine_count(self) -> tuple[int, float]:
+        """(engines, CPUs each) for this cluster; one line when it cannot hold what is asked."""
+        import ray
+
+        total = ray.cluster_resources()
+        cpus = 1.0
+        if self.gpus_per_engine > 0:
+            fits = int(total.get("GPU", 0) / self.gpus_per_engine + 1e-9)
+            count = self.engines_asked or fits
+            if count < 1 or count > fits:
+                raise BackendError(f"Ray: the cluster has {total.get('GPU', 0):g} GPUs, room for {fits} engines at runner.gpus_per_engine="
+                                   f"{self.gpus_per_engine:g}, {count} asked (CPU engines: runner.gpus_per_engine=0 and runner.engines=N)")
+            return count, cpus
+        if not self.engines_asked:
+            raise BackendError("Ray: runner.gpus_per_engine=0 (CPU engines) needs runner.engines, the number of engines")
+        if self.engines_asked * cpus > total.get("CPU", 0):
+            raise BackendError(f"Ray: {self.engines_asked} CPU engines asked, the cluster has {total.get('CPU', 0):g} CPUs")
+        return self.engines_asked, cpus
+
+    # --- one call, sharded, faults redone ------------------------------------------------------------
+
+    def wait_ready(self, engine: int) -> bool:
+        """Whether engine `engine` answers, waiting while Ray restarts it (the model loads again)
+        for at most runner.startup_timeout_s; its info (a new pid) is kept."""
+        import ray
+
+        deadline = time.monotonic() + self.startup_timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                self.infos[engine] = ray.get(self.actors[engine].info.remote(), timeout=left)
+                self._down.discard(engine)
+                return True
+            except ray.exceptions.ActorUnavailableError:  # restarting: a call now fails at once
+                time.sleep(min(1.0, left))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+        self._down.add(engine)
+        return False
+
+    def _sharded(self, members: int, prompts: int, send: Callable, on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
+        """One call: a shard per engine that answers, sent at once; each answer kept in its shard's
+        slot. A shard whose engine is lost (or silent past its deadline, then killed and restarted)
+        goes to the next engine not lost in this call, or, when every one was, to the lost one once
+        Ray has restarted it; merged once every shard has answered exactly once."""
+        import ray
+
+        with self._lock:
+            self.start_engines()
+            for engine in sorted(self._down):  # restarted during an earlier call
+                self.wait_ready(engine)
+            up = [e for e in range(len(self.actors)) if e not in self._down]
+            if not up:
+                raise BackendError(f"Ray: none of the {len(self.actors)} engines answers in {self.startup_timeout_s:g} s (runner.startup_timeout_s)")
+            engine_lost = _engine_lost()
+            shards = plan_shards(members, prompts, len(up))
+            results: list = [None] * len(shards)
+            pending: dict = {}  # ObjectRef -> (shard index, attempt, engine, seconds allowed, deadline)
+
+            def submit(i: int, attempt: int, engine: int) -> None:
+                # an engine runs its calls one after another: a redo queued behind its own shard
+                # has both shards' time
+                queued = sum(1 for (_, _, e, _, _) in pending.values() if e == engine)
+                allowed = self.shard_timeout_s * (1 + queued)
+                pending[send(self.actors[engine], shards[i])] = (i, attempt, engine, allowed, time.monotonic() + allowed)
+
+            def redo_on(lost: int) -> int:
+                self._down.add(lost)
+                for k in range(1, len(self.actors) + 1):
+                    if (lost + k) % len(self.actors) not in self._down:
+                        return (lost + k) % len(self.actors)
+                if self.wait_ready(lost):  # every engine lost in this call: wait for this one's restart
+                    return lost
+                raise BackendError(f"Ray: every engine was lost and engine {self.infos[lost]['name']} did not come back in {self.startup_timeout_s:g} s (runner.startup_timeout_s)")
+
+            def failed(i: int, attempt: int, engine: int, reason: str) -> None:
+                self.redone.append(Redo(shards[i], engine, reason))
+                s = shards[i]
+                where = f"shard {i} (members {s.members.start}-{s.members.stop - 1}, prompts {s.prompts.start}-{s.prompts.stop - 1}) on engine {self.infos[engine]['name']}"
+                if attempt + 1 >= self.attempts:
+                    raise BackendError(f"Ray: {where} failed {attempt + 1} times (runner.shard_attempts); last: {reason}")
+                target = redo_on(engine)
+                log.warning("Ray: %s: %s; sending it to engine %s", where, reason, self.infos[target]["name"])
+                submit(i, attempt + 1, target)
+
+            try:
+                for i in range(len(shards)):
+                    submit(i, 0, up[i])
+                if on_decode is not None:
+                    on_decode()
+                while pending:
+                    wait_s = max(0.0, min(d for *_, d in pending.values()) - time.monotonic())
+                    ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(wait_s, 5.0))
+                    for ref in ready:
+                        i, attempt, engine, _, _ = pending.pop(ref)
+                        try:
+                            results[i] = ray.get(ref)
+                        except engine_lost as exc:
+                            failed(i, attempt, engine, f"{type(exc).__name__}: {one_line(exc, 200)}")
+                        except ray.exceptions.RayTaskError as exc:
+                            # the engine's own error (a bad adapter, say): the same on any engine, so
+                            # not redone, and raised as the local engine raises it
+                            raise exc.cause from None
+                    now = time.monotonic()
+                    for ref, (i, attempt, engine, allowed, deadline) in list(pending.items()):
+                        if now >= deadline and ref in pending:
+                            del pending[ref]
+                            ray.kill(self.actors[engine], no_restart=False)  # Ray restarts it; its other calls fail and are redone
+                            failed(i, attempt, engine, f"no answer in {allowed:g} s (runner.shard_timeout_s), engine restarted")
+            except BaseException:
+                for ref in pending:
+                    try:
+                        ray.cancel(ref)
+                    except Exception:  # noqa: BLE001 - the error being raised is the one to report
+                        pass
+                raise
+            return merge(shards, results, members, prompts)
+
+
+def _engine_lost() -> tuple[type[BaseException], ...]:
+    """What says an engine went away (killed, its worker or node lost): its shard is redone."""
+    import ray.exceptions as e
+
+    return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.OwnerDiedError, e.NodeDiedError)
+
+
+def _engine_settings(settings: Settings) -> Settings:
+    """The settings an engine is built with: its device is the one Ray gives it (a GPU when
+    gpus_per_engine > 0: the only one it sees, cuda; the CPU otherwise)."""
+    device = "cuda" if settings.runner.gpus_per_engine > 0 else "cpu"
+    return settings.model_copy(update={"model": settings.model.model_copy(update={"device": device})})
+
+
+def _resources(resources: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU")) or "none"
+
+
