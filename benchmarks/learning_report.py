@@ -88,8 +88,6 @@ def table(ledger: Ledger, final: dict | None, recipes: dict[str, list[str]] = RE
         if timed:  # from the warm start it continues
             points += [(f"ES `{run_id}`", warm["seconds"] / 60, warm_eval)] + [(f"ES `{run_id}`", gpu_minutes(gen), values) for gen, values in sorted(centre.items())]
     supervised = baseline or ledger
-    if baseline is not None:  # the baseline's own warm start, as the first point of its curve
-        points.append(("supervised", warm_start_of(baseline, WARM_START_RUN)["seconds"] / 60, evals(baseline, WARM_START_RUN, "warm_start").get(0)))
     for run_id in ("sft-half", "sft-matched"):
         w = warm_start_of(supervised, run_id)
         values = evals(supervised, run_id, "warm_start").get(0)
