@@ -53,11 +53,20 @@ log = logging.getLogger(__name__)
 # --- connecting -------------------------------------------------------------------------------------
 
 
+# A gRPC client's opening (HTTP/2 preface, then an empty SETTINGS frame): Ray's GCS and its Ray
+# Client server are gRPC servers and answer with a SETTINGS frame of their own.
+GRPC_OPENING = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS = 4  # the frame type, a frame header's fourth byte
+
+
 def address_problem(address: str, timeout_s: float) -> str | None:
     """Why no Ray cluster can answer at `address` (`host:port`, `ray://host:port`), or None when its
-    port accepts a connection. A TCP connect, in at most timeout_s: ray.init itself retries an
-    address where nothing listens for minutes. `auto` (the cluster `ray start` left on this
-    machine) is not checked here: ray.init says at once when there is none."""
+    port answers as a gRPC server does. Checked here, in at most timeout_s, before ray.init ever
+    sees the address: ray.init retries an address where nothing listens for minutes, and on one
+    that accepts and stays silent it hangs in C++, where an abandoned attempt took the process down
+    at exit (std::bad_alloc, seen in CI). `auto` (the cluster `ray start` left on this machine) is
+    not checked here: ray.init says at once when there is none. With RAY_USE_TLS set, only the TCP
+    connect is checked (the server then expects a TLS hello first)."""
     if address == "auto":
         return None
     parts = urlsplit(address if "://" in address else f"tcp://{address}")
@@ -67,13 +76,27 @@ def address_problem(address: str, timeout_s: float) -> str | None:
         return f"not host:port ({exc})"
     if not host or port is None:
         return "not host:port or ray://host:port"
+    deadline = time.monotonic() + timeout_s
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return None
+        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return None
+            conn.sendall(GRPC_OPENING)
+            header = b""
+            while len(header) < 9:
+                conn.settimeout(max(deadline - time.monotonic(), 0.01))
+                chunk = conn.recv(9 - len(header))
+                if not chunk:
+                    return f"{host}:{port} closed the connection without answering as a gRPC server: not a Ray head's port (6379)"
+                header += chunk
     except socket.timeout:
-        return f"no answer from {host}:{port} in {timeout_s:g} s"
+        return (f"{host}:{port} did not answer as a gRPC server in {timeout_s:g} s (runner.connect_timeout_s): "
+                "not a Ray head's port (6379), or a busy or stopped process holds it")
     except OSError as exc:
         return f"{host}:{port}: {exc.strerror or exc}"
+    if header[3] != HTTP2_SETTINGS:
+        return f"{host}:{port} answered, but not as a gRPC server (first bytes {header!r}): not a Ray head's port (6379)"
+    return None
 
 
 def unreachable_address(address: str, timeout_s: float) -> str | None:
@@ -114,14 +137,14 @@ def connect(address: str | None, timeout_s: float) -> bool:
         except BaseException as exc:  # noqa: BLE001 - reported below, in one line
             outcome["error"] = exc
 
-    # ray.init has no timeout: a port that accepts connections but is no Ray head would hold it for
-    # minutes. Attaching starts no process, so a helper thread is safe here (see above); a daemon,
-    # so a process that gives up is not kept alive by it.
+    # ray.init has no timeout: a gRPC server that is no Ray head, or a head that wants a token, would
+    # hold it for minutes. Attaching starts no process, so a helper thread is safe here (see above);
+    # a daemon, so a process that gives up is not kept alive by it.
     thread = threading.Thread(target=attach, name="ray-init", daemon=True)
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-        raise BackendError(f"{where}: Ray did not connect in {timeout_s:g} s (runner.connect_timeout_s): not a Ray head's port (6379), "
+        raise BackendError(f"{where}: Ray did not connect in {timeout_s:g} s (runner.connect_timeout_s): a gRPC server but no Ray head, "
                            "or a cluster with token authentication and no RAY_AUTH_MODE=token with its token here (`ray get-auth-token`)")
     if "error" in outcome:
         exc = outcome["error"]
