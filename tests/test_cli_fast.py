@@ -93,7 +93,7 @@ def test_run_of_a_complete_recorded_id_with_its_config_says_so(tmp_path, capsys,
 @pytest.mark.parametrize(
     "sets, message",
     [
-        (["es.sigma=0.1"], "es.sigma=0.1 asked, but run r was recorded with es.sigma = 0.05"),
+        (["es.sigma=0.02"], "es.sigma=0.02 asked, but run r was recorded with es.sigma = 0.1"),  # smoke.yaml: 0.1
         (["lora.rank=2"], "lora.rank=2 asked, but run r was recorded with lora.rank = 1"),
     ],
 )

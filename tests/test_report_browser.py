@@ -75,8 +75,9 @@ def png_width(path: Path) -> int:
     return struct.unpack(">I", path.read_bytes()[16:20])[0]  # the IHDR chunk's width
 
 
-def test_the_report_curve_loads_in_both_prefect_uis(prefect_server, tmp_path):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def test_the_report_curve_loads_in_both_prefect_uis_and_printed_links_follow_prefect_ui_url(prefect_server, tmp_path):
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+    from prefect.utilities.urls import url_for
 
     data = tmp_path / "data"
     run_dir = data / "reports" / "report-run"
@@ -94,3 +95,11 @@ def test_the_report_curve_loads_in_both_prefect_uis(prefect_server, tmp_path):
             browser.open(page)
             image = browser.wait_for(CURVE_IMAGE, timeout=90)
             assert image["width"] == width, f"{page}: the reward curve did not load (src {image['src'][:40]!r})"
+
+        # The links Prefect prints ("View at ...") open V1, the other UI than `/` does; the README's
+        # `export PREFECT_UI_URL=<server>/v2` makes them open V2. Each UI offers to switch to the other.
+        for ui_url, shown in ((None, "Switch to V2 UI"), (f"{ui}/v2", "Switch to V1 UI")):
+            with temporary_settings(updates={PREFECT_API_URL: prefect_server, PREFECT_UI_URL: ui_url}):
+                link = url_for("flow-run", artifact["flow_run_id"])
+            browser.open(link)
+            browser.wait_for(f"(document.body?.innerText ?? '').includes({shown!r})", timeout=90)
