@@ -173,6 +173,24 @@ def persisted(task, data_dir: DataDir):
     return task.with_options(result_storage=data_dir.result_storage(), persist_result=True, result_serializer=OneLinePickleSerializer())
 
 
+def retry_on(retried: tuple[type[BaseException], ...], final: tuple[type[BaseException], ...] = ()):
+    """A task's retry_condition_fn: retry a run that failed with one of `retried`, unless it is also
+    one of `final` (a refusal that a retry would only repeat)."""
+
+    def condition(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except final:
+            return False
+        except retried:
+            return True
+        except BaseException:  # noqa: BLE001 - neither: not retried
+            return False
+        return False
+
+    return condition
+
+
 def wait_for_decoding(decoding) -> None:
     """Background work starts once the GPU is decoding (flows/pipeline.py): before that it would
     take the GIL from the short CPU steps that decoding waits on."""

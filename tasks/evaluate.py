@@ -16,7 +16,7 @@ from es_core.countdown.problems import Problem
 from es_core.es import DrawnPopulation, PopulationPlan, stacked_population
 from es_core.evaluation import MemberScore, heldout_summary, score_population
 from es_core.lora import AdapterSpec, LoRATensors, StackedLoRA
-from tasks.common import CONTENT_CACHE
+from tasks.common import CONTENT_CACHE, retry_on
 from tasks.noise import population_of
 from tasks.population import write_member_adapters
 
@@ -50,15 +50,8 @@ def _scored(generate, problems: list[Problem], prompts: list[str], reward_kind: 
     return score_population(problems, prompts, completions, reward_kind), seconds
 
 
-def _backend_failed(task, task_run, state) -> bool:
-    """Retry what a backend reports as its failure (a server's), not a bug or an engine's error."""
-    try:
-        state.result()
-    except BackendError:
-        return True
-    except BaseException:
-        return False
-    return False
+# what a backend reports as its failure (a server's) is retried, not a bug or an engine's error
+_backend_failed = retry_on((BackendError,))
 
 
 @task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_backend_failed,

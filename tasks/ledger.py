@@ -12,20 +12,11 @@ from artifacts.ledger import Ledger, LedgerError
 from es_core.countdown.problems import Problem
 from es_core.es import PopulationPlan
 from es_core.evaluation import MemberScore
-from tasks.common import NO_CACHE, wait_for_decoding
+from tasks.common import NO_CACHE, retry_on, wait_for_decoding
 
 
-def _not_refused(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except LedgerError:
-        return False
-    except BaseException:
-        return True
-    return False
-
-
-LEDGER_WRITE = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_not_refused)
+# a disk that was busy or flaky is tried again; a refusal would only be repeated
+LEDGER_WRITE = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on((BaseException,), final=(LedgerError,)))
 
 
 def problem_rows(problems: list[Problem]) -> list[dict]:
