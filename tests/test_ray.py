@@ -326,11 +326,45 @@ def test_a_silent_port_fails_in_one_line_after_connect_timeout_and_the_process_e
     assert 4 <= seconds < 30
 
 
+def test_a_grpc_server_that_is_no_ray_head_fails_in_one_line_and_every_process_exits_cleanly():
+    """A server that answers the gRPC opening (SETTINGS) and then nothing: it passes the address
+    check, and ray.init would hang on it in C++; the attach is tried in a child process that is
+    given up on, so the caller's own exit is clean. Three times: a hung ray.init abandoned in a
+    thread of the caller aborted it at exit (std::bad_alloc) in two of four tries."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    port = server.getsockname()[1]
+    held = []
+
+    def answer_settings_then_nothing():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)
+            conn.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+
+    threading.Thread(target=answer_settings_then_nothing, daemon=True).start()
+    code = ("import sys\nfrom es_core.backends.ray_engines import connect\n"
+            "try:\n    connect(sys.argv[1], timeout_s=4)\nexcept Exception as e:\n    print(type(e).__name__, e)\n    sys.exit(3)\n")
+    try:
+        for _ in range(3):
+            out = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{port}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                 env=os.environ)
+            assert out.returncode == 3 and "terminate called" not in out.stderr, out.stderr[-2000:]
+            assert out.stdout.count("\n") == 1 and f"runner.address 127.0.0.1:{port}: Ray did not attach in 4 s (runner.connect_timeout_s)" in out.stdout, out.stdout
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
 def test_a_port_that_speaks_another_protocol_fails_in_one_line_at_once():
     """An HTTP/1 server (a dashboard's or a model server's port given by mistake) answers the gRPC
     opening with its own bytes: refused without waiting for the timeout, before ray.init."""
     import http.server
-    import threading
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -35,6 +35,8 @@ import dataclasses
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -128,28 +130,54 @@ def connect(address: str | None, timeout_s: float) -> bool:
         except Exception as exc:  # noqa: BLE001 - reported in one line
             raise BackendError(f"a local Ray cluster did not start: {type(exc).__name__}: {one_line(exc)}") from exc
         return True
-    where = f"runner.address {address}"
-    outcome: dict = {}
-
-    def attach() -> None:
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except BaseException as exc:  # noqa: BLE001 - reported below, in one line
-            outcome["error"] = exc
-
-    # ray.init has no timeout: a gRPC server that is no Ray head, or a head that wants a token, would
-    # hold it for minutes. Attaching starts no process, so a helper thread is safe here (see above);
-    # a daemon, so a process that gives up is not kept alive by it.
-    thread = threading.Thread(target=attach, name="ray-init", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise BackendError(f"{where}: Ray did not connect in {timeout_s:g} s (runner.connect_timeout_s): a gRPC server but no Ray head, "
-                           "or a cluster with token authentication and no RAY_AUTH_MODE=token with its token here (`ray get-auth-token`)")
-    if "error" in outcome:
-        exc = outcome["error"]
-        raise BackendError(f"{where}: {type(exc).__name__}: {one_line(exc)}") from exc
+    problem = attach_problem(address, timeout_s)
+    if problem:
+        raise BackendError(f"runner.address {address}: {problem}")
+    try:  # shown to attach a moment ago, in a child process
+        ray.init(address=address, log_to_driver=False)
+    except Exception as exc:  # noqa: BLE001 - reported in one line
+        raise BackendError(f"runner.address {address}: {type(exc).__name__}: {one_line(exc)}") from exc
     return True
+
+
+# Run as a child process: attach, let go, and say why not in one line (exit 3), or give up after
+# the timeout, counted once Ray is imported (exit 4; os._exit: nothing of a hung ray.init runs).
+ATTACH_CHECK = """
+import os, sys, threading
+try:
+    import ray
+    give_up = threading.Timer(float(sys.argv[2]), os._exit, [4])
+    give_up.daemon = True
+    give_up.start()
+    ray.init(address=sys.argv[1], log_to_driver=False)
+    give_up.cancel()
+    ray.shutdown()
+except Exception as exc:
+    print(type(exc).__name__ + ": " + " ".join(str(exc).split())[:500])
+    sys.exit(3)
+"""
+RAY_IMPORT_S = 30.0  # what the child may take to import Ray, on top of the connect timeout
+
+
+def attach_problem(address: str, timeout_s: float) -> str | None:
+    """Why this process could not attach to the cluster at `address`, found by a child process
+    that tries (a few seconds: Ray's import and one connect), or None. ray.init has no timeout: a
+    gRPC server that is no Ray head, or a head that wants a token, holds it for minutes in C++,
+    and an attempt abandoned in a helper thread aborted the process at exit (std::bad_alloc, half
+    of the time, seen here); a child is killed instead. Its attach shows in the cluster as one
+    more short-lived driver."""
+    try:
+        out = subprocess.run([sys.executable, "-c", ATTACH_CHECK, address, str(timeout_s)], capture_output=True, text=True,
+                             timeout=timeout_s + RAY_IMPORT_S)
+    except subprocess.TimeoutExpired:
+        out = None
+    if out is None or out.returncode == 4:
+        return (f"Ray did not attach in {timeout_s:g} s (runner.connect_timeout_s): a gRPC server but no Ray head, or a cluster with "
+                "token authentication and no RAY_AUTH_MODE=token with its token here (`ray get-auth-token`)")
+    if out.returncode == 0:
+        return None
+    said = out.stdout.strip().splitlines()
+    return said[-1] if out.returncode == 3 and said else f"a process attaching to it ended with exit code {out.returncode}: {one_line(out.stderr[-500:])}"
 
 
 # --- the engines --------------------------------------------------------------------------------------
