@@ -32,8 +32,8 @@ def check_backend(settings: Settings) -> None:
 
 
 def check_ray_runner(settings: Settings) -> None:
-    """Ray is installed, and a cluster named by runner.address accepts connections (a TCP connect,
-    in at most runner.connect_timeout_s; ray.init would retry for minutes)."""
+    """Ray is installed, and the port runner.address names answers as a gRPC server (Ray's GCS)
+    within runner.connect_timeout_s (ray.init would retry for minutes); Ray is not imported here."""
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:

@@ -45,7 +45,6 @@ def check_settings(settings: Settings, command: str = "run") -> None:
             load_eval_set(spec)
 
 
-
 def resume_settings(run_id: str, overrides: list[str], data_dir: Path) -> Settings:
     """The stored settings of a recorded run under `overrides`, after the checks of a run."""
     run = _recorded_run(run_id, data_dir)

@@ -306,19 +306,23 @@ def test_an_unreachable_address_fails_in_one_line_within_seconds():
     assert "\n" not in message and f"runner.address 127.0.0.1:{port}" in message and "ray start --head" in message
 
 
+def connect_in_child(address: str) -> subprocess.CompletedProcess:
+    """`connect(address, timeout_s=4)` in a child process, as the CLI meets it, so its exit status
+    is seen: exit 3 and the error's one line on stdout when it fails."""
+    code = ("import sys\nfrom es_core.backends.ray_engines import connect\n"
+            "try:\n    connect(sys.argv[1], timeout_s=4)\nexcept Exception as e:\n    print(type(e).__name__, e)\n    sys.exit(3)\n")
+    return subprocess.run([sys.executable, "-c", code, address], cwd=ROOT, capture_output=True, text=True, timeout=120, env=os.environ)
+
+
 def test_a_silent_port_fails_in_one_line_after_connect_timeout_and_the_process_exits_cleanly():
     """A port that accepts connections and never speaks (ray.init alone would hang on it in C++ for
-    minutes, and an abandoned attempt once aborted the process at exit with std::bad_alloc); in a
-    child process, as the CLI meets it, so its exit status is seen."""
+    minutes, and an abandoned attempt once aborted the process at exit with std::bad_alloc)."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = silent.getsockname()[1]
-        code = ("import sys\nfrom es_core.backends.ray_engines import connect\n"
-                "try:\n    connect(sys.argv[1], timeout_s=4)\nexcept Exception as e:\n    print(type(e).__name__, e)\n    sys.exit(3)\n")
         started = time.monotonic()
-        out = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{port}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                             env=os.environ)
+        out = connect_in_child(f"127.0.0.1:{port}")
         seconds = time.monotonic() - started
     assert out.returncode == 3 and "terminate called" not in out.stderr, out.stderr[-2000:]
     assert out.stdout.count("\n") == 1 and out.stdout.startswith(f"BackendError runner.address 127.0.0.1:{port}: no Ray cluster answers"), out.stdout
@@ -347,12 +351,9 @@ def test_a_grpc_server_that_is_no_ray_head_fails_in_one_line_and_every_process_e
             conn.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
 
     threading.Thread(target=answer_settings_then_nothing, daemon=True).start()
-    code = ("import sys\nfrom es_core.backends.ray_engines import connect\n"
-            "try:\n    connect(sys.argv[1], timeout_s=4)\nexcept Exception as e:\n    print(type(e).__name__, e)\n    sys.exit(3)\n")
     try:
         for _ in range(3):
-            out = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{port}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                                 env=os.environ)
+            out = connect_in_child(f"127.0.0.1:{port}")
             assert out.returncode == 3 and "terminate called" not in out.stderr, out.stderr[-2000:]
             assert out.stdout.count("\n") == 1 and f"runner.address 127.0.0.1:{port}: Ray did not attach in 4 s (runner.connect_timeout_s)" in out.stdout, out.stdout
     finally:
