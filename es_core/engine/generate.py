@@ -82,6 +82,13 @@ class _Session:
                                    pad_rank_to=8 if dev.type == "cuda" and bmm else 1,
                                    compact=("gate_up",) if engine.lora_kernel == "triton" else not bmm,
                                    slot_dtype=torch.float32 if engine.lora_dtype == "float32" else d.dtype)
+        # the centre every row shares (weights-space ES): one slot, in the model's dtype, since its
+        # delta is the accumulated change, not a member's small perturbation (which stays float32)
+        self.centre = None
+        if engine.centre_rank:
+            self.centre = PopulationLoRA(cfg.fused_out, cfg.fused_in, cfg.n_layers, engine.targets, engine.centre_rank, d.dtype, dev,
+                                         pad_rank_to=8 if dev.type == "cuda" else 1, compact=True, slot_dtype=d.dtype)
+            self.centre.set_members([None], [1.0])
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)  # last token of each row
         self.positions = torch.zeros(rows, dtype=torch.long, device=dev)  # its RoPE position
         self.write = torch.zeros(1, dtype=torch.long, device=dev)  # cache slot it is written to
@@ -96,7 +103,12 @@ class _Session:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def bind_lora(self) -> None:
-        self.layer_lora = [self.lora.layer(i) for i in range(self.lora.n_layers)]
+        self.layer_lora = [self.layer(i) for i in range(self.lora.n_layers)]
+
+    def layer(self, i: int, lo: int = 0, hi: int | None = None):
+        """Layer i's member slots lo..hi, with the shared centre where there is one."""
+        members = self.lora.layer(i, lo, hi)
+        return members if self.centre is None else members._replace(centre=self.centre.layer(i))
 
 
 FUSED_MAX_RANK = 2  # H100, 1,024 rows: fused reductions beat the bmm pairs at rank 1, lost at rank 8
@@ -145,8 +157,10 @@ class PopulationEngine:
     def __init__(self, decoder: Decoder, targets: Sequence[LoRATarget], rank: int, *, pad_id: int, eos_ids: Sequence[int],
                  max_batch_rows: int = 1024, compile: bool = True, cuda_graphs: bool | None = None, bucket: int = 64,
                  prefill_tokens: int = 32768, check_every: int = 16, attention: str = "auto", lora_kernel: str = "auto",
-                 head: str = "auto", lora_dtype: str = "float32"):
+                 head: str = "auto", lora_dtype: str = "float32", centre_rank: int = 0):
         self.decoder, self.targets, self.rank = decoder, list(targets), int(rank)
+        # > 0: every call may pass a `centre` of this rank, applied once for all rows (a shared slot)
+        self.centre_rank = int(centre_rank)
         if lora_dtype not in ("float32", "model"):
             raise ValueError(f"lora_dtype must be float32 or model (got {lora_dtype!r})")
         # float32: the member evaluated is the member credited (population_lora); model: the slots in
@@ -196,10 +210,14 @@ class PopulationEngine:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], members: Sequence[LoRATensors | None] | StackedLoRA, max_new_tokens: int,
                  scalings: Sequence[float] | float = 1.0, eos_ids: Sequence[int] | None = None,
-                 on_decode: Callable[[], None] | None = None) -> GenerationOutput:
+                 on_decode: Callable[[], None] | None = None, centre: LoRATensors | None = None,
+                 centre_scaling: float = 1.0) -> GenerationOutput:
         """Greedy completion of every prompt under every member (None: the base model). `on_decode`
         is called once the first chunk's decoding is under way: on CUDA this thread then mostly waits
-        on the GPU, so it is when other CPU work of the caller costs decoding least."""
+        on the GPU, so it is when other CPU work of the caller costs decoding least. `centre` (an
+        engine built with centre_rank): a LoRA of that rank under every member, in one shared slot."""
+        if centre is not None and not self.centre_rank:
+            raise ValueError("this engine has no centre slot (built with centre_rank 0)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
         if not members or not prompts:
@@ -213,7 +231,8 @@ class PopulationEngine:
         stopped = [[False for _ in prompts] for _ in range(len(members))]
         for mems, prs in plan_chunks(len(members), len(prompts), self.max_batch_rows):
             chunk = members.take(mems) if isinstance(members, StackedLoRA) else [members[m] for m in mems]
-            rows = self._run_chunk([prompts[p] for p in prs], chunk, [scalings[m] for m in mems], max_new_tokens, eos, on_decode)
+            rows = self._run_chunk([prompts[p] for p in prs], chunk, [scalings[m] for m in mems], max_new_tokens, eos, on_decode,
+                                   (centre, centre_scaling))
             on_decode = None
             for i, m in enumerate(mems):
                 for j, p in enumerate(prs):
@@ -228,7 +247,8 @@ class PopulationEngine:
 
     # --- one chunk ------------------------------------------------------------------------
 
-    def _run_chunk(self, prompts, members, scalings, max_new: int, eos: tuple[int, ...], on_decode=None) -> list[tuple[list[int], bool]]:
+    def _run_chunk(self, prompts, members, scalings, max_new: int, eos: tuple[int, ...], on_decode=None,
+                   centre: tuple[LoRATensors | None, float] = (None, 1.0)) -> list[tuple[list[int], bool]]:
         dev = self.decoder.device
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         groups, per = len(members), len(prompts)
@@ -240,6 +260,8 @@ class PopulationEngine:
         sync()
         t1 = time.perf_counter()
         s.lora.set_members(members, scalings)
+        if s.centre is not None:
+            s.centre.set_members([centre[0]], [centre[1]])  # None: zeros, no centre
         sync()
         t2 = time.perf_counter()
 
@@ -326,7 +348,7 @@ class PopulationEngine:
             # causal over real keys; a padding query sees itself only (no fully-masked row, no NaN)
             mask = ((causal[None] & real[rows][:, None, :]) | eye[None])[:, None]  # [n, 1, T, T]
             for i, w in enumerate(d.layers):
-                lora = s.lora.layer(i, g0, g1)
+                lora = s.layer(i, g0, g1)
                 x, q, k, v = attention_in(x, mlp_out, w.attn_norm, w.wqkv, w.bqkv, lora, cos, sin, cfg)
                 s.k[i][rows, :, :t] = k
                 s.v[i][rows, :, :t] = v

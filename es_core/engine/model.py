@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from es_core.engine.population_lora import LayerLoRA, lora_delta, lora_delta_fused, lora_shrink
+from es_core.engine.population_lora import LayerLoRA, centre_delta, lora_delta, lora_delta_fused, lora_shrink
 
 SUPPORTED = ("llama", "qwen2")
 
@@ -167,6 +167,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def linear_with_centre(h, weight, bias, lora: LayerLoRA, group: str) -> torch.Tensor:
+    """The Linear of fused group `group` with the shared centre's LoRA (when the engine has one):
+    the weights every member starts from, before the member's own delta."""
+    out = F.linear(h, weight, bias)
+    delta = centre_delta(h, lora.centre, group)
+    return out if delta is None else out + delta
+
+
 def attention_in(x, residual, norm_w, wqkv, bqkv, lora: LayerLoRA, cos, sin, cfg: DecoderConfig, fused: bool = False):
     """x: [N, T, D] and `residual`, the previous layer's MLP output (None before the first layer),
     -> the residual stream x + residual, q [N, H, T, hd], k and v [N, Hkv, T, hd] (RoPE applied to q
@@ -178,7 +186,7 @@ def attention_in(x, residual, norm_w, wqkv, bqkv, lora: LayerLoRA, cos, sin, cfg
         x = x + residual
     n, t, _ = x.shape
     h = rms_norm(x, norm_w, cfg.eps)
-    qkv = F.linear(h, wqkv, bqkv)  # [N, T, q_out + 2 kv_out]
+    qkv = linear_with_centre(h, wqkv, bqkv, lora, "qkv")  # [N, T, q_out + 2 kv_out]
     if lora.qkv is not None:
         qkv = qkv + delta(h, lora.qkv)
     q, k, v = qkv.split([cfg.q_out, cfg.kv_out, cfg.kv_out], dim=-1)
@@ -208,12 +216,12 @@ def attention_out_gate_up(x, attn, wo, bo, mlp_norm, w13, lora: LayerLoRA, cfg: 
     delta = lora_delta_fused if fused else lora_delta
     n, t, _ = x.shape
     a = attn.transpose(1, 2).reshape(n, t, cfg.q_out)
-    o = F.linear(a, wo, bo)
+    o = linear_with_centre(a, wo, bo, lora, "o")
     if lora.o is not None:
         o = o + delta(a, lora.o)
     x = x + o
     h = rms_norm(x, mlp_norm, cfg.eps)
-    return x, h, F.linear(h, w13)
+    return x, h, linear_with_centre(h, w13, None, lora, "gate_up")
 
 
 def attention_out_gate_up_shrink(x, attn, wo, bo, mlp_norm, w13, lora: LayerLoRA, cfg: DecoderConfig, fused: bool = False):
@@ -225,7 +233,7 @@ def attention_out_gate_up_shrink(x, attn, wo, bo, mlp_norm, w13, lora: LayerLoRA
 def mlp_down(m, w2, lora: LayerLoRA, cfg: DecoderConfig, fused: bool = False):
     """The down Linear of the activation m [N, T, I] -> [N, T, D]."""
     delta = lora_delta_fused if fused else lora_delta
-    d = F.linear(m, w2)
+    d = linear_with_centre(m, w2, None, lora, "down")
     if lora.down is not None:
         d = d + delta(m, lora.down)
     return d

@@ -54,12 +54,14 @@ class LoRAGroup(NamedTuple):
 
 
 class LayerLoRA(NamedTuple):
-    """One layer's slots per fused Linear, None where no LoRA."""
+    """One layer's slots per fused Linear, None where no LoRA; `centre`: a LoRA every row shares
+    (one slot, `PopulationEngine`'s centre), applied with the base Linear (`centre_delta`)."""
 
     qkv: LoRAGroup | None = None
     o: LoRAGroup | None = None
     gate_up: LoRAGroup | None = None
     down: LoRAGroup | None = None
+    centre: "LayerLoRA | None" = None
 
 
 NO_LORA = LayerLoRA()
@@ -85,6 +87,13 @@ def lora_delta(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:
         return torch.bmm(u, b.transpose(1, 2)).reshape(n, t, out).to(h.dtype)
     delta = _by_part(u, group.parts, out, lambda j, first, size: torch.bmm(u[:, :, j * w:(j + 1) * w], b[:, first:first + size].transpose(1, 2)))
     return delta.reshape(n, t, out).to(h.dtype)
+
+
+def centre_delta(h: torch.Tensor, centre: LayerLoRA | None, group: str) -> torch.Tensor | None:
+    """The shared centre's delta of fused Linear `group` for every row of h (one slot: one bmm pair
+    over all rows, in the centre slot's dtype), or None where the centre has none."""
+    part = getattr(centre, group) if centre is not None else None
+    return None if part is None else lora_delta(h, part)
 
 
 def lora_delta_fused(h: torch.Tensor, group: LoRAGroup) -> torch.Tensor:

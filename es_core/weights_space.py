@@ -1,0 +1,239 @@
+"""ES in weight space: low-rank perturbations of the weights themselves, the centre a rank-R adapter.
+
+LoRA-space ES (es.py) searches the factors A and B of an adapter whose B starts at zero: a member
+changes a weight, to first order, by sigma * eps_B A, inside the row space of one random A. Here
+(`es.space: weights`, after EGGROLL, arXiv 2511.16652, and LOZO) theta is the weights W of every
+target Linear, and member i perturbs each one by a fresh rank-r Gaussian product
+
+    W_i = W + sigma * s_W * E_i,    E_i = b_i a_i / sqrt(r),   b_i [out, r], a_i [r, in] ~ N(0, 1)
+
+(s_W = 1, or the RMS of W when `es.sigma_scale` is `weight_rms`; antithetic partners share b_i, a_i
+and flip the sign). The update is the paper's, in the same units:
+
+    W <- W + alpha * s_W * (1/N) * sum_i w_i * sign_i * E_i
+
+which is full rank over generations. The base model never changes during a run: the accumulated
+change W - W_0 is the centre, kept as its top-`centre_rank` singular directions, a PEFT adapter
+(B = U S, A = V^T, scaling 1) that PEFT, SGLang, replay and the ledger take as they take any
+adapter. Each update re-factorises centre + update exactly in float64 (a QR of the stacked factors
+on each side, an SVD of the small core, signs fixed) and keeps the top R; what the truncation drops
+is reported (`truncation_kept`). A member is then the centre plus its own rank r: an adapter of rank
+R + r (the centre's factors, then the member's), and for the embedded engine the centre in one
+shared slot under every member's rank-r slot.
+
+The noise is the run's Philox scheme (seeding.py), one stream per member seed cut into the targets'
+a and b in sorted key order (`noise_layout` of a rank-r template): bit-identical on every machine,
+drawn once per generation (es.draw_population_noise). The re-factorisation is LAPACK's: identical on
+one machine; another CPU may differ in the last bits of a float64, which the cast to float32 almost
+always absorbs (a centre's hash can then differ where a resume moves machines; its values do not).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from es_core.es import Member, PopulationNoise, draw_population_noise, noise_layout
+from es_core.lora import AdapterSpec, LoRATarget, LoRATensors, StackedLoRA
+
+# singular values below this fraction of the largest are dropped (their directions would be LAPACK's
+# arbitrary choice, so a centre's bytes would depend on the library; their share of the norm is nil)
+_RELATIVE_TOL = 1e-10
+
+
+@dataclass(frozen=True)
+class WeightsLayout:
+    """What a weights-space run perturbs: its targets (sorted by key), the noise rank r, the centre
+    rank R and each target's sigma scale s_W (1, or the RMS of its base weight)."""
+
+    targets: tuple[LoRATarget, ...]
+    noise_rank: int
+    centre_rank: int
+    scales: tuple[float, ...]
+
+    def __post_init__(self):
+        if len(self.scales) != len(self.targets):
+            raise ValueError(f"{len(self.targets)} targets but {len(self.scales)} sigma scales")
+        if self.noise_rank < 1 or self.centre_rank < 1:
+            raise ValueError(f"noise rank and centre rank must be >= 1 (got {self.noise_rank}, {self.centre_rank})")
+
+    @property
+    def noise(self) -> tuple[tuple[str, int], ...]:
+        """(key, numel) of each member's factors, in the order its noise stream is cut: a (lora_A's
+        key, [r, in]) and b (lora_B's key, [out, r]) of every target."""
+        return noise_layout(self.template(self.noise_rank), "both")
+
+    def template(self, rank: int) -> LoRATensors:
+        """Zero LoRA tensors of `rank` on every target (the generation-0 centre at rank R)."""
+        out: LoRATensors = {}
+        for t in self.targets:
+            out[t.key_a] = torch.zeros(rank, t.in_features, dtype=torch.float32)
+            out[t.key_b] = torch.zeros(t.out_features, rank, dtype=torch.float32)
+        return dict(sorted(out.items()))
+
+    def centre_spec(self) -> AdapterSpec:
+        return _spec(self.targets, self.centre_rank)
+
+    def member_spec(self) -> AdapterSpec:
+        return _spec(self.targets, self.centre_rank + self.noise_rank)
+
+
+def _spec(targets: Sequence[LoRATarget], rank: int) -> AdapterSpec:
+    # lora_alpha = rank: PEFT's scaling alpha / r is 1, every scale is folded into B
+    return AdapterSpec(rank, float(rank), tuple(sorted({t.module for t in targets})), tuple(sorted({t.layer for t in targets})))
+
+
+def weights_layout(targets: Sequence[LoRATarget], noise_rank: int, centre_rank: int, scales: Sequence[float] | None = None) -> WeightsLayout:
+    ordered = sorted(targets, key=lambda t: t.key_a)
+    if scales is None:
+        scales = [1.0] * len(ordered)
+    else:
+        by_key = dict(zip((t.key_a for t in targets), scales))
+        scales = [by_key[t.key_a] for t in ordered]
+    return WeightsLayout(tuple(ordered), int(noise_rank), int(centre_rank), tuple(float(s) for s in scales))
+
+
+def weight_rms(weights: dict[str, torch.Tensor], targets: Sequence[LoRATarget]) -> list[float]:
+    """RMS of each target's base weight (`weights` by module path + '.weight'), in float64, rounded
+    to float32 so the same model gives the same scales whatever its file's dtype ordering."""
+    out = []
+    for t in targets:
+        w = weights[f"{t.path}.weight"].detach().to("cpu", torch.float64)
+        out.append(float(torch.tensor(float(w.pow(2).mean().sqrt()), dtype=torch.float32)))
+    return out
+
+
+# --- ask: the members' own factors --------------------------------------------------------------
+
+
+def member_factors(layout: WeightsLayout, noise: PopulationNoise, members: Sequence[Member], sigma: float) -> StackedLoRA:
+    """Every member's own rank-r factors, stacked per key: A = a_i, B = sigma * s_W * sign_i * b_i / sqrt(r)
+    (scaling 1). With the centre applied beside them, member i is W + centre + sigma * s_W * sign_i * E_i."""
+    r = layout.noise_rank
+    rows = noise.rows([m.seed for m in members])  # [N, total] (partners repeat their seed's row)
+    sign = torch.tensor([float(m.sign) for m in members], dtype=torch.float32)
+    out, offset, sizes = {}, 0, dict(noise.layout)
+    scale = _scale_by_key(layout)
+    for key in noise.keys:
+        n = sizes[key]
+        flat = rows[:, offset:offset + n]
+        offset += n
+        target = scale[key][0]
+        if key == target.key_a:
+            out[key] = flat.reshape(len(members), r, target.in_features).clone()
+        else:
+            coef = (sigma * scale[key][1] / math.sqrt(r)) * sign
+            out[key] = coef[:, None, None] * flat.reshape(len(members), target.out_features, r)
+    return StackedLoRA(out, len(members))
+
+
+def _scale_by_key(layout: WeightsLayout) -> dict[str, tuple[LoRATarget, float]]:
+    out = {}
+    for t, s in zip(layout.targets, layout.scales):
+        out[t.key_a] = (t, s)
+        out[t.key_b] = (t, s)
+    return out
+
+
+def member_adapter(centre: LoRATensors, own: LoRATensors, layout: WeightsLayout) -> LoRATensors:
+    """One member as an adapter of rank R + r: the centre's factors, then its own (B A splits into
+    the centre's B_c A_c plus the member's b a, exactly)."""
+    out = {}
+    for t in layout.targets:
+        out[t.key_a] = torch.cat([centre[t.key_a], own[t.key_a]], 0)
+        out[t.key_b] = torch.cat([centre[t.key_b], own[t.key_b]], 1)
+    return dict(sorted(out.items()))
+
+
+def split_member_adapter(tensors: LoRATensors, centre_rank: int) -> tuple[LoRATensors, LoRATensors]:
+    """A rank R + r adapter as (centre part, rank R; own part, rank r): member_adapter's inverse."""
+    centre, own = {}, {}
+    for key, value in tensors.items():
+        if key.endswith("lora_A.weight"):
+            centre[key], own[key] = value[:centre_rank], value[centre_rank:]
+        else:
+            centre[key], own[key] = value[:, :centre_rank], value[:, centre_rank:]
+    return centre, own
+
+
+# --- tell: the update, re-factorised to rank R -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refactorised:
+    """The new centre and what the truncation to rank R cost."""
+
+    centre: LoRATensors
+    update_norm: float  # ||alpha * s_W * (1/N) sum_i w_i sign_i E_i||_F over every target, before truncation
+    truncation_error: float  # ||(centre + update) - new centre||_F over every target
+
+    @property
+    def truncation_kept(self) -> float:
+        """The fraction of the update's norm the rank-R centre kept (1 when nothing was dropped)."""
+        return 1.0 if self.update_norm == 0 else max(0.0, 1.0 - self.truncation_error / self.update_norm)
+
+
+def seed_coefficients(members: Sequence[Member], weights: Sequence[float], learning_rate: float) -> dict[int, float]:
+    """alpha * (1/N) * sum of w_i * sign_i over the members of each seed (antithetic partners share one)."""
+    out: dict[int, float] = {}
+    n = len(members)
+    for m, w in zip(members, weights):
+        out[m.seed] = out.get(m.seed, 0.0) + m.sign * float(w)
+    return {seed: learning_rate * c / n for seed, c in out.items()}
+
+
+def tell(centre: LoRATensors, layout: WeightsLayout, noise: PopulationNoise, members: Sequence[Member], weights: Sequence[float],
+         learning_rate: float) -> Refactorised:
+    """centre + alpha * s_W * (1/N) * sum_i w_i sign_i E_i, as its top-R singular directions."""
+    coefficient = seed_coefficients(members, weights, learning_rate)
+    seeds = [s for s in noise.seeds if coefficient.get(s, 0.0) != 0.0]
+    r, rank = layout.noise_rank, layout.centre_rank
+    eps = noise.rows(seeds).double() if seeds else torch.zeros(0, sum(n for _, n in noise.layout), dtype=torch.float64)
+    coef = torch.tensor([coefficient[s] for s in seeds], dtype=torch.float64)
+    offsets, pos = {}, 0
+    for key, n in noise.layout:
+        offsets[key] = (pos, pos + n)
+        pos += n
+    new: LoRATensors = {}
+    update_sq = error_sq = 0.0
+    for t, s_w in zip(layout.targets, layout.scales):
+        a0, a1 = offsets[t.key_a]
+        b0, b1 = offsets[t.key_b]
+        k = len(seeds) * r
+        a = eps[:, a0:a1].reshape(k, t.in_features)  # the seeds' a_i, stacked: [S*r, in]
+        # b_i * c_i * s_W / sqrt(r), stacked as columns: [out, S*r]
+        b = (eps[:, b0:b1].reshape(len(seeds), t.out_features, r) * (coef * s_w / math.sqrt(r))[:, None, None]).permute(1, 0, 2).reshape(t.out_features, k)
+        update_sq += float(((b.T @ b) * (a @ a.T)).sum()) if k else 0.0  # ||b a||_F^2 from the Gram matrices
+        b_new, a_new, dropped_sq = truncate(torch.cat([centre[t.key_b].double(), b], 1), torch.cat([centre[t.key_a].double(), a], 0), rank)
+        error_sq += dropped_sq
+        new[t.key_a], new[t.key_b] = a_new.float(), b_new.float()
+    return Refactorised(dict(sorted(new.items())), math.sqrt(max(update_sq, 0.0)), math.sqrt(max(error_sq, 0.0)))
+
+
+def truncate(u: torch.Tensor, v: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` approximation of u @ v (u [out, K], v [K, in], float64) as (B [out, rank]
+    = U S, A [rank, in] = V^T, orthonormal rows), zero-padded to `rank`, signs fixed (each A row's
+    largest entry positive), and the squared Frobenius norm it drops. Exact and cheap: QR of each side
+    ([out, K] and [in, K]), an SVD of the K x K core."""
+    out_f, in_f = u.shape[0], v.shape[1]
+    b_new = torch.zeros(out_f, rank, dtype=torch.float64)
+    a_new = torch.zeros(rank, in_f, dtype=torch.float64)
+    if u.shape[1] == 0:
+        return b_new, a_new, 0.0
+    qu, ru = torch.linalg.qr(u)  # [out, k1], [k1, K]
+    qv, rv = torch.linalg.qr(v.T)  # [in, k2], [k2, K]
+    p, s, qt = torch.linalg.svd(ru @ rv.T, full_matrices=False)  # core [k1, k2]
+    keep = int(((s > _RELATIVE_TOL * s[0]) if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)).sum())
+    keep = min(keep, rank)
+    dropped = float(s[keep:].pow(2).sum())
+    if keep:
+        left = qu @ p[:, :keep]  # [out, keep]
+        right = qt[:keep] @ qv.T  # [keep, in]
+        idx = right.abs().argmax(1)
+        flip = torch.where(right.gather(1, idx[:, None]).squeeze(1) < 0, -1.0, 1.0).to(torch.float64)
+        b_new[:, :keep] = left * (s[:keep] * flip)
+        a_new[:keep] = right * flip[:, None]
+    return b_new, a_new, dropped

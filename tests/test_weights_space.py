@@ -1,0 +1,131 @@
+"""Weights-space ES (es_core/weights_space.py): members are W + sigma * s_W * sign * b a / sqrt(r), the
+update the paper's in the same units, the centre its exact top-R factorisation; the engine's shared
+centre slot decodes what a rank R + r adapter does."""
+
+import math
+
+import pytest
+import torch
+
+from es_core.es import ask, draw_population_noise
+from es_core.lora import LoRATarget, StackedLoRA
+from es_core.weights_space import member_adapter, member_factors, split_member_adapter, tell, truncate, weights_layout
+
+TARGETS = [
+    LoRATarget("model.layers.0.self_attn.q_proj", 0, "q_proj", 12, 12),
+    LoRATarget("model.layers.0.mlp.down_proj", 0, "down_proj", 20, 12),
+    LoRATarget("model.layers.1.mlp.gate_proj", 1, "gate_proj", 12, 20),
+]
+
+
+def dense(factors, target):
+    """B @ A of one target (float64)."""
+    return factors[target.key_b].double() @ factors[target.key_a].double()
+
+
+def generation(layout, population=8, g=0, sigma=0.1):
+    plan = ask(7, g, population, sigma)
+    return plan, draw_population_noise(layout.noise, plan.members)
+
+
+def test_each_member_is_the_centre_plus_its_own_signed_rank_r_product():
+    layout = weights_layout(TARGETS, noise_rank=2, centre_rank=4, scales=[0.5, 1.0, 2.0])
+    plan, noise = generation(layout, sigma=0.1)
+    own = member_factors(layout, noise, plan.members, plan.sigma)
+    assert isinstance(own, StackedLoRA) and len(own) == 8
+    m0, m1 = own.member(0), own.member(1)  # antithetic partners
+    for t, s_w in zip(layout.targets, layout.scales):
+        e = dense(m0, t) / (0.1 * s_w)
+        # b a / sqrt(r) with standard normal entries: unit variance per entry, whatever r
+        assert 0.3 < float(e.pow(2).mean()) < 3.0
+        assert torch.allclose(dense(m1, t), -dense(m0, t))
+    centre = {k: torch.randn(v.shape, dtype=torch.float32) for k, v in layout.template(4).items()}
+    adapter = member_adapter(centre, m0, layout)
+    t = layout.targets[0]
+    assert adapter[t.key_a].shape == (6, t.in_features)
+    assert torch.allclose(dense(adapter, t), dense(centre, t) + dense(m0, t), atol=1e-5)
+    back_centre, back_own = split_member_adapter(adapter, 4)
+    assert all(torch.equal(back_centre[k], centre[k]) and torch.equal(back_own[k], m0[k]) for k in centre)
+
+
+def test_the_update_is_the_papers_sum_and_full_rank_centres_keep_all_of_it():
+    layout = weights_layout(TARGETS, noise_rank=1, centre_rank=12, scales=[0.5, 1.0, 2.0])
+    plan, noise = generation(layout)
+    weights = torch.linspace(-1.5, 1.5, 8).tolist()
+    own = member_factors(layout, noise, plan.members, sigma=1.0)  # sigma 1: B a is s_W * sign * E
+    result = tell(layout.template(12), layout, noise, plan.members, weights, learning_rate=0.01)
+    for t, s_w in zip(layout.targets, layout.scales):
+        want = sum(0.01 / 8 * w * dense(own.member(i), t) for i, w in enumerate(weights))  # own carries s_W and sign
+        assert torch.allclose(dense(result.centre, t), want, atol=1e-6), t.path
+    assert result.truncation_kept == pytest.approx(1.0, abs=1e-6)
+    total = math.sqrt(sum(float(sum(0.01 / 8 * w * dense(own.member(i), t) for i, w in enumerate(weights)).pow(2).sum()) for t in layout.targets))
+    assert result.update_norm == pytest.approx(total, rel=1e-6)
+
+
+def test_a_small_centre_rank_keeps_the_top_directions_and_says_what_it_dropped():
+    layout = weights_layout(TARGETS, noise_rank=1, centre_rank=2)
+    plan, noise = generation(layout, population=16)
+    weights = torch.linspace(-1, 1, 16).tolist()
+    result = tell(layout.template(2), layout, noise, plan.members, weights, learning_rate=1.0)
+    full = tell(weights_layout(TARGETS, 1, 16).template(16), weights_layout(TARGETS, 1, 16), noise, plan.members, weights, 1.0)
+    error_sq = 0.0
+    for t in layout.targets:
+        d = dense(full.centre, t)
+        best = torch.linalg.svdvals(d)
+        # Eckart-Young: the kept part is the best rank-2 approximation
+        error = float((d - dense(result.centre, t)).pow(2).sum())
+        assert error == pytest.approx(float(best[2:].pow(2).sum()), rel=1e-4)
+        error_sq += error
+        a = result.centre[t.key_a].double()
+        assert torch.allclose(a @ a.T, torch.eye(2, dtype=torch.float64), atol=1e-5)  # orthonormal rows
+        assert bool((a.gather(1, a.abs().argmax(1, keepdim=True)) > 0).all())  # signs fixed
+    assert result.truncation_error == pytest.approx(math.sqrt(error_sq), rel=1e-3)
+    assert 0 < result.truncation_kept < 1
+
+
+def test_the_refactorisation_is_reproducible_and_continues_from_the_last_centre():
+    layout = weights_layout(TARGETS, noise_rank=1, centre_rank=3)
+    centre = layout.template(3)
+    for g in range(3):
+        plan, noise = generation(layout, population=6, g=g)
+        weights = [1.0, -1.0, 0.5, 0.2, -0.3, 0.0]
+        a = tell(centre, layout, noise, plan.members, weights, 0.1)
+        b = tell(centre, layout, noise, plan.members, weights, 0.1)
+        assert all(torch.equal(a.centre[k], b.centre[k]) for k in a.centre)
+        centre = a.centre
+    assert any(float(v.abs().sum()) > 0 for v in centre.values())
+
+
+def test_equal_weights_move_nothing_and_an_empty_core_stays_zero():
+    layout = weights_layout(TARGETS, noise_rank=1, centre_rank=4)
+    plan, noise = generation(layout)
+    result = tell(layout.template(4), layout, noise, plan.members, [0.0] * 8, 0.1)
+    assert all(float(v.abs().sum()) == 0 for v in result.centre.values())
+    assert result.update_norm == 0 and result.truncation_kept == 1.0
+    b, a, dropped = truncate(torch.zeros(5, 0, dtype=torch.float64), torch.zeros(0, 3, dtype=torch.float64), 2)
+    assert b.shape == (5, 2) and a.shape == (2, 3) and dropped == 0.0
+
+
+# --- the engine: the centre in one shared slot ------------------------------------------------
+
+
+def test_the_engines_shared_centre_decodes_what_rank_r_plus_R_adapters_decode(model_cache):
+    from tests.test_engine import ALL_MODULES, build_engine
+    from es_core.models import resolve_base_model
+    from es_core.settings import ModelSettings
+
+    path = resolve_base_model(ModelSettings(name="tiny-llama"), model_cache).path
+    shared, targets, ids, _ = build_engine(path, [0, 1], ALL_MODULES, 1, centre_rank=4)
+    layout = weights_layout(targets, noise_rank=1, centre_rank=4)
+    plan, noise = generation(layout, population=4, sigma=0.5)
+    own = member_factors(layout, noise, plan.members, plan.sigma)
+    g = torch.Generator().manual_seed(0)
+    centre = {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in layout.template(4).items()}
+    got = shared.generate(ids, own, 6, centre=centre).tokens
+    concatenated, *_ = build_engine(path, [0, 1], ALL_MODULES, 5)
+    want = concatenated.generate(ids, [member_adapter(centre, own.member(i), layout) for i in range(4)], 6).tokens
+    assert got == want
+    without = shared.generate(ids, own, 6).tokens  # the same slots, no centre: another model
+    assert without != got
+    with pytest.raises(ValueError, match="no centre slot"):
+        concatenated.generate(ids, own, 2, centre=centre)
