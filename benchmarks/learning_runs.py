@@ -52,7 +52,19 @@ STEP_SIZE: dict[str, list[str]] = {
     "es-r8-adam": ["lora.rank=8", "es.optimizer=adam", "es.learning_rate=0.005"],
     "es-r8-sigma0.1": ["lora.rank=8", "es.sigma=0.1", "es.learning_rate=0.1"],
 }
-RECIPE_SETS = {"first": RECIPES, "step-size": STEP_SIZE}
+# Weights space (issue 27): every projection of every layer perturbed by rank-1 products over a
+# rank-64 centre, 64 members x 64 fresh problems, per-prompt fitness; sigma absolute (the paper's
+# 0.001 and 3x), or relative to each matrix's RMS; the step alpha = sigma (the paper's alpha/sigma
+# is 0.5 over 500 iterations; a sweep of a few dozen generations needs a larger share); and the
+# paper's own recipe (configs/experiments/paper_countdown.yaml's ES settings) from the same warm start.
+WEIGHTS: dict[str, list[str]] = {
+    "ws-s1e-3": ["es.space=weights", "es.sigma=0.001", "es.learning_rate=0.001"],
+    "ws-s3e-3": ["es.space=weights", "es.sigma=0.003", "es.learning_rate=0.003"],
+    "ws-rms1e-2": ["es.space=weights", "es.sigma_scale=weight_rms", "es.sigma=0.01", "es.learning_rate=0.01"],
+    "ws-paper": ["es.space=weights", "es.population=30", "es.sigma=0.001", "es.learning_rate=0.0005", "data.train_problems=fixed",
+                 "data.prompts_per_generation=200", "es.fitness=mean_reward"],
+}
+RECIPE_SETS = {"first": RECIPES, "step-size": STEP_SIZE, "weights": WEIGHTS}
 EVAL_EVERY = 10  # the config's eval.every
 FINAL_FILE = "learning-final.json"  # what `final` measured, for learning_report
 

@@ -114,10 +114,12 @@ class AdapterSpec:
         }
 
 
-def find_targets(model: torch.nn.Module, layers: list[int] | tuple[int, ...], modules: list[str] | tuple[str, ...]) -> list[LoRATarget]:
+def find_targets(model: torch.nn.Module, layers: list[int] | tuple[int, ...] | str, modules: list[str] | tuple[str, ...]) -> list[LoRATarget]:
     """Every Linear named in `modules` inside the decoder layers `layers`, in model order.
 
-    Works on a model built on the meta device (no weights needed)."""
+    Works on a model built on the meta device (no weights needed). `layers` "all": every decoder layer."""
+    if layers == "all":
+        layers = sorted({int(m.group(1)) for path, _ in model.named_modules() if (m := re.search(r"\.layers\.(\d+)\.", path))})
     wanted_layers, wanted_modules = set(layers), set(modules)
     targets = []
     for path, module in model.named_modules():
@@ -238,7 +240,7 @@ def num_parameters(tensors: LoRATensors) -> int:
 
 
 
-def find_targets_in_folder(model_dir: str | Path, layers: list[int] | tuple[int, ...], modules: list[str] | tuple[str, ...]) -> list[LoRATarget]:
+def find_targets_in_folder(model_dir: str | Path, layers: list[int] | tuple[int, ...] | str, modules: list[str] | tuple[str, ...]) -> list[LoRATarget]:
     """Targets of a local HF model folder, from its config alone (the model is built on the meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -41,7 +41,7 @@ class ModelSettings(_Section):
 class LoRASettings(_Section):
     rank: int = Field(1, ge=1, description="LoRA rank r of every target module.")
     alpha: float | None = Field(None, gt=0, description="lora_alpha; scaling is alpha / rank. None means 2 * rank.")
-    layers: list[int] = Field(default_factory=lambda: list(range(11)), description="Decoder layer indices that carry LoRA.")
+    layers: list[int] | Literal["all"] = Field(default_factory=lambda: list(range(11)), description="Decoder layer indices that carry LoRA, or all (the default in weights space: every layer).")
     modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_MODULES), description="Linear module names that carry LoRA.")
     init_std: float | None = Field(None, gt=0, description="Std of A at generation 0; None: kaiming-uniform as PEFT does.")
 
@@ -65,7 +65,11 @@ class ESSettings(_Section):
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
-    perturb: Literal["both", "A", "B"] = Field("both", description="Which LoRA factors the noise moves.")
+    perturb: Literal["both", "A", "B"] = Field("both", description="Which LoRA factors the noise moves (LoRA space).")
+    space: Literal["lora", "weights"] = Field("lora", description="What ES searches. lora: the LoRA factors A and B (theta += alpha/N sum z_i eps_i over them). weights: the weights of every target Linear, each member a rank-noise_rank perturbation sigma * b_i a_i / sqrt(r) of them, the centre the accumulated change kept as a rank-centre_rank adapter (EGGROLL; README 'Weights-space ES').")
+    noise_rank: int = Field(1, ge=1, le=64, description="Weights space: rank r of each member's perturbation.")
+    centre_rank: int = Field(64, ge=1, le=1024, description="Weights space: rank R of the centre, the accumulated change of the weights kept as its top-R singular directions.")
+    sigma_scale: Literal["absolute", "weight_rms"] = Field("absolute", description="Weights space: sigma (and the step) in absolute units, or relative to each matrix's RMS (the base weights').")
     generations: int = Field(500, ge=0, description="ES iterations (0: only the warm start and the evaluations, a supervised baseline).")
     seed: int = Field(0, ge=0, description="Run seed: noise of member i in generation g comes from (seed, g, i).")
 
@@ -73,6 +77,15 @@ class ESSettings(_Section):
     def _even_population(self) -> "ESSettings":
         if self.antithetic and self.population % 2:
             raise ValueError(f"population must be even with antithetic pairs (got {self.population})")
+        return self
+
+    @model_validator(mode="after")
+    def _space_settings(self) -> "ESSettings":
+        if self.space == "weights":
+            if self.optimizer != "sgd":
+                raise ValueError("es.optimizer adam is LoRA space only: in weights space the step is the paper's (sgd), kept low-rank")
+            if self.perturb != "both":
+                raise ValueError("es.perturb picks LoRA factors: weights space perturbs the weights (leave it at both)")
         return self
 
 
@@ -227,6 +240,18 @@ class Settings(BaseSettings):
         if self.runner.kind == "ray" and self.backend.kind != "embedded":
             raise ValueError(f"runner.kind ray runs embedded engines; backend.kind {self.backend.kind} has its own servers (list them in ES_SGLANG_URL)")
         return self
+
+    @model_validator(mode="after")
+    def _weights_space_targets_every_layer(self) -> "Settings":
+        # the paper perturbs every weight: in weights space lora.layers, unless given, is every layer
+        if self.es.space == "weights" and "layers" not in self.lora.model_fields_set:
+            self.lora = self.lora.model_copy(update={"layers": "all"})
+        return self
+
+    @property
+    def member_rank(self) -> int:
+        """The rank of a member's own slot in the engine: lora.rank, or es.noise_rank in weights space."""
+        return self.es.noise_rank if self.es.space == "weights" else self.lora.rank
 
     @property
     def sglang_urls(self) -> list[str]:

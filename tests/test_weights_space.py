@@ -103,7 +103,7 @@ def test_equal_weights_move_nothing_and_an_empty_core_stays_zero():
     assert all(float(v.abs().sum()) == 0 for v in result.centre.values())
     assert result.update_norm == 0 and result.truncation_kept == 1.0
     b, a, dropped = truncate(torch.zeros(5, 0, dtype=torch.float64), torch.zeros(0, 3, dtype=torch.float64), 2)
-    assert b.shape == (5, 2) and a.shape == (2, 3) and dropped == 0.0
+    assert b.shape == (5, 2) and a.shape == (2, 3) and float(dropped) == 0.0
 
 
 # --- the engine: the centre in one shared slot ------------------------------------------------
