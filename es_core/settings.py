@@ -254,6 +254,11 @@ class Settings(BaseSettings):
         return self.es.noise_rank if self.es.space == "weights" else self.lora.rank
 
     @property
+    def adapter_rank(self) -> int:
+        """The rank of a member's adapter file: lora.rank, or centre_rank + noise_rank in weights space."""
+        return self.es.centre_rank + self.es.noise_rank if self.es.space == "weights" else self.lora.rank
+
+    @property
     def sglang_urls(self) -> list[str]:
         from_env = [u.strip().rstrip("/") for u in (self.sglang_url or "").split(",") if u.strip()]
         return from_env or [u.rstrip("/") for u in self.backend.sglang.urls]

@@ -129,3 +129,34 @@ def test_the_engines_shared_centre_decodes_what_rank_r_plus_R_adapters_decode(mo
     assert without != got
     with pytest.raises(ValueError, match="no centre slot"):
         concatenated.generate(ids, own, 2, centre=centre)
+
+
+def test_the_embedded_backend_decodes_stored_centres_and_members_as_the_population_path_does(model_cache, tmp_path):
+    from es_core.backends.base import AdapterRef
+    from es_core.backends.embedded import EmbeddedBackend
+    from es_core.lora import AdapterError, save_adapter
+    from es_core.models import resolve_base_model
+    from es_core.settings import ModelSettings, settings_from_dict
+
+    path = resolve_base_model(ModelSettings(name="tiny-llama"), model_cache).path
+    settings = settings_from_dict({"model": {"name": "tiny-llama", "device": "cpu"}, "lora": {"layers": [0, 2]},
+                                   "es": {"space": "weights", "centre_rank": 3, "population": 4}})
+    backend = EmbeddedBackend.from_settings(settings, path)
+    layout = weights_layout(backend.engine.targets, 1, 3)
+    plan, noise = generation(layout, population=4, sigma=0.5)
+    own = member_factors(layout, noise, plan.members, plan.sigma)
+    g = torch.Generator().manual_seed(1)
+    centre = {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in layout.template(3).items()}
+    prompts = ["Hello", "Using the numbers [3 5 7], make 22."]
+    want = backend.generate_tensors(own, prompts, 5, centre=centre)
+    folders = [save_adapter(member_adapter(centre, own.member(i), layout), tmp_path / f"m{i}", layout.member_spec()) for i in range(4)]
+    centre_folder = save_adapter(centre, tmp_path / "centre", layout.centre_spec())
+    got = backend.generate([AdapterRef(f"m{i}", f) for i, f in enumerate(folders)] + [AdapterRef("centre", centre_folder), AdapterRef("base", None)],
+                           prompts, 5)
+    assert [[c.text for c in row] for row in got[:4]] == [[c.text for c in row] for row in want]
+    assert [c.text for c in got[4]] == [c.text for c in backend.generate_tensors([None], prompts, 5, centre=centre)[0]]
+    assert [c.text for c in got[5]] == [c.text for c in backend.generate_tensors([None], prompts, 5)[0]]
+    wrong = save_adapter({k: torch.cat([v, v]) if "lora_A" in k else torch.cat([v, v], 1) for k, v in centre.items()}, tmp_path / "r6",
+                         layout.centre_spec().__class__(6, 6.0, layout.centre_spec().target_modules, layout.centre_spec().layers))
+    with pytest.raises(AdapterError, match="rank 6 fits neither"):
+        backend.generate([AdapterRef("r6", wrong)], prompts, 2)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 if TYPE_CHECKING:
-    from es_core.lora import StackedLoRA
+    from es_core.lora import LoRATensors, StackedLoRA
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,11 @@ class Members(Protocol):
 
     def stacked(self) -> "StackedLoRA":
         """The members' LoRA tensors in memory, stacked per key ([members, *shape])."""
+        ...
+
+    def centre(self) -> "LoRATensors | None":
+        """What every member shares, for a backend that applies it once (weights space: the centre,
+        scaling 1; `stacked()` then holds each member's own factors only); None in LoRA space."""
         ...
 
     def adapters(self) -> list[AdapterRef]:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from es_core.backends.base import AdapterRef, Completion, Members
 from es_core.engine.generate import GenerationOutput, PopulationEngine
 from es_core.engine.model import Decoder
-from es_core.lora import LoRATensors, StackedLoRA, check_adapter_matches, find_targets, load_adapter
+from es_core.lora import AdapterError, LoRATensors, StackedLoRA, check_adapter_matches, find_targets, load_adapter
 from es_core.models import load_causal_lm, load_tokenizer
 from es_core.settings import Settings
 
@@ -35,12 +35,15 @@ class EmbeddedBackend:
         model = load_causal_lm(Path(model_path), settings.model.dtype, settings.model.device)
         targets = find_targets(model, settings.lora.layers, settings.lora.modules)
         tokenizer = load_tokenizer(Path(model_path))
+        weights_space = settings.es.space == "weights"
         engine = PopulationEngine(
-            Decoder.from_hf(model), targets, settings.lora.rank,
+            Decoder.from_hf(model), targets, settings.member_rank,
             pad_id=tokenizer.pad_token_id, eos_ids=eos_token_ids(model, tokenizer),
             max_batch_rows=settings.generation.max_batch_rows, compile=settings.generation.compile, lora_dtype=settings.generation.lora_dtype,
+            centre_rank=settings.es.centre_rank if weights_space else 0,
         )
-        return cls(engine, tokenizer, settings.lora.scaling)
+        # weights space folds every scale into B (lora_alpha = rank: PEFT's scaling 1)
+        return cls(engine, tokenizer, 1.0 if weights_space else settings.lora.scaling)
 
     @staticmethod
     def decode_key(settings: Settings) -> dict:
@@ -54,43 +57,71 @@ class EmbeddedBackend:
                 "lora_dtype": settings.generation.lora_dtype}
 
     def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
-        """Greedy completion of every prompt under every adapter (path None: the base model): result[a][p]."""
-        members: list[LoRATensors | None] = []
-        scalings: list[float] = []
-        for ref in adapters:
-            if ref.path is None:
-                members.append(None)
-                scalings.append(1.0)
-                continue
-            tensors, spec = load_adapter(ref.path)
-            check_adapter_matches(tensors, self.engine.targets, self.engine.rank)
-            members.append(tensors)
-            scalings.append(spec.lora_alpha / spec.rank)
-        return self._complete(members, scalings, prompts, max_new_tokens)
+        """Greedy completion of every prompt under every adapter (path None: the base model): result[a][p].
+        An engine with a centre slot (weights space) takes an adapter of the centre's rank R in that
+        slot, and one of rank R + r (a member: the centre's factors, then its own) split between the
+        two; adapters that share a centre are decoded together."""
+        loaded = [(None, 1.0) if ref.path is None else _tensors_and_scaling(ref.path) for ref in adapters]
+        if not self.engine.centre_rank:
+            members = []
+            for tensors, _ in loaded:
+                if tensors is not None:
+                    check_adapter_matches(tensors, self.engine.targets, self.engine.rank)
+                members.append(tensors)
+            return self._complete(members, [s for _, s in loaded], prompts, max_new_tokens)
+        parts = [self._centre_and_own(tensors, scaling, ref) for (tensors, scaling), ref in zip(loaded, adapters)]
+        result: list[list[Completion]] = [None] * len(adapters)  # type: ignore[list-item]
+        for indices in _groups_by_centre([centre for centre, _ in parts]):
+            out = self._complete([parts[i][1] for i in indices], [1.0] * len(indices), prompts, max_new_tokens, centre=parts[indices[0]][0])
+            for i, completions in zip(indices, out):
+                result[i] = completions
+        return result
+
+    def _centre_and_own(self, tensors: LoRATensors | None, scaling: float, ref: AdapterRef) -> tuple[LoRATensors | None, LoRATensors | None]:
+        """An adapter as (the centre slot's part, the member slot's part), scaling folded into B."""
+        if tensors is None:
+            return None, None
+        from es_core.weights_space import split_member_adapter
+
+        big, small = self.engine.centre_rank, self.engine.rank
+        rank = next(v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight"))
+        tensors = {k: v * scaling if k.endswith("lora_B.weight") else v for k, v in tensors.items()}
+        if rank == big + small:
+            centre, own = split_member_adapter(tensors, big)
+        elif rank <= big:  # a centre, or any adapter that fits its slot (zero-padded)
+            centre, own = _padded(tensors, big), None
+        else:
+            raise AdapterError(f"{ref.path}: rank {rank} fits neither the centre slot (rank {big}) nor a member (rank {big} + {small})")
+        check_adapter_matches(centre, self.engine.targets, big)
+        if own is not None:
+            check_adapter_matches(own, self.engine.targets, small)
+        return centre, own
 
     def generate_population(self, members: Members, prompts: Sequence[str], max_new_tokens: int,
                             on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
         """Every member x every prompt in one batched pass, the members built in memory (their
         adapter files are not needed). `on_decode`: see PopulationEngine.generate."""
-        return self._complete(members.stacked(), [members.scaling] * len(members), prompts, max_new_tokens, on_decode)
+        return self._complete(members.stacked(), [members.scaling] * len(members), prompts, max_new_tokens, on_decode, members.centre())
 
     def generate_tensors(self, members: Sequence[LoRATensors | None] | StackedLoRA, prompts: Sequence[str], max_new_tokens: int,
-                         scaling: float | None = None, on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
+                         scaling: float | None = None, on_decode: Callable[[], None] | None = None,
+                         centre: LoRATensors | None = None) -> list[list[Completion]]:
         """As generate, from LoRA tensors in memory (no file I/O): a list of members, or a population
         stacked per key (`es.stacked_population`); scaling defaults to settings.lora's. `on_decode`:
-        see PopulationEngine.generate."""
+        see PopulationEngine.generate. `centre`: what every member shares, in the centre slot."""
         s = self.scaling if scaling is None else float(scaling)
         # the engine checks every member against its targets when it fills the slots
         population = members if isinstance(members, StackedLoRA) else list(members)
-        return self._complete(population, [s] * len(members), prompts, max_new_tokens, on_decode)
+        return self._complete(population, [s] * len(members), prompts, max_new_tokens, on_decode, centre)
 
     def close(self) -> None:
         self.engine.close()
 
-    def _complete(self, members, scalings, prompts: Sequence[str], max_new_tokens: int, on_decode=None) -> list[list[Completion]]:
+    def _complete(self, members, scalings, prompts: Sequence[str], max_new_tokens: int, on_decode=None,
+                  centre: LoRATensors | None = None) -> list[list[Completion]]:
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         with self._lock:
-            out: GenerationOutput = self.engine.generate(ids, members, max_new_tokens, scalings, on_decode=on_decode)
+            out: GenerationOutput = self.engine.generate(ids, members, max_new_tokens, scalings, on_decode=on_decode, centre=centre)
         texts = self.tokenizer.batch_decode([t for row in out.tokens for t in row], skip_special_tokens=True)
         result, k = [], 0
         for row, stops in zip(out.tokens, out.stopped):
@@ -100,6 +131,40 @@ class EmbeddedBackend:
                 k += 1
             result.append(completions)
         return result
+
+
+def _tensors_and_scaling(path) -> tuple[LoRATensors, float]:
+    tensors, spec = load_adapter(path)
+    return tensors, spec.lora_alpha / spec.rank
+
+
+def _padded(tensors: LoRATensors, rank: int) -> LoRATensors:
+    """An adapter zero-padded to `rank` (zero rows of A, zero columns of B: the same B A)."""
+    import torch
+
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith("lora_A.weight"):
+            out[k] = torch.cat([v, v.new_zeros(rank - v.shape[0], v.shape[1])], 0)
+        else:
+            out[k] = torch.cat([v, v.new_zeros(v.shape[0], rank - v.shape[1])], 1)
+    return out
+
+
+def _groups_by_centre(centres: list[LoRATensors | None]) -> list[list[int]]:
+    """Indices of adapters with equal centre parts, in first-seen order (a generation's members share one)."""
+    import torch
+
+    groups: list[tuple[LoRATensors | None, list[int]]] = []
+    for i, c in enumerate(centres):
+        for centre, members in groups:
+            if (c is None and centre is None) or (c is not None and centre is not None and c.keys() == centre.keys()
+                                                   and all(torch.equal(c[k], centre[k]) for k in c)):
+                members.append(i)
+                break
+        else:
+            groups.append((c, [i]))
+    return [members for _, members in groups]
 
 
 def _device_name(device) -> str:

@@ -205,8 +205,8 @@ class EngineActor:
     def generate(self, adapters: list[AdapterRef], prompts: list[str], max_new_tokens: int) -> list[list[Completion]]:
         return self._named(self.backend.generate(adapters, prompts, max_new_tokens))
 
-    def generate_tensors(self, members, prompts: list[str], max_new_tokens: int, scaling: float | None) -> list[list[Completion]]:
-        return self._named(self.backend.generate_tensors(members, prompts, max_new_tokens, scaling=scaling))
+    def generate_tensors(self, members, prompts: list[str], max_new_tokens: int, scaling: float | None, centre=None) -> list[list[Completion]]:
+        return self._named(self.backend.generate_tensors(members, prompts, max_new_tokens, scaling=scaling, centre=centre))
 
     def _named(self, result: list[list[Completion]]) -> list[list[Completion]]:
         # the ledger's `server` column says which engine decoded a member
@@ -272,8 +272,10 @@ class RayBackend:
             [adapters[m] for m in s.members], [prompts[p] for p in s.prompts], max_new_tokens))
 
     def generate_tensors(self, members: Sequence[LoRATensors | None] | StackedLoRA, prompts: Sequence[str], max_new_tokens: int,
-                         scaling: float | None = None, on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
-        """As EmbeddedBackend.generate_tensors, each engine sent its own members' tensors only.
+                         scaling: float | None = None, on_decode: Callable[[], None] | None = None,
+                         centre: LoRATensors | None = None) -> list[list[Completion]]:
+        """As EmbeddedBackend.generate_tensors, each engine sent its own members' tensors only (and
+        the centre they share, if any).
         `on_decode` is called once every shard is sent: the driver then only waits."""
         prompts = list(prompts)
         stacked = isinstance(members, StackedLoRA)
@@ -284,13 +286,14 @@ class RayBackend:
             return population.take(s.members) if stacked else [population[m] for m in s.members]
 
         return self._sharded(len(population), len(prompts), lambda actor, s: actor.generate_tensors.remote(
-            part(s), [prompts[p] for p in s.prompts], max_new_tokens, scaling), on_decode)
+            part(s), [prompts[p] for p in s.prompts], max_new_tokens, scaling, centre), on_decode)
 
     def generate_population(self, members, prompts: Sequence[str], max_new_tokens: int,
                             on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
         """A generation's members (`Members`: `.stacked()`, `.scaling`) as stacked tensors, sharded
         over the engines: result[m][p]."""
-        return self.generate_tensors(members.stacked(), prompts, max_new_tokens, scaling=members.scaling, on_decode=on_decode)
+        return self.generate_tensors(members.stacked(), prompts, max_new_tokens, scaling=members.scaling, on_decode=on_decode,
+                                     centre=members.centre())
 
     def close(self) -> None:
         import ray

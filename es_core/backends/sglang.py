@@ -226,7 +226,7 @@ class SGLangBackend:
         sg = settings.backend.sglang
         if tokenizer == "auto":
             tokenizer = _load_tokenizer(base_model_path)
-        checker = AdapterChecker(base_model_path, max_rank=settings.lora.rank, target_modules=settings.lora.modules)
+        checker = AdapterChecker(base_model_path, max_rank=settings.adapter_rank, target_modules=settings.lora.modules)
         options = dict(
             tokenizer=tokenizer, checker=checker, reload_mode=sg.reload_mode, requests_per_server=sg.requests_per_server,
             max_rows_per_request=settings.generation.max_batch_rows, **options,

@@ -92,7 +92,7 @@ class LaunchSpec:
         return cls(
             model_path=str(base_model_path),
             port=port if port is not None else sg.port,
-            max_lora_rank=settings.lora.rank,
+            max_lora_rank=settings.adapter_rank,
             lora_target_modules=tuple(settings.lora.modules),
             max_loras_per_batch=sg.max_loras_per_batch or population + 1,
             max_loaded_loras=sg.max_loaded_loras or 2 * population,
