@@ -12,9 +12,10 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from es_core.backends.base import AdapterRef, Completion, Members
+from es_core.backends.base import AdapterRef, Members
 from es_core.engine.generate import GenerationOutput, PopulationEngine
 from es_core.engine.model import Decoder
+from es_core.evaluation import Completion
 from es_core.lora import LoRATensors, StackedLoRA, check_adapter_matches, find_targets, load_adapter
 from es_core.models import load_causal_lm, load_tokenizer
 from es_core.settings import Settings

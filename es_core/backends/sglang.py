@@ -43,7 +43,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from es_core.backends.base import AdapterRef, BackendError, Completion, Members
+from es_core.backends.base import AdapterRef, BackendError, Members
 from es_core.backends.sglang_client import (
     AdapterChecker,
     AdapterNotLoaded,
@@ -55,6 +55,7 @@ from es_core.backends.sglang_client import (
     one_line,
 )
 from es_core.backends.sglang_server import LaunchSpec, SGLangServer
+from es_core.evaluation import Completion
 from es_core.lora import AdapterSpec, LoRATensors
 from es_core.lora import save_adapter as _save_adapter
 from es_core.settings import Settings
