@@ -233,10 +233,6 @@ def check_adapter_matches(tensors: LoRATensors, targets: list[LoRATarget], rank:
             raise AdapterError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, the base model needs {expected[key]}")
 
 
-def num_parameters(tensors: LoRATensors) -> int:
-    return sum(v.numel() for v in tensors.values())
-
-
 
 def find_targets_in_folder(model_dir: str | Path, layers: list[int] | tuple[int, ...], modules: list[str] | tuple[str, ...]) -> list[LoRATarget]:
     """Targets of a local HF model folder, from its config alone (the model is built on the meta device)."""

@@ -31,6 +31,30 @@ from tests.test_sglang_client import MODULES, PROMPTS, base_dir, write_adapter  
 ROOT = Path(__file__).resolve().parent.parent
 
 
+
+# --- holding adapters on one server, as the backend does inside a call (its acquire/release) -----------
+
+
+def load_set(be, server, adapters):
+    """Load these adapters on one server and hold them until `unload_set`: generate_one calls for
+    them then load nothing."""
+    slot = be._slots[server]
+    names = be._acquire(slot, adapters)
+    try:
+        be._ensure_recovering(slot, names)
+    except BaseException:
+        be._release(slot, adapters)
+        raise
+
+
+def generate_one(be, server, adapter, prompts, max_new_tokens):
+    """One adapter's completions on one server (loaded and unloaded unless load_set holds it)."""
+    return be._generate_on(be._slots[server], [adapter], list(prompts), max_new_tokens)[0]
+
+
+def unload_set(be, server, adapters):
+    be._release(be._slots[server], adapters)
+
 def client(url, **kw):
     return SGLangClient(url, retries=kw.pop("retries", 1), backoff_s=0.01, max_backoff_s=0.05, unload_timeout_s=kw.pop("unload_timeout_s", 1.0), **kw)
 
@@ -123,12 +147,12 @@ def test_concurrent_member_calls_keep_the_loaded_set_bounded(two_fakes, populati
 def test_load_set_holds_adapters_for_generate_one(two_fakes, population):
     a, _ = two_fakes
     with backend([a]) as be:
-        be.load_set(0, population[:3])
+        load_set(be, 0, population[:3])
         assert set(a.snapshot()["loaded"]) == {"g0_m000", "g0_m001", "g0_m002"}
         for ref in population[:3]:
-            assert [c.text for c in be.generate_one(0, ref, PROMPTS, 64)] == [expected(ref, p) for p in PROMPTS]
+            assert [c.text for c in generate_one(be, 0, ref, PROMPTS, 64)] == [expected(ref, p) for p in PROMPTS]
         assert len(a.calls("/load_lora_adapter")) == 3 and a.calls("/unload_lora_adapter") == []
-        be.unload_set(0, population[:3])
+        unload_set(be, 0, population[:3])
         assert a.snapshot()["loaded"] == {}
 
 
@@ -165,11 +189,11 @@ def test_an_attached_server_that_dies_and_comes_back_finishes_the_call(two_fakes
 def test_adapters_lost_behind_our_back_are_reloaded(two_fakes, population):
     a, _ = two_fakes
     with backend([a]) as be:
-        be.load_set(0, population[:1])
+        load_set(be, 0, population[:1])
         a.state.loaded.clear()
         a.state.ever.clear()  # as after a restart: the name was never loaded here
-        out = be.generate_one(0, population[0], PROMPTS, 64)
-        be.unload_set(0, population[:1])
+        out = generate_one(be, 0, population[0], PROMPTS, 64)
+        unload_set(be, 0, population[:1])
     assert [c.text for c in out] == [expected(population[0], p) for p in PROMPTS]
     assert len(a.calls("/load_lora_adapter")) == 2
 
@@ -293,7 +317,7 @@ def test_a_launched_server_that_dies_is_restarted_and_the_call_completes(tmp_pat
     with launched(tmp_path, base_dir, shim_env) as be:
         server = be._slots[0].process
         first = server.pid
-        be.load_set(0, population[:2])
+        load_set(be, 0, population[:2])
         os.kill(first, signal.SIGKILL)  # the server crashes between calls
         out = be.generate(population[:2], PROMPTS, 64)
         assert server.starts == 2 and server.pid != first
@@ -301,17 +325,17 @@ def test_a_launched_server_that_dies_is_restarted_and_the_call_completes(tmp_pat
         requests.post(server.url + "/_fake/fault", json={"endpoint": "/generate", "kind": "die"}, timeout=5)  # dies mid-request
         out = be.generate(population[2:3], PROMPTS, 64)
         assert server.starts == 3 and [c.text for c in out[0]] == [expected(population[2], p) for p in PROMPTS]
-        be.unload_set(0, population[:2])
+        unload_set(be, 0, population[:2])
 
 
 def test_a_hanging_unload_times_out_and_restarts_the_server(tmp_path, base_dir, shim_env, population):
     with launched(tmp_path, base_dir, shim_env) as be:
         server = be._slots[0].process
         requests.post(server.url + "/_fake/fault", json={"endpoint": "/unload_lora_adapter", "kind": "hang"}, timeout=5)
-        out = be.generate_one(0, population[0], PROMPTS, 64)
+        out = generate_one(be, 0, population[0], PROMPTS, 64)
         assert [c.text for c in out] == [expected(population[0], p) for p in PROMPTS]
         assert server.starts == 2
-        assert [c.text for c in be.generate_one(0, population[1], PROMPTS, 64)] == [expected(population[1], p) for p in PROMPTS]
+        assert [c.text for c in generate_one(be, 0, population[1], PROMPTS, 64)] == [expected(population[1], p) for p in PROMPTS]
 
 
 @pytest.mark.parametrize("mode, extra", [("auto", ["--fake-no-lora-endpoints"]), ("restart", [])])

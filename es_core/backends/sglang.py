@@ -11,11 +11,12 @@ stopped) or launch one (`sglang_server.SGLangServer`). Per call:
    `requests_per_server` in flight per server;
 3. unload each adapter as soon as its last user is done (reference counted).
 
-Why unload after use rather than "the previous call's adapters": the flow evaluates members as
-concurrent Prefect tasks, one call per member, so "previous call" is not defined; counting users
-per name keeps the loaded set bounded by what is in flight (plus sets held with `load_set`),
-never unloads an adapter under a running request (SGLang's unload would wait for it), and leaves
-no state behind a failed call. It costs no more loads or unloads than the alternative.
+Why unload after use rather than "the previous call's adapters": a generation's members are one
+call (`generate_population`), but held-out evaluations and replays call in between, from other
+threads, so "previous call" is not defined; counting users per name keeps the loaded set bounded
+by what is in flight, never unloads an adapter under a running request (SGLang's unload would wait
+for it), and leaves no state behind a failed call. It costs no more loads or unloads than the
+alternative.
 
 Fallback (`reload_mode` auto/restart): when dynamic loading is unavailable on a server we
 launched, it is relaunched with `--lora-paths name=path ...` for every adapter in use; restarts
@@ -172,7 +173,7 @@ class _Slot:
 
 class SGLangBackend:
     """InferenceBackend over SGLang servers; see the module docstring. Thread-safe: Prefect tasks
-    may call generate / generate_one / load_set / unload_set concurrently."""
+    may call generate concurrently."""
 
     def __init__(
         self,
@@ -312,34 +313,6 @@ class SGLangBackend:
         if on_decode is not None:
             on_decode()
         return self.generate(adapters, prompts, max_new_tokens)
-
-    # --- per-server operations --------------------------------------------------------------------
-
-    def load_set(self, server: int, adapters: Sequence[AdapterRef]) -> None:
-        """Load these adapters on one server and hold them until `unload_set` (restart mode: one
-        relaunch for the whole set). generate_one calls for them then load nothing."""
-        slot = self._slots[server]
-        names = self._acquire(slot, adapters)
-        try:
-            self._ensure_recovering(slot, names)
-        except BaseException:
-            self._release(slot, adapters)
-            raise
-
-    def generate_one(self, server: int, adapter: AdapterRef, prompts: Sequence[str], max_new_tokens: int) -> list[Completion]:
-        """One adapter's completions of `prompts` on one server (loads and unloads it unless a
-        load_set holds it)."""
-        return self._generate_on(self._slots[server], [adapter], list(prompts), max_new_tokens)[0]
-
-    def unload_set(self, server: int, adapters: Sequence[AdapterRef]) -> None:
-        """Drop the hold taken by load_set; adapters nobody else uses are unloaded."""
-        self._release(self._slots[server], adapters)
-
-    def loaded(self, server: int) -> dict[str, str]:
-        """What this backend believes it has loaded on a server (name -> path)."""
-        slot = self._slots[server]
-        with slot.lock:
-            return dict(slot.loaded)
 
     def close(self) -> None:
         """Unload what we still hold on attached servers (best effort), stop launched servers."""
