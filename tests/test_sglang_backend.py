@@ -23,7 +23,7 @@ from es_core.backends.base import AdapterRef, BackendError
 from es_core.backends.sglang import SGLangBackend, save_adapter
 from es_core.backends.sglang_client import AdapterChecker, SGLangClient
 from es_core.backends.sglang_server import LaunchSpec, SGLangServer, free_port
-from es_core.lora import find_targets_in_folder, init_center, load_adapter, spec_from_tensors
+from es_core.lora import find_targets_in_folder, init_centre, load_adapter, spec_from_tensors
 from es_core.settings import load_settings
 from tests.fake_sglang import FakeSGLang, adapter_digest, fake_completion, write_launch_shim
 from tests.test_sglang_client import MODULES, PROMPTS, base_dir, write_adapter  # noqa: F401  (fixture)
@@ -424,7 +424,7 @@ def test_real_server_round_trip(tmp_path):
     rank = int(info.get("max_lora_rank") or 1)
     modules = [m for m in (info.get("lora_target_modules") or ["q_proj", "v_proj"]) if m in MODULES] or ["q_proj", "v_proj"]
     targets = find_targets_in_folder(base, [0, 1], modules)
-    centre = init_center(targets, rank, seed=0)  # B = 0: the base model
+    centre = init_centre(targets, rank, seed=0)  # B = 0: the base model
     member = {k: v + 0.5 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) if ".lora_B." in k else v for k, v in centre.items()}
     spec = spec_from_tensors(member, 2.0 * rank)
     from es_core.lora import save_adapter as plain_save

@@ -78,7 +78,7 @@ class EmbeddedBackend:
     def generate_tensors(self, members: Sequence[LoRATensors | None] | StackedLoRA, prompts: Sequence[str], max_new_tokens: int,
                          scaling: float | None = None, on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
         """As generate, from LoRA tensors in memory (no file I/O): a list of members, or a population
-        stacked per key (`es.stacked_population`); scaling defaults to settings.lora's. `on_decode`:
+        stacked per key (a search space's `members`); scaling defaults to settings.lora's. `on_decode`:
         see PopulationEngine.generate."""
         s = self.scaling if scaling is None else float(scaling)
         # the engine checks every member against its targets when it fills the slots
