@@ -198,15 +198,11 @@ class SGLangBackend:
         processes = list(processes) if processes is not None else [None] * len(clients)
         if reload_mode == "restart" and any(p is None for p in processes):
             raise BackendError("SGLang: reload_mode restart needs servers we launch (an attached server cannot be relaunched with --lora-paths)")
-        self.tokenizer = tokenizer
-        self.checker = checker
-        self.reload_mode = reload_mode
-        self.max_rows_per_request = max_rows_per_request
-        self.name_prefix = name_prefix
-        self.recover_attempts = recover_attempts
-        self.max_restarts = max_restarts
-        self.reconnect_timeout_s = reconnect_timeout_s
-        self.restart_coalesce_s = restart_coalesce_s
+        self.tokenizer, self.checker, self.name_prefix = tokenizer, checker, name_prefix
+        self.reload_mode, self.max_rows_per_request = reload_mode, max_rows_per_request
+        # how faults are recovered from: attempts per request, restarts of a launched server, waits
+        self.recover_attempts, self.max_restarts = recover_attempts, max_restarts
+        self.reconnect_timeout_s, self.restart_coalesce_s = reconnect_timeout_s, restart_coalesce_s
         mode = "restart" if reload_mode == "restart" else "dynamic"
         self._slots = [
             _Slot(i, c, p, mode, ThreadPoolExecutor(max_workers=requests_per_server, thread_name_prefix=f"sglang{i}"))
