@@ -38,7 +38,7 @@ def put_checkpoint(store, state: ESState, spec: AdapterSpec):
     moments = optimizer_tensors(state)
     if moments:
         extra[OPTIMIZER_FILE] = safetensors_bytes(moments)
-    ref = put_adapter_folder(store, state.center, spec, extra)
+    ref = put_adapter_folder(store, state.centre, spec, extra)
     _remember(store, ref.sha256, (state, spec))
     return ref
 

@@ -597,7 +597,7 @@ class Ledger:
                 [sha, sha, *extra],
             ).fetchone()
             chain_run = row[0] if row else None
-            center = sha
+            centre = sha
             if chain_run is None and con.execute("SELECT count(*) FROM warm_starts WHERE warm_start_sha256 = ?", [sha]).fetchone()[0]:
                 return _warm_start_chain(con, sha)
             if chain_run is None:  # a member adapter?
@@ -611,19 +611,19 @@ class Ledger:
                 if m is None:
                     where = f" of run {run_id}" if run_id else ""
                     raise LedgerError(f"{sha} is no centre or member adapter{where} in {self.path}")
-                chain_run, center = m[0], m[7]
+                chain_run, centre = m[0], m[7]
                 steps.append({"kind": "member", "run_id": m[0], "generation": m[1], "member": m[2], "seed": m[3], "sign": m[4],
                               "adapter_sha256": m[5], "reward_mean": m[6], "center_sha256": m[7]})
             seen = set()
-            while center not in seen:
-                seen.add(center)
+            while centre not in seen:
+                seen.add(centre)
                 cur = con.execute(
-                    "SELECT * FROM generations WHERE run_id = ? AND center_sha256 = ? ORDER BY generation DESC LIMIT 1", [chain_run, center]
+                    "SELECT * FROM generations WHERE run_id = ? AND center_sha256 = ? ORDER BY generation DESC LIMIT 1", [chain_run, centre]
                 )
                 names = [d[0] for d in cur.description]
                 g = cur.fetchone()
                 if g is None:
-                    steps.append({"kind": "init", "run_id": chain_run, "center_sha256": center})
+                    steps.append({"kind": "init", "run_id": chain_run, "center_sha256": centre})
                     run = con.execute("SELECT warm_start_sha256, base_model, base_model_sha256 FROM runs WHERE run_id = ?", [chain_run]).fetchone()
                     if run and run[0]:
                         steps.extend(_warm_start_chain(con, run[0]))
@@ -641,7 +641,7 @@ class Ledger:
                     "reward_max": g["reward_max"], "update_norm": g.get("update_norm"),
                     "members": [dict(zip(("member", "seed", "sign", "reward_mean", "adapter_sha256"), r)) for r in members],
                 })
-                center = g["parent_center_sha256"]
+                centre = g["parent_center_sha256"]
             return steps
 
         return self._read(work, missing=_RAISE)

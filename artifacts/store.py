@@ -205,12 +205,6 @@ class ArtifactStore:
                 raise ArtifactError(f"artifact file name {rel!r} must be a relative path")
         return self._put((rel, _BytesReader(files[rel])) for rel in sorted(files))
 
-    def put_adapter(self, tensors, spec) -> ArtifactRef:
-        """Store a PEFT adapter folder (es_core.lora.adapter_files): identical adapters get one artifact."""
-        from es_core.lora import adapter_files  # torch is imported only by those who store tensors
-
-        return self.put_files(adapter_files(tensors, spec))
-
     def _put(self, entries: Iterator[tuple[str, BinaryIO]]) -> ArtifactRef:
         self.tmp.mkdir(parents=True, exist_ok=True)
         work = self.tmp / f"put-{os.getpid()}-{uuid.uuid4().hex}"

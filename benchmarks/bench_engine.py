@@ -35,7 +35,7 @@ from es_core.countdown.prompt import render_prompts
 from es_core.engine.generate import PopulationEngine
 from es_core.engine.model import Decoder
 from es_core.engine.population_lora import PopulationLoRA
-from es_core.lora import find_targets, init_center, save_adapter, spec_from_tensors
+from es_core.lora import find_targets, init_centre, save_adapter, spec_from_tensors
 from es_core.models import load_causal_lm, load_tokenizer, resolve_base_model, resolve_device
 from es_core.settings import DEFAULT_LORA_MODULES, ModelSettings
 
@@ -219,7 +219,7 @@ def make_members(targets, rank: int, n: int):
     members = []
     for i in range(n):
         g = torch.Generator().manual_seed(1000 + i)
-        c = init_center(targets, rank, seed=i)
+        c = init_centre(targets, rank, seed=i)
         members.append({k: v if ".lora_A." in k else 0.01 * torch.randn(v.shape, generator=g) for k, v in c.items()})
     return members
 

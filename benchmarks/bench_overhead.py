@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from es_core.backends.base import Completion
+from es_core.evaluation import Completion
 from es_core.backends.embedded import SERVER
 
 TEXT = ("First, 45 + 23 = 68. Then 68 - 12 = 56, and 56 * 2 = 112 which is too big, so try 56 + 7 = 63. " * 8)[:900]

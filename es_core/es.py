@@ -6,6 +6,11 @@ into weights w_i (z-scores in the paper); the centre moves by
 (sigma is not divided out, as in the paper's code). No file, Prefect, CUDA or logging here: the
 `ESState` returned is the checkpoint.
 
+The loop reads as evosax's ask / tell: `ask` plans a generation (seeds, signs, sigma),
+`draw_population` draws its noise, the search space (es_core/search_space.py) builds the members
+from the centre and the drawn population, and `es_update` (tell) shapes the rewards into weights
+and hands them to the space, which moves the centre with an optimiser (es_core/optimisers.py).
+
 Where we depart from the paper's code: noise is regenerated from an integer seed per member as
 one Philox stream cut into the tensors (the paper reseeded every tensor with the same seed, which
 correlates the noise of tensors of the same shape; its torch CPU randn also differs between CPUs:
@@ -17,15 +22,18 @@ the z-scores sum to zero, so such an average divides by zero.
 
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from es_core.lora import LoRATensors, StackedLoRA
+from es_core.lora import LoRATensors
 from es_core.seeding import hash_int, standard_normal_f32
+
+if TYPE_CHECKING:
+    from es_core.optimisers import Optimiser
+    from es_core.search_space import SearchSpace
 
 # --- members and their noise ------------------------------------------------------------------
 
@@ -52,53 +60,12 @@ def member_plan(run_seed: int, generation: int, population: int, antithetic: boo
     return [Member(i, noise_seed(run_seed, generation, i), 1) for i in range(population)]
 
 
-def _moves(key: str, perturb: str) -> bool:
-    return perturb == "both" or key.endswith(f"lora_{perturb}.weight")
+NoiseLayout = tuple[tuple[str, int], ...]  # (tensor key, numel) in the order a seed's noise stream is cut
 
 
-def _draw_noise(seed: int, total: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`total` N(0, 1) float32 values of a member's seed (seeding.NOISE_SCHEME), into `out` if given."""
-    out = torch.empty(total, dtype=torch.float32) if out is None else out
+def _draw_noise(seed: int, total: int, out: torch.Tensor) -> torch.Tensor:
+    """`total` N(0, 1) float32 values of a member's seed (seeding.NOISE_SCHEME), into `out`."""
     standard_normal_f32(f"es-member-noise:{int(seed)}", total, out=out.numpy())
-    return out
-
-
-def _noise_matrix(seeds: Sequence[int], total: int) -> torch.Tensor:
-    """[len(seeds), total]: row i is seed i's noise, drawn straight into place."""
-    eps = torch.empty(len(seeds), total, dtype=torch.float32)
-    for i, seed in enumerate(seeds):
-        _draw_noise(seed, total, out=eps[i])
-    return eps
-
-
-def _split(flat: torch.Tensor, center: LoRATensors, keys: list[str]) -> dict[str, torch.Tensor]:
-    """Views of flat[..., total] as the tensors of `keys` (a leading member axis is kept)."""
-    out, offset = {}, 0
-    lead = flat.shape[:-1]
-    for key in keys:
-        n = center[key].numel()
-        out[key] = flat[..., offset:offset + n].view(*lead, *center[key].shape)
-        offset += n
-    return out
-
-
-def member_noise(center: LoRATensors, seed: int, perturb: str = "both") -> dict[str, torch.Tensor]:
-    """eps of one member for every tensor the noise moves: one Philox stream per seed (seeding.py),
-    cut into the tensors in sorted key order; bit-identical on every machine."""
-    layout = noise_layout(center, perturb)
-    return _split(_draw_noise(seed, sum(n for _, n in layout)), center, [k for k, _ in layout])
-
-
-def iter_noise(center: LoRATensors, seed: int, perturb: str = "both") -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, eps) for each tensor the noise moves."""
-    yield from member_noise(center, seed, perturb).items()
-
-
-def perturb_center(center: LoRATensors, member: Member, sigma: float, perturb: str = "both") -> LoRATensors:
-    """The member's LoRA tensors: theta + sigma * sign * eps."""
-    out = dict(center)
-    for key, eps in iter_noise(center, member.seed, perturb):
-        out[key] = center[key] + (sigma * member.sign) * eps
     return out
 
 
@@ -109,7 +76,7 @@ class PopulationNoise:
     adapter files and the update, and drawable ahead of time since it depends on seeds only."""
 
     seeds: tuple[int, ...]
-    layout: tuple[tuple[str, int], ...]
+    layout: NoiseLayout
     eps: torch.Tensor  # [len(seeds), total] float32
 
     @property
@@ -133,27 +100,14 @@ class PopulationNoise:
         return coef.unsqueeze(1) * self.eps.index_select(0, row)
 
 
-def noise_layout(center: LoRATensors, perturb: str = "both") -> tuple[tuple[str, int], ...]:
-    """(key, numel) of every tensor the noise moves, in the order the noise stream is cut."""
-    return tuple((k, center[k].numel()) for k in sorted(center) if _moves(k, perturb))
-
-
-def draw_population_noise(layout: tuple[tuple[str, int], ...], members: Sequence[Member]) -> PopulationNoise:
+def draw_population_noise(layout: NoiseLayout, members: Sequence[Member]) -> PopulationNoise:
+    """One Philox stream per distinct seed (seeding.py), drawn straight into its row and cut into
+    the layout's tensors in order: bit-identical on every machine."""
     seeds = tuple(dict.fromkeys(m.seed for m in members))
-    return PopulationNoise(seeds, tuple(layout), _noise_matrix(seeds, sum(n for _, n in layout)))
-
-
-def _checked_noise(noise: PopulationNoise | None, center: LoRATensors, members: Sequence[Member], perturb: str) -> PopulationNoise:
-    layout = noise_layout(center, perturb)
-    if noise is None:
-        return draw_population_noise(layout, members)
-    if noise.layout != layout or not {m.seed for m in members} <= set(noise.seeds):
-        raise ValueError("the noise given was drawn for other seeds or another LoRA layout")
-    return noise
-
-
-def _flat(center: LoRATensors, keys: Sequence[str]) -> torch.Tensor:
-    return torch.cat([center[k].reshape(-1) for k in keys]) if keys else torch.empty(0)
+    eps = torch.empty(len(seeds), sum(n for _, n in layout), dtype=torch.float32)
+    for i, seed in enumerate(seeds):
+        _draw_noise(seed, eps.shape[1], eps[i])
+    return PopulationNoise(seeds, tuple(layout), eps)
 
 
 # --- ask: a generation's members ---------------------------------------------------------------
@@ -168,7 +122,7 @@ class PopulationPlan:
     generation: int
     members: tuple[Member, ...]
     sigma: float
-    perturb: str = "both"
+    perturb: str = "both"  # "both", "A" or "B": the LoRA factors the noise moves
 
 
 def ask(run_seed: int, generation: int, population: int, sigma: float, perturb: str = "both", antithetic: bool = True) -> PopulationPlan:
@@ -187,23 +141,10 @@ class DrawnPopulation:
     offsets: torch.Tensor  # [members, total] float32
 
 
-def draw_population(plan: PopulationPlan, layout: tuple[tuple[str, int], ...]) -> DrawnPopulation:
-    """The plan's noise over `layout` (`noise_layout` of the run's centre and plan.perturb)."""
+def draw_population(plan: PopulationPlan, layout: NoiseLayout) -> DrawnPopulation:
+    """The plan's noise over `layout` (the search space's `noise_layout` of the run's centre)."""
     noise = draw_population_noise(layout, plan.members)
     return DrawnPopulation(plan, noise, noise.signed(plan.members, plan.sigma))
-
-
-def stacked_population(center: LoRATensors, population: DrawnPopulation) -> StackedLoRA:
-    """perturb_center for every member, stacked per key: bit-identical values (the same float32
-    ops, on one [members, parameters] matrix), a few ops per key."""
-    noise = population.noise
-    if noise.layout != noise_layout(center, population.plan.perturb):
-        raise ValueError("the population was drawn for another LoRA layout than this centre's")
-    keys = noise.keys
-    members = len(population.plan.members)
-    moved = _split(_flat(center, keys).unsqueeze(0) + population.offsets, center, keys)
-    stacked = {key: moved[key] if key in moved else value.unsqueeze(0).expand(members, *value.shape) for key, value in center.items()}
-    return StackedLoRA(stacked, members)
 
 
 # --- fitness shaping: rewards -> weights, one signature -----------------------------------------
@@ -275,104 +216,55 @@ def _finite_matrix(rewards: Sequence[Sequence[float]]) -> torch.Tensor:
 FITNESS: dict[str, Callable[[Sequence[Sequence[float]]], list[float]]] = {"mean_reward": mean_reward, "prompt_normalized": prompt_normalized}
 
 
-# --- the update ------------------------------------------------------------------------------
+# --- tell: the update ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ESState:
-    """What survives a resume: the centre theta_g and the optimizer's moments."""
+    """What survives a resume: the centre theta_g and the optimiser's moments (Adam's; none for SGD)."""
 
-    center: LoRATensors
+    centre: LoRATensors
     generation: int = 0
     adam_m: LoRATensors | None = None
     adam_v: LoRATensors | None = None
     adam_step: int = 0
 
 
-def _gradient_flat(members: Sequence[Member], weights: torch.Tensor, noise: PopulationNoise) -> torch.Tensor:
-    """(1/N) * sum_i w_i * sign_i * eps_i over the flat layout, as one [seeds] x [seeds, parameters]
-    product. Antithetic partners share a seed, so each seed's noise enters once with its summed weight."""
-    coefficient: dict[int, float] = {}
-    for member, weight in zip(members, weights.tolist()):
-        coefficient[member.seed] = coefficient.get(member.seed, 0.0) + member.sign * weight
-    n = len(members)
-    seeds = [seed for seed, c in coefficient.items() if c != 0.0]
-    total = noise.total
-    if not seeds or not total:
-        return torch.zeros(total, dtype=torch.float32)
-    scale = torch.tensor([coefficient[seed] / n for seed in seeds], dtype=torch.float32)
-    return scale @ noise.rows(seeds)
+@dataclass(frozen=True)
+class UpdateRule:
+    """How the members' rewards move the centre: which fitness (FITNESS), shaped how (SHAPING), by
+    which optimiser (es_core/optimisers.py). Plain values: part of the update task's cache key."""
+
+    optimiser: "Optimiser"
+    fitness: str = "mean_reward"
+    shaping: str = "zscore"
 
 
-def estimate_gradient(center: LoRATensors, members: Sequence[Member], weights: torch.Tensor, perturb: str = "both",
-                      noise: PopulationNoise | None = None) -> LoRATensors:
-    """(1/N) * sum_i w_i * sign_i * eps_i per tensor (zero for the tensors the noise does not move)."""
-    noise = _checked_noise(noise, center, members, perturb)
-    return _per_tensor(_gradient_flat(members, weights, noise), center, noise.keys)
-
-
-def _per_tensor(grad_flat: torch.Tensor, center: LoRATensors, keys: list[str]) -> LoRATensors:
-    """The flat gradient as one tensor per key of the centre (zero where the noise does not move)."""
-    grad = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in center.items()}
-    grad.update(_split(grad_flat, center, keys))
-    return grad
-
-
-def es_update(
-    state: ESState,
-    members: Sequence[Member],
-    rewards: Sequence[float],
-    learning_rate: float,
-    shaping: str = "zscore",
-    optimizer: str = "sgd",
-    perturb: str = "both",
-    adam_betas: tuple[float, float] = (0.9, 0.999),
-    adam_eps: float = 1e-8,
-    noise: PopulationNoise | None = None,
-    fitness: Sequence[float] | None = None,
-) -> tuple[ESState, dict]:
-    """theta_{g+1} from theta_g, the members' seeds and their mean rewards (`noise`: the
-    generation's, if drawn already; `fitness`: what is shaped into weights, when it is not the mean
-    reward, see FITNESS). Pure: returns a new state."""
+def es_update(state: ESState, population: DrawnPopulation, rewards: Sequence[float], rule: UpdateRule, space: "SearchSpace",
+              fitness: Sequence[float] | None = None) -> tuple[ESState, dict]:
+    """tell: theta_{g+1} from theta_g, the generation's drawn population and its members' mean
+    rewards (`fitness`: what is shaped into weights when it is not the mean reward, see FITNESS),
+    in `space`. Pure: returns a new state and the metrics."""
+    members = population.plan.members
     if len(members) != len(rewards):
         raise ValueError(f"{len(members)} members but {len(rewards)} rewards")
     if fitness is not None and len(fitness) != len(members):
         raise ValueError(f"{len(members)} members but {len(fitness)} fitness values")
-    weights = SHAPING[shaping](rewards if fitness is None else fitness)
-    noise = _checked_noise(noise, state.center, members, perturb)
-    keys = noise.keys
-    grad_flat = _gradient_flat(members, weights, noise)
-    if optimizer == "sgd":
-        # one flat vector rather than a few ops per tensor: hundreds of small tensors at rank 1
-        step_flat = learning_rate * grad_flat
-        moved = _split(_flat(state.center, keys) + step_flat, state.center, keys)
-        new_state = replace(state, generation=state.generation + 1, center={k: moved.get(k, v) for k, v in state.center.items()})
-    elif optimizer == "adam":
-        grad = _per_tensor(grad_flat, state.center, keys)
-        b1, b2 = adam_betas
-        t = state.adam_step + 1
-        m_prev = state.adam_m or {k: torch.zeros_like(g) for k, g in grad.items()}
-        v_prev = state.adam_v or {k: torch.zeros_like(g) for k, g in grad.items()}
-        m = {k: b1 * m_prev[k] + (1 - b1) * g for k, g in grad.items()}
-        v = {k: b2 * v_prev[k] + (1 - b2) * g * g for k, g in grad.items()}
-        step = {k: learning_rate * (m[k] / (1 - b1**t)) / ((v[k] / (1 - b2**t)).sqrt() + adam_eps) for k in grad}
-        center = {k: (v + step[k]) if k in step else v for k, v in state.center.items()}
-        new_state = replace(state, generation=state.generation + 1, center=center, adam_m=m, adam_v=v, adam_step=t)
-        step_flat = torch.cat([step[k].reshape(-1) for k in sorted(step)]) if step else torch.zeros(0)
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}")
+    weights = SHAPING[rule.shaping](rewards if fitness is None else fitness)
+    new_state, step_metrics = space.tell(state, population, weights, rule.optimiser)
+    return new_state, {**reward_metrics(rewards), **step_metrics, "weights": [float(w) for w in weights]}
+
+
+def reward_metrics(rewards: Sequence[float]) -> dict:
+    """Mean, spread and range of the members' rewards (failed members, NaN, left out and counted)."""
     finite = [float(r) for r in rewards if math.isfinite(float(r))]
-    metrics = {
+    return {
         "reward_mean": sum(finite) / len(finite) if finite else float("nan"),
         "reward_std": float(torch.tensor(finite, dtype=torch.float64).std(unbiased=False)) if finite else float("nan"),
         "reward_max": max(finite) if finite else float("nan"),
         "reward_min": min(finite) if finite else float("nan"),
         "failed_members": len(rewards) - len(finite),
-        "grad_norm": float(grad_flat.double().norm()),
-        "update_norm": float(step_flat.double().norm()),
-        "weights": [float(w) for w in weights],
     }
-    return new_state, metrics
 
 
 def optimizer_tensors(state: ESState) -> LoRATensors:
@@ -386,20 +278,9 @@ def optimizer_tensors(state: ESState) -> LoRATensors:
     return out
 
 
-def state_from_tensors(center: LoRATensors, generation: int, optimizer: LoRATensors | None = None) -> ESState:
+def state_from_tensors(centre: LoRATensors, generation: int, optimizer: LoRATensors | None = None) -> ESState:
     if not optimizer:
-        return ESState(center=dict(center), generation=generation)
+        return ESState(centre=dict(centre), generation=generation)
     m = {k[len("adam_m.") :]: v for k, v in optimizer.items() if k.startswith("adam_m.")}
     v = {k[len("adam_v.") :]: t for k, t in optimizer.items() if k.startswith("adam_v.")}
-    return ESState(dict(center), generation, m, v, int(optimizer["adam_step"].item()))
-
-
-def tensors_sha256(tensors: LoRATensors) -> str:
-    """A content hash of tensors (names, dtypes, shapes, bytes), independent of file format."""
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
+    return ESState(dict(centre), generation, m, v, int(optimizer["adam_step"].item()))

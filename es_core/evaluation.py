@@ -7,9 +7,18 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from es_core.backends.base import Completion
 from es_core.countdown.problems import Problem
 from es_core.countdown.reward import RewardKind, score_parts
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a backend returns for one prompt under one adapter: what is scored."""
+
+    text: str  # generated text after the prompt, special tokens removed
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
+    server: str = ""  # who produced it: "embedded" or the SGLang URL
 
 
 @dataclass(frozen=True)

@@ -139,13 +139,13 @@ def find_targets(model: torch.nn.Module, layers: list[int] | tuple[int, ...] | s
     return targets
 
 
-def init_center(targets: list[LoRATarget], rank: int, seed: int, init_std: float | None = None) -> LoRATensors:
+def init_centre(targets: list[LoRATarget], rank: int, seed: int, init_std: float | None = None) -> LoRATensors:
     """Generation 0's centre: A from a seeded init, B = 0 (so the centre equals the base model).
 
     A follows PEFT's default (kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)))
     unless `init_std` asks for a Gaussian of that std. Drawn by the run's noise scheme
     (es_core/seeding.py), one stream per A, so the centre is bit-identical on every machine."""
-    center: LoRATensors = {}
+    centre: LoRATensors = {}
     for t in targets:
         key, size = f"lora-init:{int(seed)}:{t.key_a}", rank * t.in_features
         if init_std is None:
@@ -153,9 +153,9 @@ def init_center(targets: list[LoRATarget], rank: int, seed: int, init_std: float
             a = (torch.from_numpy(uniform_f32(key, size)) * 2 - 1) * bound
         else:
             a = torch.from_numpy(standard_normal_f32(key, size)) * init_std
-        center[t.key_a] = a.view(rank, t.in_features)
-        center[t.key_b] = torch.zeros(t.out_features, rank, dtype=torch.float32)
-    return dict(sorted(center.items()))
+        centre[t.key_a] = a.view(rank, t.in_features)
+        centre[t.key_b] = torch.zeros(t.out_features, rank, dtype=torch.float32)
+    return dict(sorted(centre.items()))
 
 
 def spec_from_tensors(tensors: LoRATensors, lora_alpha: float) -> AdapterSpec:
@@ -233,10 +233,6 @@ def check_adapter_matches(tensors: LoRATensors, targets: list[LoRATarget], rank:
     for key, value in tensors.items():
         if tuple(value.shape) != expected[key]:
             raise AdapterError(f"adapter tensor {key!r} has shape {tuple(value.shape)}, the base model needs {expected[key]}")
-
-
-def num_parameters(tensors: LoRATensors) -> int:
-    return sum(v.numel() for v in tensors.values())
 
 
 

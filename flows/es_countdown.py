@@ -32,8 +32,8 @@ from flows.report import write_report
 from tasks.common import DataDir, evaluation_key, persisted
 from tasks.ledger import record_problems, record_run, record_warm_start, set_run_status
 from tasks.model import prepare_base_model
-from tasks.noise import run_noise_layout
-from tasks.population import init_population
+from tasks.members import run_noise_layout
+from tasks.population import generation_plan, init_population
 from tasks.warm_start import warm_start
 
 
@@ -122,7 +122,7 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
     # the base model itself, when ES runs on a warm start: opened only if its evaluation is not cached
     base_backend = LazyBackend(lambda: open_backend(settings, Path(base["path"]), data.run_dir(run_id), f"{run_id}-base")) if model is not base else backend
     run = ESRun(settings, data, run_id, backend, evaluation_key(settings, model["sha256"]), load_tokenizer(Path(model["path"])), train,
-                held_out_ids, eval_sets, run_noise_layout(str(data.artifacts), init_sha, es.perturb), RunProgress(run_id, es.generations, start))
+                held_out_ids, eval_sets, run_noise_layout(str(data.artifacts), init_sha, generation_plan(es, start)), RunProgress(run_id, es.generations, start))
     try:
         # --- generation 0: the base model (and its warm start) on the held-out sets ----------------
         if settings.eval.base_model:

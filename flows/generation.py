@@ -17,14 +17,16 @@ from prefect.utilities.annotations import quote
 
 from es_core.countdown.problems import Problem, training_batch
 from es_core.countdown.prompt import render_prompts
-from es_core.es import DrawnPopulation, PopulationPlan, ask, draw_population
+from es_core.es import DrawnPopulation, PopulationPlan
 from es_core.evaluation import MemberScore
+from es_core.search_space import search_space
 from es_core.settings import Settings
 from flows.pipeline import Pipeline
 from tasks.common import DataDir, persisted
 from tasks.evaluate import evaluate_heldout, evaluate_population
 from tasks.ledger import commit_generation, evaluated, publish_generation, record_eval
-from tasks.population import aggregate, perturb
+from tasks.members import GenerationMembers
+from tasks.population import aggregate, generation_plan, update_rule, write_members
 
 # Every held-out number is the paper's reward, whatever reward.kind trains on.
 HELDOUT_REWARD = "paper"
@@ -33,10 +35,11 @@ HELDOUT_REWARD = "paper"
 def generation(run: "ESRun", pipeline: Pipeline, g: int, centre: str) -> str:
     """Generation g from centre (a checkpoint's sha256); returns the new centre's."""
     clock = Clock()
-    inputs = pipeline.start(g)                               # plan: made while g - 1 decoded
-    adapters = run.write_members(pipeline, centre, inputs)   # the members' files, written while they decode
-    scored = run.evaluate(pipeline, centre, inputs)          # evaluate: decode and score every member
-    update = run.update(centre, inputs, scored.scores)       # update: the centre moves by the shaped fitness
+    inputs = pipeline.start(g)                                 # plan: made while g - 1 decoded
+    members = GenerationMembers(run.artifacts, centre, inputs.plan, inputs.drawn)  # built once, for every task below
+    adapters = run.write_members(pipeline, centre, inputs, members)  # the members' files, written while they decode
+    scored = run.evaluate(pipeline, centre, inputs, members)   # evaluate: decode and score every member
+    update = run.update(centre, inputs, members, scored.scores)  # tell: the centre moves by the shaped fitness
     pipeline.end_generation()
     run.commit(pipeline, inputs, centre, adapters, scored.scores, update, clock.timing(scored.generate_seconds))  # while g + 1 decodes
     return update["center_sha256"]
@@ -80,7 +83,8 @@ class ESRun:
         self.eval_sets = eval_sets
         self.eval_prompts = {name: render_prompts(problems, settings.prompt.style, tokenizer) for name, problems in eval_sets.items()}
         self.root, self.artifacts = str(data.root), str(data.artifacts)
-        self._perturb, self._aggregate = persisted(perturb, data), persisted(aggregate, data)
+        self.rule = update_rule(settings.es)
+        self._write_members, self._aggregate = persisted(write_members, data), persisted(aggregate, data)
         self._evaluate_population, self._evaluate_heldout = persisted(evaluate_population, data), persisted(evaluate_heldout, data)
 
     # --- plan -------------------------------------------------------------------------------------------
@@ -88,23 +92,23 @@ class ESRun:
     def plan(self, g: int) -> GenerationInputs:
         """Generation g's members (seeds, signs, sigma), their noise and its training prompts: none
         depends on a reward, so the pipeline prepares them while the generation before decodes."""
-        es, settings = self.settings.es, self.settings
-        plan = ask(es.seed, g, es.population, es.sigma, es.perturb, es.antithetic)
+        settings = self.settings
+        plan = generation_plan(settings.es, g)
         problems = training_batch(settings.data, self.train, g, self.held_out_ids)
-        return GenerationInputs(plan, draw_population(plan, self.layout), problems, render_prompts(problems, settings.prompt.style, self.tokenizer))
+        return GenerationInputs(plan, search_space(plan).draw(plan, self.layout), problems, render_prompts(problems, settings.prompt.style, self.tokenizer))
 
-    def write_members(self, pipeline: Pipeline, center_sha256: str, inputs: GenerationInputs):
+    def write_members(self, pipeline: Pipeline, center_sha256: str, inputs: GenerationInputs, members: GenerationMembers):
         """The members' adapter artifacts (the ledger names them), written while they decode."""
-        return pipeline.while_decoding(self._perturb, self.artifacts, center_sha256, quote(inputs.plan), drawn=quote(inputs.drawn))
+        return pipeline.while_decoding(self._write_members, self.artifacts, center_sha256, quote(inputs.plan), members=quote(members))
 
     # --- evaluate -------------------------------------------------------------------------------------
 
-    def evaluate(self, pipeline: Pipeline, center_sha256: str, inputs: GenerationInputs) -> Scored:
+    def evaluate(self, pipeline: Pipeline, center_sha256: str, inputs: GenerationInputs, members: GenerationMembers) -> Scored:
         """Every member on the generation's prompts: scores, and the seconds decoding took now."""
         generation = self.settings.generation
         state = self._evaluate_population(
             quote(self.backend), self.artifacts, center_sha256, quote(inputs.plan), quote(inputs.problems), quote(inputs.prompts),
-            generation.max_new_tokens, self.settings.reward.kind, self.model_key, decoding=pipeline.decoding, drawn=quote(inputs.drawn),
+            generation.max_new_tokens, self.settings.reward.kind, self.model_key, decoding=pipeline.decoding, members=quote(members),
             return_state=True,
         )
         result = state.result()
@@ -113,13 +117,11 @@ class ESRun:
 
     # --- update -----------------------------------------------------------------------------------------
 
-    def update(self, center_sha256: str, inputs: GenerationInputs, scores: list[MemberScore]) -> dict:
+    def update(self, center_sha256: str, inputs: GenerationInputs, members: GenerationMembers, scores: list[MemberScore]) -> dict:
         """The new centre from the members' rewards: its sha256, the update's metrics, the fitness."""
-        es = self.settings.es
         return self._aggregate(
             self.artifacts, center_sha256, quote(inputs.plan), quote([s.reward_mean for s in scores]),
-            quote([[sample.reward for sample in s.samples] for s in scores]), es.fitness, es.learning_rate, es.shaping, es.optimizer,
-            (es.adam_beta1, es.adam_beta2, es.adam_eps), drawn=quote(inputs.drawn),
+            quote([[sample.reward for sample in s.samples] for s in scores]), self.rule, members=quote(members),
         )
 
     # --- commit -----------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""Replay a recorded generation from the ledger with the run's own tasks: `perturb` rebuilds its
-members and `aggregate` its new centre from the parent centre, the generation's plan (`es.ask` of
-the recorded settings, as the run made it; the ledger's member seeds are checked against it) and
-the recorded rewards, in a scratch store (the data dir is only read: a read-only copy can be replayed); every
+"""Replay a recorded generation from the ledger with the run's own tasks: `write_members` rebuilds its
+members and `aggregate` its new centre from the parent centre, the generation's plan and the
+recorded rewards, in a scratch store (the data dir is only read: a read-only copy can be replayed).
+Plan and update rule come from the recorded settings through the run's own `generation_plan` and
+`update_rule` (the ledger's member seeds are checked against the plan). Every
 hash is checked: the rebuilt against the ledger's, and the stored artifacts (parent, members, new
 centre) against their own (a flipped byte fails the replay; a member adapter not kept, e.g. a data
 dir carried without them, is noted, since its seed rebuilds it). With `reevaluate`, the stored
@@ -21,13 +22,13 @@ from artifacts.ledger import Ledger
 from artifacts.store import ArtifactError, ArtifactStore
 from es_core.countdown.problems import Problem, experiment_problems, training_batch
 from es_core.countdown.prompt import render_prompts
-from es_core.es import Member, ask
+from es_core.es import Member
 from es_core.settings import ConfigError
 from flows.crashed import mark_unfinished_task_runs_crashed
 from flows.recorded import recorded_settings
 from tasks.common import NO_CACHE, evaluation_key
 from tasks.evaluate import evaluate_adapters
-from tasks.population import aggregate, perturb
+from tasks.population import aggregate, generation_plan, update_rule, write_members
 
 
 @dataclass
@@ -37,20 +38,20 @@ class ReplayReport:
     members_checked: int = 0
     mismatches: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    center_ok: bool = False
+    centre_ok: bool = False
     rewards_checked: int = 0
     max_reward_diff: float = 0.0
     completions_checked: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.mismatches and self.center_ok
+        return not self.mismatches and self.centre_ok
 
     def lines(self) -> list[str]:
         out = [f"run {self.run_id} generation {self.generation}: {self.members_checked} member adapters rebuilt from seeds"]
         out += [f"  MISMATCH {m}" for m in self.mismatches]
         out += [f"  note: {n}" for n in self.notes]
-        out.append(f"  new centre {'matches' if self.center_ok else 'DOES NOT match'} the ledger")
+        out.append(f"  new centre {'matches' if self.centre_ok else 'DOES NOT match'} the ledger")
         if self.rewards_checked:
             out.append(f"  re-evaluated {self.rewards_checked} members, {self.completions_checked} completions: "
                        f"largest reward difference {self.max_reward_diff:.3g}")
@@ -75,14 +76,13 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
     if row is None:
         raise ConfigError(f"run {run_id} has no recorded generation {generation} (last: {ledger.last_generation(run_id)})")
     settings = recorded_settings(run, root, verb="replay")  # as recorded: an ES_* variable that changes results is refused
-    es = settings.es
     store = ArtifactStore(root / "artifacts")
     members = sorted(ledger.member_rows(run_id, generation), key=lambda m: m["member"])
     train, _, held_out_ids = experiment_problems(settings.data, settings.eval)
     batch = training_batch(settings.data, train, generation, held_out_ids)
     report = ReplayReport(run_id, generation)
 
-    plan = ask(es.seed, generation, es.population, es.sigma, es.perturb, es.antithetic)  # as the run planned it
+    plan = generation_plan(settings.es, generation)  # as the run planned it
     recorded = tuple(Member(m["member"], int(m["seed"]), int(m["sign"])) for m in members)
     if recorded != plan.members:
         report.mismatches.append(f"the ledger's members (index, seed, sign) are not generation {generation}'s plan: the rest checks the ledger's")
@@ -91,7 +91,7 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
     with tempfile.TemporaryDirectory(prefix="es-replay-store-") as scratch:
         parent = row["parent_center_sha256"]
         ArtifactStore(Path(scratch)).put_dir(store.get(parent))  # its files checked against its hash on the way
-        rebuilt = _replayed(perturb)(scratch, parent, quote(plan))
+        rebuilt = _replayed(write_members)(scratch, parent, quote(plan))
         for m, (sha, _) in zip(members, rebuilt):
             report.members_checked += 1
             if sha != m["adapter_sha256"]:
@@ -99,9 +99,9 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
             _check_stored(store, m["adapter_sha256"], f"member {m['member']}", report)
         update = _replayed(aggregate)(
             scratch, parent, quote(plan), quote([float(m["reward_mean"]) for m in members]), quote(_sample_rewards(ledger, run_id, generation, members, batch)),
-            es.fitness, es.learning_rate, es.shaping, es.optimizer, (es.adam_beta1, es.adam_beta2, es.adam_eps),
+            update_rule(settings.es),
         )
-    report.center_ok = update["center_sha256"] == row["center_sha256"]
+    report.centre_ok = update["center_sha256"] == row["center_sha256"]
     _check_stored(store, row["center_sha256"], "new centre", report)
 
     if reevaluate:

@@ -7,7 +7,8 @@ TASK_SOURCE hashes the task's body only). What decides how the model decodes (dt
 resolved, compile, backend) enters the evaluation tasks as `model_key` (`evaluation_key`).
 Engines and servers travel as `backend`, the event of a generation's decoding having started as
 `decoding` (the evaluation sets it, background work waits for it: flows/pipeline.py), and the
-generation's noise drawn ahead (tasks/noise.py) as `drawn`: all excluded from the key.
+generation's members built once for all its tasks (tasks/members.py) as `members`: all excluded
+from the key.
 Results persist under the data dir, so a re-run or a resume skips finished work. (Prefect's
 DEFAULT policy keys on the flow run id, which a re-run does not share.)
 """
@@ -80,7 +81,7 @@ class _CodeVersion(CachePolicy):
 
 
 CODE_VERSION = _CodeVersion()
-CONTENT_CACHE = (INPUTS - "backend" - "decoding" - "drawn") + TASK_SOURCE + CODE_VERSION
+CONTENT_CACHE = (INPUTS - "backend" - "decoding" - "members") + TASK_SOURCE + CODE_VERSION
 NO_CACHE = NO_CACHE
 
 

@@ -9,37 +9,13 @@ from pathlib import Path
 
 from prefect import task
 
-from artifacts.checkpoints import load_checkpoint
 from artifacts.store import ArtifactStore
 from es_core.backends.base import AdapterRef, BackendError
 from es_core.countdown.problems import Problem
-from es_core.es import DrawnPopulation, PopulationPlan, stacked_population
+from es_core.es import PopulationPlan
 from es_core.evaluation import MemberScore, heldout_summary, score_population
-from es_core.lora import AdapterSpec, LoRATensors, StackedLoRA
 from tasks.common import CONTENT_CACHE, retry_on
-from tasks.noise import population_of
-from tasks.population import write_member_adapters
-
-
-class GenerationMembers:
-    """A generation's members as `es_core.backends.base.Members`: stacked in memory for a backend
-    that decodes them there, written as adapter artifacts (the same bytes `perturb` writes) for one
-    that loads files. Each is built on first use only."""
-
-    def __init__(self, store: ArtifactStore, center: LoRATensors, spec: AdapterSpec, population: DrawnPopulation):
-        self.store, self.center, self.spec, self.population = store, center, spec, population
-        self.scaling = spec.lora_alpha / spec.rank
-
-    def __len__(self) -> int:
-        return len(self.population.plan.members)
-
-    def stacked(self) -> StackedLoRA:
-        return stacked_population(self.center, self.population)
-
-    def adapters(self) -> list[AdapterRef]:
-        plan = self.population.plan
-        refs = write_member_adapters(self.store, self.center, self.spec, self.population)
-        return [AdapterRef(f"g{plan.generation}_m{m.index:03d}", ref.path) for m, ref in zip(plan.members, refs)]
+from tasks.members import GenerationMembers
 
 
 def _scored(generate, problems: list[Problem], prompts: list[str], reward_kind: str) -> tuple[list[MemberScore], float]:
@@ -67,18 +43,17 @@ def evaluate_population(
     reward_kind: str,
     model_key: str,
     decoding=None,
-    drawn: DrawnPopulation | None = None,
+    members: GenerationMembers | None = None,
 ) -> dict:
     """Greedy completions of every prompt under every member of a generation, scored.
 
-    The members are the centre checkpoint plus their seeds' noise (`drawn`: drawn ahead for this
-    plan); the backend takes them as it decodes them (es_core/backends/base.py `Members`). The cache
+    The members are the centre checkpoint plus their seeds' noise (`members`: built for this centre
+    and plan, shared with the generation's other tasks, tasks/members.py); the backend takes them as
+    it decodes them (es_core/backends/base.py `Members`). The cache
     key is that content: the centre's hash and the plan; `model_key` (how the backend decodes) is
     part of it. `decoding` is set once decoding is under way (background work waits for it).
     Retried with backoff on a backend's (a server's) failure."""
-    store = ArtifactStore(Path(artifacts_dir))
-    state, spec = load_checkpoint(store, center_sha256)
-    members = GenerationMembers(store, state.center, spec, population_of(plan, state.center, drawn))
+    members = members.check(center_sha256, plan) if members is not None else GenerationMembers(artifacts_dir, center_sha256, plan)
     on_decode = decoding.set if decoding is not None else None
     scores, seconds = _scored(lambda: backend.generate_population(members, prompts, max_new_tokens, on_decode), problems, prompts, reward_kind)
     return {"scores": scores, "generate_seconds": seconds}

@@ -1,4 +1,6 @@
-"""Population tasks: the generation-0 centre, member adapters from seeds, the ES update (tell)."""
+"""Population tasks: the generation-0 centre, the members' adapter files, the ES update (tell);
+and the one path from a run's settings to a generation's plan and update rule, which the run and
+its replay both take."""
 
 from __future__ import annotations
 
@@ -6,49 +8,53 @@ from pathlib import Path
 
 from prefect import task
 
-from artifacts.checkpoints import load_checkpoint, put_adapter_folder, put_checkpoint
-from artifacts.store import ArtifactRef, ArtifactStore
-from es_core.es import FITNESS, DrawnPopulation, ESState, PopulationPlan, es_update, stacked_population
-from es_core.lora import AdapterSpec, LoRATensors, find_targets_in_folder, init_center, spec_from_tensors
+from artifacts.checkpoints import put_checkpoint
+from artifacts.store import ArtifactStore
+from es_core.es import FITNESS, ESState, PopulationPlan, UpdateRule, ask, es_update
+from es_core.lora import find_targets_in_folder, init_centre, spec_from_tensors
+from es_core.optimisers import optimiser_named
+from es_core.settings import ESSettings
 from tasks.common import CONTENT_CACHE, wait_for_decoding
-from tasks.noise import population_of
+from tasks.members import GenerationMembers
+
+
+def generation_plan(es: ESSettings, generation: int) -> PopulationPlan:
+    """Generation g's plan as the run's settings make it (es.ask)."""
+    return ask(es.seed, generation, es.population, es.sigma, es.perturb, es.antithetic)
+
+
+def update_rule(es: ESSettings) -> UpdateRule:
+    """How the run's settings turn rewards into a step: fitness, shaping, optimiser."""
+    optimiser = optimiser_named(es.optimizer, es.learning_rate, (es.adam_beta1, es.adam_beta2), es.adam_eps)
+    return UpdateRule(optimiser, es.fitness, es.shaping)
 
 
 @task(cache_policy=CONTENT_CACHE)
 def init_population(artifacts_dir: str, base_model_path: str, base_model_sha256: str, layers: list[int], modules: list[str], rank: int, lora_alpha: float, init_std: float | None, seed: int) -> str:
     """Generation 0's centre (A seeded, B = 0: the base model) as a checkpoint artifact; returns its sha256."""
     targets = find_targets_in_folder(base_model_path, layers, modules)
-    center = init_center(targets, rank, seed, init_std)
-    spec = spec_from_tensors(center, lora_alpha)
-    return put_checkpoint(ArtifactStore(Path(artifacts_dir)), ESState(center), spec).sha256
+    centre = init_centre(targets, rank, seed, init_std)
+    spec = spec_from_tensors(centre, lora_alpha)
+    return put_checkpoint(ArtifactStore(Path(artifacts_dir)), ESState(centre), spec).sha256
 
 
-def write_member_adapters(store: ArtifactStore, center: LoRATensors, spec: AdapterSpec, population: DrawnPopulation) -> list[ArtifactRef]:
-    """The members centre + sigma * sign * eps(seed) as adapter artifacts, in plan order."""
-    members = stacked_population(center, population)
-    return [put_adapter_folder(store, members.member(i), spec) for i in range(len(members))]
-
-
-@task(cache_policy=CONTENT_CACHE, task_run_name="perturb-g{plan.generation}")
-def perturb(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, decoding=None, drawn: DrawnPopulation | None = None) -> list[tuple[str, str]]:
-    """Materialise a generation's member adapters (centre + sigma * sign * eps(seed)); returns (sha256, path) each."""
+@task(cache_policy=CONTENT_CACHE, task_run_name="members-g{plan.generation}")
+def write_members(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, decoding=None, members: GenerationMembers | None = None) -> list[tuple[str, str]]:
+    """A generation's member adapters as artifacts (centre + sigma * sign * eps(seed)); returns (sha256, path) each."""
     wait_for_decoding(decoding)
-    store = ArtifactStore(Path(artifacts_dir))
-    state, spec = load_checkpoint(store, center_sha256)
-    return [(ref.sha256, str(ref.path)) for ref in write_member_adapters(store, state.center, spec, population_of(plan, state.center, drawn))]
+    members = members.check(center_sha256, plan) if members is not None else GenerationMembers(artifacts_dir, center_sha256, plan)
+    return [(ref.sha256, str(ref.path)) for ref in members.adapter_files()]
 
 
 @task(cache_policy=CONTENT_CACHE, task_run_name="aggregate-g{plan.generation}")
-def aggregate(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, rewards: list[float], sample_rewards: list[list[float]], fitness: str,
-              learning_rate: float, shaping: str, optimizer: str, adam: tuple[float, float, float], drawn: DrawnPopulation | None = None) -> dict:
+def aggregate(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, rewards: list[float], sample_rewards: list[list[float]], rule: UpdateRule,
+              members: GenerationMembers | None = None) -> dict:
     """theta_{g+1} = theta_g + alpha * (1/N) * sum_i w_i eps_i, w shaped from the members' fitness
-    (es_core.es.FITNESS[fitness] of their rewards on each prompt, `sample_rewards[member][prompt]`;
+    (es_core.es.FITNESS[rule.fitness] of their rewards on each prompt, `sample_rewards[member][prompt]`;
     the paper's, mean_reward, is the mean rewards `rewards` as recorded on the members); returns
     the new centre's sha256, the metrics and the fitness."""
-    store = ArtifactStore(Path(artifacts_dir))
-    state, spec = load_checkpoint(store, center_sha256)
-    values = FITNESS[fitness](sample_rewards)
-    new_state, metrics = es_update(state, plan.members, rewards, learning_rate, shaping, optimizer, plan.perturb, adam[:2], adam[2],
-                                   population_of(plan, state.center, drawn).noise, None if fitness == "mean_reward" else values)
-    ref = put_checkpoint(store, new_state, spec)
+    members = members.check(center_sha256, plan) if members is not None else GenerationMembers(artifacts_dir, center_sha256, plan)
+    values = FITNESS[rule.fitness](sample_rewards)
+    new_state, metrics = es_update(members.state, members.population, rewards, rule, members.space, None if rule.fitness == "mean_reward" else values)
+    ref = put_checkpoint(members.store, new_state, members.spec)
     return {"center_sha256": ref.sha256, "center_path": str(ref.path), "fitness": values, **metrics}

@@ -121,7 +121,7 @@ def test_deployment_run_on_a_process_worker_then_ui_retry(prefect_server, tmp_pa
         _, after = ledger.query("SELECT count(*) FROM samples WHERE run_id = 'deployed-smoke'")
         assert after == before  # nothing duplicated
         # no task body ran twice: the retry's content-cached tasks are all Cached
-        cached_kinds = ("init_population", "perturb", "evaluate_population", "evaluate_heldout", "aggregate")
+        cached_kinds = ("init_population", "write_members", "evaluate_population", "evaluate_heldout", "aggregate")
         retried = [(n, s) for n, s in task_run_states(env, flow_run_id, attempt=2) if n in cached_kinds]
         assert retried and all(s == "Cached" for _, s in retried), retried
 

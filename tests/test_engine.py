@@ -13,7 +13,7 @@ from es_core.engine import lora_silu
 from es_core.engine.generate import PopulationEngine, plan_chunks
 from es_core.engine.model import Decoder
 from es_core.engine.population_lora import PopulationLoRA, lora_delta, lora_delta_fused
-from es_core.lora import AdapterError, LoRATarget, LoRATensors, StackedLoRA, find_targets, init_center, save_adapter, spec_from_tensors
+from es_core.lora import AdapterError, LoRATarget, LoRATensors, StackedLoRA, find_targets, init_centre, save_adapter, spec_from_tensors
 from es_core.models import load_causal_lm, load_tokenizer, resolve_base_model
 from es_core.settings import ModelSettings, settings_from_dict
 from tests.conftest import needs_triton_kernels
@@ -39,7 +39,7 @@ def smollm2_path(model_cache) -> Path:
 def random_member(targets, rank: int, seed: int, b_std: float) -> LoRATensors:
     """A non-trivial adapter: A as PEFT initialises it, B random (a fresh centre has B = 0)."""
     g = torch.Generator().manual_seed(seed)
-    center = init_center(targets, rank, seed=seed)
+    center = init_centre(targets, rank, seed=seed)
     return {k: v if ".lora_A." in k else b_std * torch.randn(v.shape, generator=g) for k, v in center.items()}
 
 

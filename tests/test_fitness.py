@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from es_core.es import FITNESS, ESState, Member, es_update, mean_reward, prompt_normalized, zscore
+from es_core.es import FITNESS, ESState, Member, PopulationPlan, UpdateRule, draw_population, es_update, mean_reward, prompt_normalized, zscore
+from es_core.optimisers import SGD
+from es_core.search_space import LORA_SPACE
 
 
 def test_mean_reward_is_the_papers_fitness():
@@ -42,17 +44,18 @@ def test_prompt_normalized_all_equal_and_failed_samples():
 
 
 def test_update_shapes_the_fitness_given_and_reports_the_rewards():
-    center = {"a.lora_A.weight": torch.zeros(4, 3), "a.lora_B.weight": torch.zeros(2, 4)}
+    centre = {"a.lora_A.weight": torch.zeros(4, 3), "a.lora_B.weight": torch.zeros(2, 4)}
     members = [Member(0, 11, 1), Member(1, 11, -1), Member(2, 12, 1), Member(3, 12, -1)]
     rewards = [0.6, 0.1, 0.1, 0.6]
     fitness = [-1.0, 1.0, 0.5, -0.5]
-    by_fitness, metrics = es_update(ESState(center), members, rewards, 0.1, fitness=fitness)
-    by_rewards, _ = es_update(ESState(center), members, rewards, 0.1)
+    population = draw_population(PopulationPlan(0, tuple(members), 0.05), LORA_SPACE.noise_layout(centre))
+    by_fitness, metrics = es_update(ESState(centre), population, rewards, UpdateRule(SGD(0.1)), LORA_SPACE, fitness=fitness)
+    by_rewards, _ = es_update(ESState(centre), population, rewards, UpdateRule(SGD(0.1)), LORA_SPACE)
     assert metrics["weights"] == pytest.approx(zscore(fitness).tolist())
     assert metrics["reward_mean"] == pytest.approx(0.35)  # the ledger's reward columns stay rewards
-    assert not torch.equal(by_fitness.center["a.lora_A.weight"], by_rewards.center["a.lora_A.weight"])
+    assert not torch.equal(by_fitness.centre["a.lora_A.weight"], by_rewards.centre["a.lora_A.weight"])
     with pytest.raises(ValueError):
-        es_update(ESState(center), members, rewards, 0.1, fitness=[1.0])
+        es_update(ESState(centre), population, rewards, UpdateRule(SGD(0.1)), LORA_SPACE, fitness=[1.0])
 
 
 def test_every_fitness_is_named_in_settings():

@@ -86,7 +86,7 @@ def test_replay_and_resume_of_a_real_run_refuse_an_environment_override(recorded
 
 
 def test_re_decoding_the_stored_member_adapters_gives_the_recorded_completions(recorded):
-    """The embedded flow scores members it builds in memory while `perturb` writes their files: the
+    """The embedded flow scores members it builds in memory while `write_members` writes their files: the
     files (the ledger's adapter hashes) must decode to the very completions the ledger holds. A
     flow that evaluated other members than it recorded (2 x sigma, another seed) fails here."""
     from flows.replay import replay

@@ -13,7 +13,7 @@ from es_core.lora import (
     AdapterError,
     check_adapter_matches,
     find_targets,
-    init_center,
+    init_centre,
     load_adapter,
     safetensors_bytes,
     save_adapter,
@@ -31,7 +31,7 @@ def tiny_model(seed=0):
 
 def random_adapter(targets, rank, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in init_center(targets, rank, seed=0).items()}
+    return {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in init_centre(targets, rank, seed=0).items()}
 
 
 def merged_logits(model, tensors, scaling, ids):
@@ -64,9 +64,9 @@ def test_targets_follow_settings_and_shapes():
 def test_generation_zero_center_is_the_base_model():
     model = tiny_model()
     targets = find_targets(model, [0, 1, 2], MODULES)
-    center = init_center(targets, rank=2, seed=3)
+    center = init_centre(targets, rank=2, seed=3)
     assert all(torch.count_nonzero(v) == 0 for k, v in center.items() if "lora_B" in k)
-    assert torch.equal(init_center(targets, 2, seed=3)[targets[0].key_a], center[targets[0].key_a])
+    assert torch.equal(init_centre(targets, 2, seed=3)[targets[0].key_a], center[targets[0].key_a])
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     with torch.no_grad():
         torch.testing.assert_close(merged_logits(model, center, 2.0, ids), model(ids).logits)

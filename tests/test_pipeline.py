@@ -163,7 +163,7 @@ def test_rerun_with_the_same_content_executes_no_task_body_twice(tmp_path, prefe
     assert second["center_sha256"] == first["center_sha256"]
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    content_tasks = [r for r in runs if r.task_key.rsplit("-", 1)[0] in ("init_population", "perturb", "evaluate_population", "evaluate_heldout", "aggregate")]
+    content_tasks = [r for r in runs if r.task_key.rsplit("-", 1)[0] in ("init_population", "write_members", "evaluate_population", "evaluate_heldout", "aggregate")]
     assert len(content_tasks) >= 2 * 3 + 1
     assert all(r.state.name == "Cached" for r in content_tasks), [(r.name, r.state.name) for r in content_tasks]
     assert counts(Path(data_dir), "second") == counts(Path(data_dir), "first")
@@ -185,12 +185,12 @@ def test_task_runs_are_named_by_generation(tmp_path, prefect_harness, model_cach
     with get_client(sync_client=True) as client:
         names = {r.name for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))}
     for g in (0, 1):
-        assert {f"perturb-g{g}", f"evaluate-g{g}", f"aggregate-g{g}", f"commit-g{g}", f"publish-g{g}"} <= names, sorted(names)
+        assert {f"members-g{g}", f"evaluate-g{g}", f"aggregate-g{g}", f"commit-g{g}", f"publish-g{g}"} <= names, sorted(names)
     assert {"eval-base-on-heldout", "eval-centre_g2-on-heldout", "record-eval-centre-g2-on-heldout", "record-run-named", "run-completed"} <= names, sorted(names)
 
 
 def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(tmp_path, model_cache):
-    """The embedded path decodes members built in memory while `perturb` writes their files: both
+    """The embedded path decodes members built in memory while `write_members` writes their files: both
     must be the same members, or the ledger's adapter hashes would name models never scored."""
     from es_core.backends.base import AdapterRef
     from es_core.backends.embedded import EmbeddedBackend
@@ -201,7 +201,7 @@ def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(t
     from es_core.models import load_tokenizer, resolve_base_model
     from es_core.settings import load_settings
     from tasks.evaluate import evaluate_population
-    from tasks.population import init_population, perturb
+    from tasks.population import init_population, write_members
 
     settings = load_settings(str(tiny_config(tmp_path)), [f"data_dir={tmp_path / 'data'}", "es.sigma=0.5", "generation.max_batch_rows=6"])
     base = resolve_base_model(settings.model, model_cache)
@@ -214,7 +214,7 @@ def test_population_built_from_seeds_decodes_exactly_like_its_member_artifacts(t
     backend = EmbeddedBackend.from_settings(settings, base.path)
     try:
         from_seeds = evaluate_population.fn(backend, artifacts, center, plan, problems[:3], prompts, 6, "paper", "k")["scores"]
-        files = perturb.fn(artifacts, center, plan)
+        files = write_members.fn(artifacts, center, plan)
         completions = backend.generate([AdapterRef(f"m{i}", Path(path)) for i, (_, path) in enumerate(files)], prompts, 6)
     finally:
         backend.close()

@@ -1,14 +1,15 @@
 """What the engine evaluates is what the ES update credits: in a bf16 model (the CUDA default) the
 members' LoRA slots hold their float32 values, not theta + sigma * eps rounded to bf16. Measured at
 the paper's sigma 0.001 and at 0.05 on a SmolLM2-shaped q_proj (in = out = 576, rank 1, A drawn as
-init_center does, B of a trained centre); run with -s to see the figures."""
+init_centre does, B of a trained centre); run with -s to see the figures."""
 
 import pytest
 import torch
 
 from es_core.engine.population_lora import PopulationLoRA, lora_delta
-from es_core.es import ask, draw_population, noise_layout, stacked_population
-from es_core.lora import LoRATarget, init_center
+from es_core.es import ask, draw_population
+from es_core.search_space import LORA_SPACE
+from es_core.lora import LoRATarget, init_centre
 from es_core.seeding import standard_normal_f32
 
 D, RANK, MEMBERS, SCALING = 576, 1, 16, 2.0
@@ -16,7 +17,7 @@ TARGET = LoRATarget("model.layers.0.self_attn.q_proj", 0, "q_proj", D, D)
 
 
 def trained_centre() -> dict[str, torch.Tensor]:
-    centre = init_center([TARGET], RANK, seed=0)
+    centre = init_centre([TARGET], RANK, seed=0)
     centre[TARGET.key_b] = torch.from_numpy(standard_normal_f32("test-b", D * RANK)).view(D, RANK) * 0.02
     return centre
 
@@ -35,7 +36,7 @@ def relative(error: torch.Tensor, reference: torch.Tensor) -> float:
 @pytest.mark.parametrize("sigma", [0.001, 0.05])
 def test_a_bf16_models_slots_hold_the_credited_members_exactly(sigma):
     centre = trained_centre()
-    population = stacked_population(centre, draw_population(ask(0, 0, MEMBERS, sigma), noise_layout(centre)))
+    population = LORA_SPACE.members(centre, draw_population(ask(0, 0, MEMBERS, sigma), LORA_SPACE.noise_layout(centre)))
     group = slots(population, torch.bfloat16)
     a_member, b_member = population.tensors[TARGET.key_a], population.tensors[TARGET.key_b]
     assert torch.equal(group.a[:, :RANK], a_member) and torch.equal(group.b[:, :, :RANK], b_member * SCALING)
@@ -55,7 +56,7 @@ def test_the_lora_path_in_a_bf16_model_applies_the_float32_member(sigma):
     activations, against float64: what remains is the rounding of the delta to the model's bf16,
     which no choice of slots removes; bf16 slots added their own rounding of A and B."""
     centre = trained_centre()
-    population = stacked_population(centre, draw_population(ask(0, 0, MEMBERS, sigma), noise_layout(centre)))
+    population = LORA_SPACE.members(centre, draw_population(ask(0, 0, MEMBERS, sigma), LORA_SPACE.noise_layout(centre)))
     x = torch.randn(MEMBERS * 4, 1, D, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # 4 rows per member
     rows = torch.arange(MEMBERS * 4) // 4
     a, b = population.tensors[TARGET.key_a].double()[rows], population.tensors[TARGET.key_b].double()[rows] * SCALING
@@ -78,7 +79,7 @@ def test_slots_in_the_models_dtype_are_the_opt_in_that_rounds():
     from es_core.engine.generate import PopulationEngine
 
     centre = trained_centre()
-    population = stacked_population(centre, draw_population(ask(0, 0, MEMBERS, 0.001), noise_layout(centre)))
+    population = LORA_SPACE.members(centre, draw_population(ask(0, 0, MEMBERS, 0.001), LORA_SPACE.noise_layout(centre)))
     group = slots(population, torch.bfloat16, slot_dtype=torch.bfloat16)
     assert group.a.dtype == torch.bfloat16 and not torch.equal(group.a[:, :RANK].float(), population.tensors[TARGET.key_a])
     with pytest.raises(ValueError, match="lora_dtype must be float32 or model"):

@@ -106,7 +106,7 @@ def test_tinyzero_variant():
 def test_population_scores_survive_prefects_result_serializer():
     """A population's scores go through the task result store (columns, one-line base64) intact,
     and scoring each distinct completion once gives what scoring each member alone gives."""
-    from es_core.backends.base import Completion
+    from es_core.evaluation import Completion
     from es_core.countdown.problems import Problem
     from es_core.evaluation import score_member, score_population
     from tasks.common import OneLinePickleSerializer

@@ -23,13 +23,37 @@ from es_core.backends.base import AdapterRef, BackendError
 from es_core.backends.sglang import SGLangBackend, save_adapter
 from es_core.backends.sglang_client import AdapterChecker, SGLangClient
 from es_core.backends.sglang_server import LaunchSpec, SGLangServer, free_port
-from es_core.lora import find_targets_in_folder, init_center, load_adapter, spec_from_tensors
+from es_core.lora import find_targets_in_folder, init_centre, load_adapter, spec_from_tensors
 from es_core.settings import load_settings
 from tests.fake_sglang import FakeSGLang, adapter_digest, fake_completion, write_launch_shim
 from tests.test_sglang_client import MODULES, PROMPTS, base_dir, write_adapter  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+
+# --- holding adapters on one server, as the backend does inside a call (its acquire/release) -----------
+
+
+def load_set(be, server, adapters):
+    """Load these adapters on one server and hold them until `unload_set`: generate_one calls for
+    them then load nothing."""
+    slot = be._slots[server]
+    names = be._acquire(slot, adapters)
+    try:
+        be._ensure_recovering(slot, names)
+    except BaseException:
+        be._release(slot, adapters)
+        raise
+
+
+def generate_one(be, server, adapter, prompts, max_new_tokens):
+    """One adapter's completions on one server (loaded and unloaded unless load_set holds it)."""
+    return be._generate_on(be._slots[server], [adapter], list(prompts), max_new_tokens)[0]
+
+
+def unload_set(be, server, adapters):
+    be._release(be._slots[server], adapters)
 
 def client(url, **kw):
     return SGLangClient(url, retries=kw.pop("retries", 1), backoff_s=0.01, max_backoff_s=0.05, unload_timeout_s=kw.pop("unload_timeout_s", 1.0), **kw)
@@ -123,12 +147,12 @@ def test_concurrent_member_calls_keep_the_loaded_set_bounded(two_fakes, populati
 def test_load_set_holds_adapters_for_generate_one(two_fakes, population):
     a, _ = two_fakes
     with backend([a]) as be:
-        be.load_set(0, population[:3])
+        load_set(be, 0, population[:3])
         assert set(a.snapshot()["loaded"]) == {"g0_m000", "g0_m001", "g0_m002"}
         for ref in population[:3]:
-            assert [c.text for c in be.generate_one(0, ref, PROMPTS, 64)] == [expected(ref, p) for p in PROMPTS]
+            assert [c.text for c in generate_one(be, 0, ref, PROMPTS, 64)] == [expected(ref, p) for p in PROMPTS]
         assert len(a.calls("/load_lora_adapter")) == 3 and a.calls("/unload_lora_adapter") == []
-        be.unload_set(0, population[:3])
+        unload_set(be, 0, population[:3])
         assert a.snapshot()["loaded"] == {}
 
 
@@ -165,11 +189,11 @@ def test_an_attached_server_that_dies_and_comes_back_finishes_the_call(two_fakes
 def test_adapters_lost_behind_our_back_are_reloaded(two_fakes, population):
     a, _ = two_fakes
     with backend([a]) as be:
-        be.load_set(0, population[:1])
+        load_set(be, 0, population[:1])
         a.state.loaded.clear()
         a.state.ever.clear()  # as after a restart: the name was never loaded here
-        out = be.generate_one(0, population[0], PROMPTS, 64)
-        be.unload_set(0, population[:1])
+        out = generate_one(be, 0, population[0], PROMPTS, 64)
+        unload_set(be, 0, population[:1])
     assert [c.text for c in out] == [expected(population[0], p) for p in PROMPTS]
     assert len(a.calls("/load_lora_adapter")) == 2
 
@@ -293,7 +317,7 @@ def test_a_launched_server_that_dies_is_restarted_and_the_call_completes(tmp_pat
     with launched(tmp_path, base_dir, shim_env) as be:
         server = be._slots[0].process
         first = server.pid
-        be.load_set(0, population[:2])
+        load_set(be, 0, population[:2])
         os.kill(first, signal.SIGKILL)  # the server crashes between calls
         out = be.generate(population[:2], PROMPTS, 64)
         assert server.starts == 2 and server.pid != first
@@ -301,17 +325,17 @@ def test_a_launched_server_that_dies_is_restarted_and_the_call_completes(tmp_pat
         requests.post(server.url + "/_fake/fault", json={"endpoint": "/generate", "kind": "die"}, timeout=5)  # dies mid-request
         out = be.generate(population[2:3], PROMPTS, 64)
         assert server.starts == 3 and [c.text for c in out[0]] == [expected(population[2], p) for p in PROMPTS]
-        be.unload_set(0, population[:2])
+        unload_set(be, 0, population[:2])
 
 
 def test_a_hanging_unload_times_out_and_restarts_the_server(tmp_path, base_dir, shim_env, population):
     with launched(tmp_path, base_dir, shim_env) as be:
         server = be._slots[0].process
         requests.post(server.url + "/_fake/fault", json={"endpoint": "/unload_lora_adapter", "kind": "hang"}, timeout=5)
-        out = be.generate_one(0, population[0], PROMPTS, 64)
+        out = generate_one(be, 0, population[0], PROMPTS, 64)
         assert [c.text for c in out] == [expected(population[0], p) for p in PROMPTS]
         assert server.starts == 2
-        assert [c.text for c in be.generate_one(0, population[1], PROMPTS, 64)] == [expected(population[1], p) for p in PROMPTS]
+        assert [c.text for c in generate_one(be, 0, population[1], PROMPTS, 64)] == [expected(population[1], p) for p in PROMPTS]
 
 
 @pytest.mark.parametrize("mode, extra", [("auto", ["--fake-no-lora-endpoints"]), ("restart", [])])
@@ -400,7 +424,7 @@ def test_real_server_round_trip(tmp_path):
     rank = int(info.get("max_lora_rank") or 1)
     modules = [m for m in (info.get("lora_target_modules") or ["q_proj", "v_proj"]) if m in MODULES] or ["q_proj", "v_proj"]
     targets = find_targets_in_folder(base, [0, 1], modules)
-    centre = init_center(targets, rank, seed=0)  # B = 0: the base model
+    centre = init_centre(targets, rank, seed=0)  # B = 0: the base model
     member = {k: v + 0.5 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) if ".lora_B." in k else v for k, v in centre.items()}
     spec = spec_from_tensors(member, 2.0 * rank)
     from es_core.lora import save_adapter as plain_save

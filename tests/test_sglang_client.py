@@ -20,7 +20,7 @@ from es_core.backends.sglang_client import (
     SGLangClient,
     UnloadTimeout,
 )
-from es_core.lora import find_targets_in_folder, init_center, save_adapter, spec_from_tensors
+from es_core.lora import find_targets_in_folder, init_centre, save_adapter, spec_from_tensors
 from tests.fake_sglang import FakeSGLang, adapter_digest, fake_completion
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -38,7 +38,7 @@ def base_dir(tmp_path_factory):
 def write_adapter(base_dir, folder, seed, *, layers=(0, 1), rank=1, b_scale=0.1):
     """A real PEFT folder from es_core.lora: the generation-0 centre with B moved by seeded noise."""
     targets = find_targets_in_folder(base_dir, list(layers), MODULES)
-    tensors = init_center(targets, rank, seed=0)
+    tensors = init_centre(targets, rank, seed=0)
     g = torch.Generator().manual_seed(seed)
     tensors = {k: v + b_scale * torch.randn(v.shape, generator=g) if ".lora_B." in k else v for k, v in tensors.items()}
     return save_adapter(tensors, folder, spec_from_tensors(tensors, 2.0 * rank))

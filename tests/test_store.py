@@ -144,19 +144,20 @@ def test_remove_and_leftovers(store, tmp_path):
 
 def test_identical_adapters_get_one_artifact_that_loads_back(store):
     torch = pytest.importorskip("torch")
+    from artifacts.checkpoints import put_adapter_folder
     from es_core.lora import AdapterSpec, load_adapter
 
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
     tensors = {key.format("A"): torch.arange(8, dtype=torch.float32).reshape(1, 8), key.format("B"): torch.zeros(8, 1)}
     spec = AdapterSpec(rank=1, lora_alpha=2.0, target_modules=("q_proj",), layers=(0,))
-    a = store.put_adapter(tensors, spec)
-    b = store.put_adapter({k: v.clone() for k, v in tensors.items()}, spec)
+    a = put_adapter_folder(store, tensors, spec)
+    b = put_adapter_folder(store, {k: v.clone() for k, v in tensors.items()}, spec)
     assert a == b and len(list(store.iter_artifacts())) == 1
     loaded, loaded_spec = load_adapter(store.get(a.sha256))
     assert loaded_spec.rank == 1 and torch.equal(loaded[key.format("A")], tensors[key.format("A")])
     changed = dict(tensors)
     changed[key.format("B")] = torch.ones(8, 1)
-    assert store.put_adapter(changed, spec).sha256 != a.sha256
+    assert put_adapter_folder(store, changed, spec).sha256 != a.sha256
 
 
 _WRITER = r"""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
+from es_core.evaluation import Completion
+
 if TYPE_CHECKING:
     from es_core.lora import LoRATensors, StackedLoRA
 
@@ -22,14 +24,6 @@ class AdapterRef:
 
     name: str
     path: Path | None
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str  # generated text after the prompt, special tokens removed
-    completion_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
-    server: str = ""  # who produced it: "embedded" or the SGLang URL
 
 
 class BackendError(RuntimeError):

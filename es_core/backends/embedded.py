@@ -12,9 +12,10 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from es_core.backends.base import AdapterRef, Completion, Members
+from es_core.backends.base import AdapterRef, Members
 from es_core.engine.generate import GenerationOutput, PopulationEngine
 from es_core.engine.model import Decoder
+from es_core.evaluation import Completion
 from es_core.lora import AdapterError, LoRATensors, StackedLoRA, check_adapter_matches, find_targets, load_adapter
 from es_core.models import load_causal_lm, load_tokenizer
 from es_core.settings import Settings
@@ -107,7 +108,7 @@ class EmbeddedBackend:
                          scaling: float | None = None, on_decode: Callable[[], None] | None = None,
                          centre: LoRATensors | None = None) -> list[list[Completion]]:
         """As generate, from LoRA tensors in memory (no file I/O): a list of members, or a population
-        stacked per key (`es.stacked_population`); scaling defaults to settings.lora's. `on_decode`:
+        stacked per key (a search space's `members`); scaling defaults to settings.lora's. `on_decode`:
         see PopulationEngine.generate. `centre`: what every member shares, in the centre slot."""
         s = self.scaling if scaling is None else float(scaling)
         # the engine checks every member against its targets when it fills the slots

@@ -43,9 +43,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
-from es_core.backends.base import AdapterRef, BackendError, Completion
+from es_core.backends.base import AdapterRef, BackendError
 from es_core.backends.sglang_client import one_line
 from es_core.backends.sharding import Shard, merge, plan_shards
+from es_core.evaluation import Completion
 from es_core.lora import LoRATensors, StackedLoRA
 from es_core.settings import Settings
 

@@ -11,11 +11,12 @@ stopped) or launch one (`sglang_server.SGLangServer`). Per call:
    `requests_per_server` in flight per server;
 3. unload each adapter as soon as its last user is done (reference counted).
 
-Why unload after use rather than "the previous call's adapters": the flow evaluates members as
-concurrent Prefect tasks, one call per member, so "previous call" is not defined; counting users
-per name keeps the loaded set bounded by what is in flight (plus sets held with `load_set`),
-never unloads an adapter under a running request (SGLang's unload would wait for it), and leaves
-no state behind a failed call. It costs no more loads or unloads than the alternative.
+Why unload after use rather than "the previous call's adapters": a generation's members are one
+call (`generate_population`), but held-out evaluations and replays call in between, from other
+threads, so "previous call" is not defined; counting users per name keeps the loaded set bounded
+by what is in flight, never unloads an adapter under a running request (SGLang's unload would wait
+for it), and leaves no state behind a failed call. It costs no more loads or unloads than the
+alternative.
 
 Fallback (`reload_mode` auto/restart): when dynamic loading is unavailable on a server we
 launched, it is relaunched with `--lora-paths name=path ...` for every adapter in use; restarts
@@ -43,7 +44,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from es_core.backends.base import AdapterRef, BackendError, Completion, Members
+from es_core.backends.base import AdapterRef, BackendError, Members
 from es_core.backends.sglang_client import (
     AdapterChecker,
     AdapterNotLoaded,
@@ -55,6 +56,7 @@ from es_core.backends.sglang_client import (
     one_line,
 )
 from es_core.backends.sglang_server import LaunchSpec, SGLangServer
+from es_core.evaluation import Completion
 from es_core.lora import AdapterSpec, LoRATensors
 from es_core.lora import save_adapter as _save_adapter
 from es_core.settings import Settings
@@ -171,7 +173,7 @@ class _Slot:
 
 class SGLangBackend:
     """InferenceBackend over SGLang servers; see the module docstring. Thread-safe: Prefect tasks
-    may call generate / generate_one / load_set / unload_set concurrently."""
+    may call generate concurrently."""
 
     def __init__(
         self,
@@ -196,15 +198,11 @@ class SGLangBackend:
         processes = list(processes) if processes is not None else [None] * len(clients)
         if reload_mode == "restart" and any(p is None for p in processes):
             raise BackendError("SGLang: reload_mode restart needs servers we launch (an attached server cannot be relaunched with --lora-paths)")
-        self.tokenizer = tokenizer
-        self.checker = checker
-        self.reload_mode = reload_mode
-        self.max_rows_per_request = max_rows_per_request
-        self.name_prefix = name_prefix
-        self.recover_attempts = recover_attempts
-        self.max_restarts = max_restarts
-        self.reconnect_timeout_s = reconnect_timeout_s
-        self.restart_coalesce_s = restart_coalesce_s
+        self.tokenizer, self.checker, self.name_prefix = tokenizer, checker, name_prefix
+        self.reload_mode, self.max_rows_per_request = reload_mode, max_rows_per_request
+        # how faults are recovered from: attempts per request, restarts of a launched server, waits
+        self.recover_attempts, self.max_restarts = recover_attempts, max_restarts
+        self.reconnect_timeout_s, self.restart_coalesce_s = reconnect_timeout_s, restart_coalesce_s
         mode = "restart" if reload_mode == "restart" else "dynamic"
         self._slots = [
             _Slot(i, c, p, mode, ThreadPoolExecutor(max_workers=requests_per_server, thread_name_prefix=f"sglang{i}"))
@@ -311,34 +309,6 @@ class SGLangBackend:
         if on_decode is not None:
             on_decode()
         return self.generate(adapters, prompts, max_new_tokens)
-
-    # --- per-server operations --------------------------------------------------------------------
-
-    def load_set(self, server: int, adapters: Sequence[AdapterRef]) -> None:
-        """Load these adapters on one server and hold them until `unload_set` (restart mode: one
-        relaunch for the whole set). generate_one calls for them then load nothing."""
-        slot = self._slots[server]
-        names = self._acquire(slot, adapters)
-        try:
-            self._ensure_recovering(slot, names)
-        except BaseException:
-            self._release(slot, adapters)
-            raise
-
-    def generate_one(self, server: int, adapter: AdapterRef, prompts: Sequence[str], max_new_tokens: int) -> list[Completion]:
-        """One adapter's completions of `prompts` on one server (loads and unloads it unless a
-        load_set holds it)."""
-        return self._generate_on(self._slots[server], [adapter], list(prompts), max_new_tokens)[0]
-
-    def unload_set(self, server: int, adapters: Sequence[AdapterRef]) -> None:
-        """Drop the hold taken by load_set; adapters nobody else uses are unloaded."""
-        self._release(self._slots[server], adapters)
-
-    def loaded(self, server: int) -> dict[str, str]:
-        """What this backend believes it has loaded on a server (name -> path)."""
-        slot = self._slots[server]
-        with slot.lock:
-            return dict(slot.loaded)
 
     def close(self) -> None:
         """Unload what we still hold on attached servers (best effort), stop launched servers."""

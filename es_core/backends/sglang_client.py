@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 
 import requests
 
-from es_core.backends.base import BackendError, Completion
+from es_core.backends.base import BackendError
+from es_core.evaluation import Completion
 from es_core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, AdapterSpec, check_adapter_matches, load_adapter
 
 log = logging.getLogger(__name__)

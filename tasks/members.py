@@ -1,0 +1,100 @@
+"""A generation's members, built once: the centre checkpoint plus the plan's drawn noise.
+
+A generation's noise depends on its plan only (seeds, signs, sigma), never on rewards or on the
+centre's values, so the flow draws generation g + 1's while g decodes (flows/pipeline.py). When g
+starts, the flow wraps its centre and that draw in one `GenerationMembers` and hands it to g's
+tasks as `members`: the evaluation (stacked in memory for the embedded engine, adapter files for
+SGLang), the member files the ledger names and the update then share one checkpoint load, one
+draw and one build of each form (45 ms to draw at SmolLM2 rank 1, 32 members, on a 2-core
+machine; the build as much again). Without it (a replay, a test) a task builds the same values
+itself: a run is bit-identical either way. `members` is in no cache key; the centre's hash and
+the plan it was drawn from are.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+from pathlib import Path
+
+from artifacts.checkpoints import load_checkpoint, put_adapter_folder
+from artifacts.store import ArtifactRef, ArtifactStore
+from es_core.backends.base import AdapterRef
+from es_core.es import DrawnPopulation, ESState, NoiseLayout, PopulationPlan
+from es_core.lora import AdapterSpec, StackedLoRA
+from es_core.search_space import SearchSpace, search_space
+
+
+class GenerationMembers:
+    """The members of generation `plan.generation` from the centre checkpoint `center_sha256`, as
+    `es_core.backends.base.Members`: stacked in memory, written as adapter artifacts, each built on
+    first use only, whichever task asks first (the evaluation and the member files run in two
+    threads)."""
+
+    def __init__(self, artifacts_dir: str, center_sha256: str, plan: PopulationPlan, drawn: DrawnPopulation | None = None):
+        if drawn is not None and drawn.plan != plan:
+            raise ValueError(f"the noise drawn ahead is generation {drawn.plan.generation}'s, not generation {plan.generation}'s plan")
+        self.store, self.center_sha256, self.plan = ArtifactStore(Path(artifacts_dir)), center_sha256, plan
+        self.space: SearchSpace = search_space(plan)
+        self._drawn = drawn
+        self._lock = threading.RLock()
+
+    def check(self, center_sha256: str, plan: PopulationPlan) -> "GenerationMembers":
+        """These members, when they are those of this centre and plan (what a task was asked for)."""
+        if (self.center_sha256, self.plan) != (center_sha256, plan):
+            raise ValueError(f"the members given are generation {self.plan.generation}'s of centre {self.center_sha256[:12]}, "
+                             f"not generation {plan.generation}'s of centre {center_sha256[:12]}")
+        return self
+
+    def __len__(self) -> int:
+        return len(self.plan.members)
+
+    @cached_property
+    def _checkpoint(self) -> tuple[ESState, AdapterSpec]:
+        with self._lock:
+            return load_checkpoint(self.store, self.center_sha256)
+
+    @property
+    def state(self) -> ESState:
+        return self._checkpoint[0]
+
+    @property
+    def spec(self) -> AdapterSpec:
+        return self._checkpoint[1]
+
+    @property
+    def scaling(self) -> float:
+        return self.spec.lora_alpha / self.spec.rank
+
+    @cached_property
+    def population(self) -> DrawnPopulation:
+        """The plan's noise and member offsets: drawn ahead for this plan, or drawn now."""
+        with self._lock:
+            return self._drawn or self.space.draw(self.plan, self.space.noise_layout(self.state.centre, self.plan.perturb))
+
+    def stacked(self) -> StackedLoRA:
+        with self._lock:
+            return self._stacked
+
+    @cached_property
+    def _stacked(self) -> StackedLoRA:
+        return self.space.members(self.state.centre, self.population)
+
+    def adapter_files(self) -> list[ArtifactRef]:
+        """The members as adapter artifacts, in plan order (what the ledger names)."""
+        with self._lock:
+            return self._adapter_files
+
+    @cached_property
+    def _adapter_files(self) -> list[ArtifactRef]:
+        stacked = self._stacked
+        return [put_adapter_folder(self.store, self.space.adapter(stacked, i), self.spec) for i in range(len(stacked))]
+
+    def adapters(self) -> list[AdapterRef]:
+        return [AdapterRef(f"g{self.plan.generation}_m{m.index:03d}", ref.path) for m, ref in zip(self.plan.members, self.adapter_files())]
+
+
+def run_noise_layout(artifacts_dir: str, center_sha256: str, plan: PopulationPlan) -> NoiseLayout:
+    """What the noise of a plan's members is drawn over: the same for every centre of a run (so, its first's)."""
+    state, _ = load_checkpoint(ArtifactStore(Path(artifacts_dir)), center_sha256)
+    return search_space(plan).noise_layout(state.centre, plan.perturb)
