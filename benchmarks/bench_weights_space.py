@@ -26,8 +26,10 @@ from es_core.countdown.problems import generated_splits
 from es_core.countdown.prompt import render_prompts
 from es_core.engine.generate import PopulationEngine
 from es_core.engine.model import Decoder
-from es_core.es import ask, draw_population, draw_population_noise, es_update, noise_layout, stacked_population, zscore
-from es_core.lora import find_targets, init_center
+from es_core.es import ESState, UpdateRule, ask, draw_population_noise, es_update, zscore
+from es_core.optimisers import SGD
+from es_core.search_space import LORA_SPACE
+from es_core.lora import find_targets, init_centre
 from es_core.models import load_causal_lm, load_tokenizer, resolve_base_model
 from es_core.settings import DEFAULT_LORA_MODULES, ModelSettings
 from es_core.weights_space import member_factors, tell, weight_rms, weights_layout
@@ -52,11 +54,11 @@ def _decode_seconds(engine: PopulationEngine, ids, members, new_tokens: int, dev
 def lora_generation(model, decoder, ids, args, device, pad_id) -> dict:
     """The baseline: LoRA-space ES at rank 8 on layers 0-10 (float32 slots)."""
     targets = find_targets(model, list(range(min(11, decoder.config.n_layers))), DEFAULT_LORA_MODULES)
-    centre = init_center(targets, args.lora_rank, seed=0)
+    centre = init_centre(targets, args.lora_rank, seed=0)
     t0 = time.perf_counter()
     plan = ask(0, 0, args.members, 0.05)
-    drawn = draw_population(plan, noise_layout(centre))
-    members = stacked_population(centre, drawn)
+    drawn = LORA_SPACE.draw(plan, LORA_SPACE.noise_layout(centre))
+    members = LORA_SPACE.members(centre, drawn)
     ask_s = time.perf_counter() - t0
     engine = PopulationEngine(decoder, targets, args.lora_rank, pad_id=pad_id, eos_ids=(), max_batch_rows=args.members * len(ids),
                               compile=args.compile)
@@ -64,7 +66,7 @@ def lora_generation(model, decoder, ids, args, device, pad_id) -> dict:
     engine.close()
     rewards = torch.rand(args.members, generator=torch.Generator().manual_seed(0)).tolist()
     t0 = time.perf_counter()
-    es_update(__import__("es_core.es", fromlist=["ESState"]).ESState(centre), plan.members, rewards, 0.025, noise=drawn.noise)
+    es_update(ESState(centre), drawn, rewards, UpdateRule(SGD(0.025)), LORA_SPACE)
     tell_s = time.perf_counter() - t0
     return {"space": "lora", "rank": args.lora_rank, "layers": len({t.layer for t in targets}), "targets": len(targets), "ask_s": ask_s,
             "decode_s": decode_s, "first_call_s": first_s, "tell_s": tell_s, "generation_s": ask_s + decode_s + tell_s}

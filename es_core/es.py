@@ -34,6 +34,7 @@ from es_core.seeding import hash_int, standard_normal_f32
 if TYPE_CHECKING:
     from es_core.optimisers import Optimiser
     from es_core.search_space import SearchSpace
+    from es_core.weights_space import WeightsSpace
 
 # --- members and their noise ------------------------------------------------------------------
 
@@ -123,11 +124,13 @@ class PopulationPlan:
     members: tuple[Member, ...]
     sigma: float
     perturb: str = "both"  # "both", "A" or "B": the LoRA factors the noise moves
+    space: "WeightsSpace | None" = None  # where the members live: None, the LoRA factors; else the weights (weights_space.py)
 
 
-def ask(run_seed: int, generation: int, population: int, sigma: float, perturb: str = "both", antithetic: bool = True) -> PopulationPlan:
+def ask(run_seed: int, generation: int, population: int, sigma: float, perturb: str = "both", antithetic: bool = True,
+        space: "WeightsSpace | None" = None) -> PopulationPlan:
     """Generation g's members: seeds from (run seed, g, pair), +eps and -eps pairs when antithetic."""
-    return PopulationPlan(int(generation), tuple(member_plan(run_seed, generation, population, antithetic)), float(sigma), perturb)
+    return PopulationPlan(int(generation), tuple(member_plan(run_seed, generation, population, antithetic)), float(sigma), perturb, space)
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ class DrawnPopulation:
 
     plan: PopulationPlan
     noise: PopulationNoise
-    offsets: torch.Tensor  # [members, total] float32
+    offsets: torch.Tensor | None = None  # [members, total] float32 (LoRA space; weights space builds factors instead)
 
 
 def draw_population(plan: PopulationPlan, layout: NoiseLayout) -> DrawnPopulation:

@@ -1,18 +1,19 @@
 """Where ES searches: what a centre's noise moves, how members are built from the centre and their
 noise, and how weighted noise moves the centre. The generation goes through this one interface;
 `LoRASpace` (members are centre + sigma * sign * eps over the LoRA factors themselves, as the paper
-perturbs its parameters) is its one implementation.
+perturbs its parameters) and `es_core.weights_space.WeightsSpace` (members are low-rank perturbations
+of the weights, the centre a rank-R adapter) implement it; a plan names its space (`plan.space`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 import torch
 
 from es_core.es import DrawnPopulation, ESState, Member, NoiseLayout, PopulationNoise, PopulationPlan, draw_population
-from es_core.lora import LoRATensors, StackedLoRA
+from es_core.lora import AdapterSpec, LoRATensors, StackedLoRA
 from es_core.optimisers import Optimiser, flat, split
 
 
@@ -26,11 +27,20 @@ class SearchSpace(Protocol):
         ...
 
     def members(self, centre: LoRATensors, population: DrawnPopulation) -> StackedLoRA:
-        """Every member's LoRA tensors, stacked per key ([members, *shape]), as a backend decodes them."""
+        """Every member's LoRA tensors, stacked per key ([members, *shape]), as a backend decodes them
+        (beside `shared(centre)` where that is not None)."""
         ...
 
-    def adapter(self, members: StackedLoRA, index: int) -> LoRATensors:
+    def shared(self, centre: LoRATensors) -> LoRATensors | None:
+        """What every member shares and a backend may apply once for all rows; None if nothing is."""
+        ...
+
+    def adapter(self, centre: LoRATensors, members: StackedLoRA, index: int) -> LoRATensors:
         """Member `index` of `members` as the tensors of one adapter file."""
+        ...
+
+    def adapter_spec(self, centre_spec: AdapterSpec) -> AdapterSpec:
+        """The adapter_config of a member's file, from the centre checkpoint's."""
         ...
 
     def tell(self, state: ESState, population: DrawnPopulation, weights: torch.Tensor, optimiser: Optimiser) -> tuple[ESState, dict]:
@@ -58,6 +68,7 @@ def _gradient(members: Sequence[Member], weights: torch.Tensor, noise: Populatio
     return scale @ noise.rows(seeds)
 
 
+@dataclass(frozen=True)
 class LoRASpace:
     """ES over the LoRA factors: member i is centre + sigma * sign_i * eps(seed_i) on the factors
     `perturb` names (A, B or both), the others shared with the centre."""
@@ -76,8 +87,14 @@ class LoRASpace:
         stacked = {key: moved[key] if key in moved else value.unsqueeze(0).expand(size, *value.shape) for key, value in centre.items()}
         return StackedLoRA(stacked, size)
 
-    def adapter(self, members: StackedLoRA, index: int) -> LoRATensors:
+    def shared(self, centre: LoRATensors) -> None:
+        return None  # every factor is perturbed: the members share nothing a backend could apply once
+
+    def adapter(self, centre: LoRATensors, members: StackedLoRA, index: int) -> LoRATensors:
         return members.member(index)
+
+    def adapter_spec(self, centre_spec: AdapterSpec) -> AdapterSpec:
+        return centre_spec
 
     def tell(self, state: ESState, population: DrawnPopulation, weights: torch.Tensor, optimiser: Optimiser) -> tuple[ESState, dict]:
         keys = self._checked(state.centre, population)
@@ -96,5 +113,5 @@ LORA_SPACE = LoRASpace()
 
 
 def search_space(plan: PopulationPlan) -> SearchSpace:
-    """The space a plan's members live in (one today: the LoRA factors)."""
-    return LORA_SPACE
+    """The space a plan's members live in: the LoRA factors, or the weights (the plan's WeightsSpace)."""
+    return LORA_SPACE if plan.space is None else plan.space

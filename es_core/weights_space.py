@@ -36,8 +36,8 @@ from typing import Sequence
 
 import torch
 
-from es_core.es import Member, PopulationNoise, draw_population_noise, noise_layout
-from es_core.lora import AdapterSpec, LoRATarget, LoRATensors, StackedLoRA
+from es_core.es import DrawnPopulation, ESState, Member, NoiseLayout, PopulationNoise, PopulationPlan, draw_population_noise
+from es_core.lora import _KEY_RE, AdapterSpec, LoRATarget, LoRATensors, StackedLoRA
 
 # singular values below this fraction of the largest are dropped (their directions would be LAPACK's
 # arbitrary choice, so a centre's bytes would depend on the library; their share of the norm is nil)
@@ -64,7 +64,8 @@ class WeightsLayout:
     def noise(self) -> tuple[tuple[str, int], ...]:
         """(key, numel) of each member's factors, in the order its noise stream is cut: a (lora_A's
         key, [r, in]) and b (lora_B's key, [out, r]) of every target."""
-        return noise_layout(self.template(self.noise_rank), "both")
+        template = self.template(self.noise_rank)
+        return tuple((k, template[k].numel()) for k in sorted(template))
 
     def template(self, rank: int) -> LoRATensors:
         """Zero LoRA tensors of `rank` on every target (the generation-0 centre at rank R)."""
@@ -188,8 +189,7 @@ def seed_coefficients(members: Sequence[Member], weights: Sequence[float], learn
 def tell(centre: LoRATensors, layout: WeightsLayout, noise: PopulationNoise, members: Sequence[Member], weights: Sequence[float],
          learning_rate: float) -> Refactorised:
     """centre + alpha * s_W * (1/N) * sum_i w_i sign_i E_i, as its top-R singular directions. Targets
-    of one shape are re-factorised together (one batched QR and SVD per shape: 0.83 s -> see README
-    for SmolLM2's 210 matrices at R 64, one at a time)."""
+    of one shape are re-factorised together (one batched QR and SVD per shape)."""
     coefficient = seed_coefficients(members, weights, learning_rate)
     seeds = [s for s in noise.seeds if coefficient.get(s, 0.0) != 0.0]
     r, rank, k = layout.noise_rank, layout.centre_rank, len(seeds) * layout.noise_rank
@@ -244,3 +244,104 @@ def truncate(u: torch.Tensor, v: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     b_new[..., :keep] = left * (s[..., :keep, None] * flip).transpose(-1, -2)
     a_new[..., :keep, :] = torch.where(s[..., :keep, None] > 0, right * flip, torch.zeros_like(right))
     return b_new, a_new, dropped
+
+
+# --- the search space (es_core/search_space.py's interface) --------------------------------------
+
+
+def targets_of(centre: LoRATensors) -> list[LoRATarget]:
+    """The targets a centre's tensors name (PEFT keys), with their shapes."""
+    out = []
+    for key, value in centre.items():
+        m = _KEY_RE.match(key)
+        if m and m.group("factor") == "A":
+            b = centre[key.replace("lora_A.weight", "lora_B.weight")]
+            out.append(LoRATarget(m.group("path"), int(m.group("layer")), m.group("module"), int(value.shape[1]), int(b.shape[0])))
+    return out
+
+
+@dataclass(frozen=True)
+class WeightsSpace:
+    """ES over the weights (module docstring): members rank-`noise_rank` perturbations, the centre a
+    rank-`centre_rank` adapter; `scales`: (lora_A key, s_W) of each target when sigma is relative to
+    the weights' RMS (empty: absolute). A plain value: part of the plan, so of every cache key."""
+
+    noise_rank: int
+    centre_rank: int
+    scales: tuple[tuple[str, float], ...] = ()
+
+    def layout(self, centre: LoRATensors) -> WeightsLayout:
+        targets = targets_of(centre)
+        by_key = dict(self.scales)
+        if by_key and set(by_key) != {t.key_a for t in targets}:
+            raise ValueError("the sigma scales name other targets than the centre's")
+        return weights_layout(targets, self.noise_rank, self.centre_rank, [by_key.get(t.key_a, 1.0) for t in targets])
+
+    def noise_layout(self, centre: LoRATensors, perturb: str = "both") -> NoiseLayout:
+        return self.layout(centre).noise
+
+    def draw(self, plan: PopulationPlan, layout: NoiseLayout) -> DrawnPopulation:
+        return DrawnPopulation(plan, draw_population_noise(layout, plan.members))
+
+    def members(self, centre: LoRATensors, population: DrawnPopulation) -> StackedLoRA:
+        layout = self._checked(centre, population)
+        return member_factors(layout, population.noise, population.plan.members, population.plan.sigma)
+
+    def shared(self, centre: LoRATensors) -> LoRATensors:
+        return centre
+
+    def adapter(self, centre: LoRATensors, members: StackedLoRA, index: int) -> LoRATensors:
+        return member_adapter(centre, members.member(index), self.layout(centre))
+
+    def adapter_spec(self, centre_spec: AdapterSpec) -> AdapterSpec:
+        rank = centre_spec.rank + self.noise_rank
+        return AdapterSpec(rank, float(rank), centre_spec.target_modules, centre_spec.layers)
+
+    def tell(self, state: ESState, population: DrawnPopulation, weights: torch.Tensor, optimiser) -> tuple[ESState, dict]:
+        from es_core.optimisers import SGD
+
+        if not isinstance(optimiser, SGD):
+            raise ValueError(f"weights space steps with SGD only (got {type(optimiser).__name__})")
+        layout = self._checked(state.centre, population)
+        lr = optimiser.learning_rate
+        result = tell(state.centre, layout, population.noise, population.plan.members, weights.tolist(), lr)
+        metrics = {"grad_norm": result.update_norm / lr, "update_norm": result.update_norm, "truncation_kept": result.truncation_kept}
+        return ESState(result.centre, state.generation + 1), metrics
+
+    def _checked(self, centre: LoRATensors, population: DrawnPopulation) -> WeightsLayout:
+        layout = self.layout(centre)
+        if population.noise.layout != layout.noise:
+            raise ValueError("the population was drawn for another layout than this centre's")
+        return layout
+
+
+def zero_centre(targets: Sequence[LoRATarget], centre_rank: int) -> LoRATensors:
+    """Generation 0's centre in weights space: no change yet (A = B = 0, rank R)."""
+    return weights_layout(targets, 1, centre_rank).template(centre_rank)
+
+
+def weights_space_of(noise_rank: int, centre_rank: int, sigma_scale: str, model_path, targets: Sequence[LoRATarget]) -> WeightsSpace:
+    """The run's space from its settings and the model its ES starts from (`sigma_scale` weight_rms:
+    each target's RMS, read from the model folder's safetensors)."""
+    if sigma_scale == "absolute":
+        return WeightsSpace(int(noise_rank), int(centre_rank))
+    return WeightsSpace(int(noise_rank), int(centre_rank), tuple(zip((t.key_a for t in targets), folder_weight_rms(model_path, targets))))
+
+
+def folder_weight_rms(model_path, targets: Sequence[LoRATarget]) -> list[float]:
+    """weight_rms of a local HF folder's tensors, read one at a time (no model is built)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    wanted = {f"{t.path}.weight" for t in targets}
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if name in wanted:
+                    found[name] = f.get_tensor(name)
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ValueError(f"{model_path}: no weight {missing[0]} in its safetensors files ({len(missing)} missing)")
+    return weight_rms(found, targets)

@@ -33,7 +33,7 @@ from tasks.common import DataDir, evaluation_key, persisted
 from tasks.ledger import record_problems, record_run, record_warm_start, set_run_status
 from tasks.model import prepare_base_model
 from tasks.members import run_noise_layout
-from tasks.population import generation_plan, init_population
+from tasks.population import generation_plan, init_population, run_space
 from tasks.warm_start import warm_start
 
 
@@ -111,18 +111,21 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
 
     init_sha = persisted(init_population, data)(
         str(data.artifacts), model["path"], model["sha256"], settings.lora.layers, settings.lora.modules,
-        settings.lora.rank, settings.lora.lora_alpha, settings.lora.init_std, es.seed,
+        *((es.centre_rank, float(es.centre_rank), None, es.seed, "weights") if es.space == "weights" else
+          (settings.lora.rank, settings.lora.lora_alpha, settings.lora.init_std, es.seed)),
     )
     ledger = Ledger(data.root)
     last = ledger.last_generation(run_id)
     start = 0 if last is None else last + 1
     centre = init_sha if last is None else ledger.generation_row(run_id, last)["center_sha256"]
 
+    space = run_space(settings, model["path"])  # the LoRA factors (None) or the weights of this model
     backend = open_backend(settings, Path(model["path"]), data.run_dir(run_id), run_id)
     # the base model itself, when ES runs on a warm start: opened only if its evaluation is not cached
     base_backend = LazyBackend(lambda: open_backend(settings, Path(base["path"]), data.run_dir(run_id), f"{run_id}-base")) if model is not base else backend
     run = ESRun(settings, data, run_id, backend, evaluation_key(settings, model["sha256"]), load_tokenizer(Path(model["path"])), train,
-                held_out_ids, eval_sets, run_noise_layout(str(data.artifacts), init_sha, generation_plan(es, start)), RunProgress(run_id, es.generations, start))
+                held_out_ids, eval_sets, space, run_noise_layout(str(data.artifacts), init_sha, generation_plan(es, start, space)),
+                RunProgress(run_id, es.generations, start))
     try:
         # --- generation 0: the base model (and its warm start) on the held-out sets ----------------
         if settings.eval.base_model:

@@ -77,10 +77,10 @@ class ESRun:
     task object: once, not once per generation)."""
 
     def __init__(self, settings: Settings, data: DataDir, run_id: str, backend, model_key: str, tokenizer, train: list[Problem],
-                 held_out_ids: set[str], eval_sets: dict[str, list[Problem]], layout, progress):
+                 held_out_ids: set[str], eval_sets: dict[str, list[Problem]], space, layout, progress):
         self.settings, self.data, self.run_id, self.backend, self.model_key = settings, data, run_id, backend, model_key
         self.tokenizer, self.train, self.held_out_ids, self.layout, self.progress = tokenizer, train, held_out_ids, layout, progress
-        self.eval_sets = eval_sets
+        self.eval_sets, self.space = eval_sets, space  # space: tasks.population.run_space
         self.eval_prompts = {name: render_prompts(problems, settings.prompt.style, tokenizer) for name, problems in eval_sets.items()}
         self.root, self.artifacts = str(data.root), str(data.artifacts)
         self.rule = update_rule(settings.es)
@@ -93,7 +93,7 @@ class ESRun:
         """Generation g's members (seeds, signs, sigma), their noise and its training prompts: none
         depends on a reward, so the pipeline prepares them while the generation before decodes."""
         settings = self.settings
-        plan = generation_plan(settings.es, g)
+        plan = generation_plan(settings.es, g, self.space)
         problems = training_batch(settings.data, self.train, g, self.held_out_ids)
         return GenerationInputs(plan, search_space(plan).draw(plan, self.layout), problems, render_prompts(problems, settings.prompt.style, self.tokenizer))
 

@@ -28,7 +28,7 @@ from flows.crashed import mark_unfinished_task_runs_crashed
 from flows.recorded import recorded_settings
 from tasks.common import NO_CACHE, evaluation_key
 from tasks.evaluate import evaluate_adapters
-from tasks.population import aggregate, generation_plan, update_rule, write_members
+from tasks.population import aggregate, generation_plan, run_space, update_rule, write_members
 
 
 @dataclass
@@ -82,7 +82,8 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
     batch = training_batch(settings.data, train, generation, held_out_ids)
     report = ReplayReport(run_id, generation)
 
-    plan = generation_plan(settings.es, generation)  # as the run planned it
+    es_model = store.get(run["warm_start_sha256"]) if run.get("warm_start_sha256") else Path(run["base_model"])  # what its ES perturbed
+    plan = generation_plan(settings.es, generation, run_space(settings, es_model) if settings.es.space == "weights" else None)  # as the run planned it
     recorded = tuple(Member(m["member"], int(m["seed"]), int(m["sign"])) for m in members)
     if recorded != plan.members:
         report.mismatches.append(f"the ledger's members (index, seed, sign) are not generation {generation}'s plan: the rest checks the ledger's")

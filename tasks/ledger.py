@@ -69,7 +69,7 @@ def generation_rows(run_id: str, plan: PopulationPlan, parent_sha256: str, membe
     generation = {
         "run_id": run_id, "generation": g, "center_sha256": update["center_sha256"], "center_path": update["center_path"],
         "parent_center_sha256": parent_sha256, "reward_mean": update["reward_mean"], "reward_std": update["reward_std"],
-        "reward_max": update["reward_max"], "update_norm": update["update_norm"], **timing,
+        "reward_max": update["reward_max"], "update_norm": update["update_norm"], "truncation_kept": update.get("truncation_kept"), **timing,
     }
     members = [
         {

@@ -72,6 +72,10 @@ class GenerationMembers:
         with self._lock:
             return self._drawn or self.space.draw(self.plan, self.space.noise_layout(self.state.centre, self.plan.perturb))
 
+    def centre(self):
+        """What every member shares, for a backend to apply once (weights space: the centre); else None."""
+        return self.space.shared(self.state.centre)
+
     def stacked(self) -> StackedLoRA:
         with self._lock:
             return self._stacked
@@ -88,7 +92,8 @@ class GenerationMembers:
     @cached_property
     def _adapter_files(self) -> list[ArtifactRef]:
         stacked = self._stacked
-        return [put_adapter_folder(self.store, self.space.adapter(stacked, i), self.spec) for i in range(len(stacked))]
+        centre, spec = self.state.centre, self.space.adapter_spec(self.spec)
+        return [put_adapter_folder(self.store, self.space.adapter(centre, stacked, i), spec) for i in range(len(stacked))]
 
     def adapters(self) -> list[AdapterRef]:
         return [AdapterRef(f"g{self.plan.generation}_m{m.index:03d}", ref.path) for m, ref in zip(self.plan.members, self.adapter_files())]

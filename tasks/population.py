@@ -13,14 +13,25 @@ from artifacts.store import ArtifactStore
 from es_core.es import FITNESS, ESState, PopulationPlan, UpdateRule, ask, es_update
 from es_core.lora import find_targets_in_folder, init_centre, spec_from_tensors
 from es_core.optimisers import optimiser_named
-from es_core.settings import ESSettings
+from es_core.settings import ESSettings, Settings
+from es_core.weights_space import WeightsSpace, weights_space_of, zero_centre
 from tasks.common import CONTENT_CACHE, wait_for_decoding
 from tasks.members import GenerationMembers
 
 
-def generation_plan(es: ESSettings, generation: int) -> PopulationPlan:
-    """Generation g's plan as the run's settings make it (es.ask)."""
-    return ask(es.seed, generation, es.population, es.sigma, es.perturb, es.antithetic)
+def generation_plan(es: ESSettings, generation: int, space: WeightsSpace | None = None) -> PopulationPlan:
+    """Generation g's plan as the run's settings make it (es.ask), in the run's space (`run_space`)."""
+    return ask(es.seed, generation, es.population, es.sigma, es.perturb, es.antithetic, space)
+
+
+def run_space(settings: Settings, model_path: str | Path) -> WeightsSpace | None:
+    """The space a run searches: None (the LoRA factors) or its WeightsSpace, from its settings and
+    the model its ES perturbs (the sigma scales of es.sigma_scale weight_rms are that model's)."""
+    es = settings.es
+    if es.space == "lora":
+        return None
+    targets = find_targets_in_folder(model_path, settings.lora.layers, settings.lora.modules)
+    return weights_space_of(es.noise_rank, es.centre_rank, es.sigma_scale, model_path, targets)
 
 
 def update_rule(es: ESSettings) -> UpdateRule:
@@ -30,11 +41,17 @@ def update_rule(es: ESSettings) -> UpdateRule:
 
 
 @task(cache_policy=CONTENT_CACHE)
-def init_population(artifacts_dir: str, base_model_path: str, base_model_sha256: str, layers: list[int], modules: list[str], rank: int, lora_alpha: float, init_std: float | None, seed: int) -> str:
-    """Generation 0's centre (A seeded, B = 0: the base model) as a checkpoint artifact; returns its sha256."""
+def init_population(artifacts_dir: str, base_model_path: str, base_model_sha256: str, layers: list[int] | str, modules: list[str], rank: int,
+                    lora_alpha: float, init_std: float | None, seed: int, space: str = "lora") -> str:
+    """Generation 0's centre as a checkpoint artifact; returns its sha256. LoRA space: A seeded,
+    B = 0 (the base model). Weights space: no change yet, A = B = 0 at the centre's rank (`rank`)."""
     targets = find_targets_in_folder(base_model_path, layers, modules)
-    centre = init_centre(targets, rank, seed, init_std)
-    spec = spec_from_tensors(centre, lora_alpha)
+    if space == "weights":
+        centre = zero_centre(targets, rank)
+        spec = spec_from_tensors(centre, float(rank))  # scaling 1: every scale is in B
+    else:
+        centre = init_centre(targets, rank, seed, init_std)
+        spec = spec_from_tensors(centre, lora_alpha)
     return put_checkpoint(ArtifactStore(Path(artifacts_dir)), ESState(centre), spec).sha256
 
 

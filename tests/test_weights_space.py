@@ -4,6 +4,8 @@ centre slot decodes what a rank R + r adapter does."""
 
 import math
 
+from artifacts.ledger import Ledger
+
 import pytest
 import torch
 
@@ -160,3 +162,60 @@ def test_the_embedded_backend_decodes_stored_centres_and_members_as_the_populati
                          layout.centre_spec().__class__(6, 6.0, layout.centre_spec().target_modules, layout.centre_spec().layers))
     with pytest.raises(AdapterError, match="rank 6 fits neither"):
         backend.generate([AdapterRef("r6", wrong)], prompts, 2)
+
+
+# --- the flow: a weights-space run, recorded, replayed, resumed ------------------------------------
+
+WEIGHTS_RUN = """
+run_name: weights
+model: {{name: tiny-llama}}
+lora: {{layers: [0, 1]}}
+es: {{space: weights, noise_rank: 1, centre_rank: 3, population: 4, sigma: 0.05, learning_rate: 0.05, generations: {generations}, seed: 3}}
+data: {{train_size: 6, heldout_size: 4, prompts_per_generation: 3}}
+prompt: {{style: raw}}
+generation: {{max_new_tokens: 24, compile: false}}
+backend: {{kind: sglang}}
+eval: {{every: 2, base_model: false}}
+"""
+
+
+def test_a_weights_space_run_moves_its_centre_and_replays_and_resumes_bit_identically(tmp_path, prefect_harness, model_cache, monkeypatch,
+                                                                                       smollm2_tokenizer):
+    """Against the strict fake SGLang server (completions depend on each adapter's weights, so the
+    rewards vary and the centre moves): every generation's centre is a rank-3 adapter, members are
+    rank 3 + 1 files the server loads, the ledger records what the truncation kept, replay rebuilds
+    members and centre, and a run stopped after 2 generations and resumed ends where a clean one does."""
+    from artifacts.checkpoints import load_checkpoint
+    from artifacts.store import ArtifactStore
+    from flows.es_countdown import es_countdown
+    from flows.replay import replay
+    from es_core.lora import load_adapter
+    from tests.fake_sglang import FakeSGLang
+    from tests.test_pipeline import generation_hashes
+
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    config = tmp_path / "weights.yaml"
+    config.write_text(WEIGHTS_RUN.format(generations=4))
+    short = tmp_path / "short.yaml"
+    short.write_text(WEIGHTS_RUN.format(generations=2))
+    with FakeSGLang(max_lora_rank=4, decode=smollm2_tokenizer.decode) as fake:
+        monkeypatch.setenv("ES_SGLANG_URL", fake.url)
+        es_countdown(config_path=str(config), run_id="w", data_dir=str(tmp_path / "clean"))
+        es_countdown(config_path=str(short), run_id="w", data_dir=str(tmp_path / "resumed"))
+        es_countdown(overrides=["es.generations=4"], run_id="w", data_dir=str(tmp_path / "resumed"))  # resume, extended to 4 generations
+        result = replay("w", 2, str(tmp_path / "clean"), reevaluate=True)
+    assert result["ok"], result["lines"]
+    clean = generation_hashes(tmp_path / "clean", "w")
+    assert len(clean) == 4 and generation_hashes(tmp_path / "resumed", "w") == clean
+    assert len({row[2] for row in clean}) == 4  # the centre moved every generation
+    ledger = Ledger(tmp_path / "clean")
+    _, rows = ledger.query("SELECT truncation_kept, update_norm FROM generations WHERE run_id = 'w' ORDER BY generation")
+    assert all(0 < kept <= 1 and norm > 0 for kept, norm in rows), rows
+    state, spec = load_checkpoint(ArtifactStore(tmp_path / "clean" / "artifacts"), clean[-1][2])
+    assert spec.rank == 3 and spec.lora_alpha == 3.0 and len(state.centre) == 2 * 2 * 7  # 2 layers x 7 projections
+    member = ledger.member_rows("w", 3)[0]
+    tensors, member_spec = load_adapter(ArtifactStore(tmp_path / "clean" / "artifacts").get(member["adapter_sha256"]))
+    assert member_spec.rank == 4
+    # the member's first R factors are its centre's: the centre it was perturbed from, generation 3's parent
+    parent, _ = load_checkpoint(ArtifactStore(tmp_path / "clean" / "artifacts"), clean[3][1])
+    assert all(torch.equal(tensors[k][:3] if "lora_A" in k else tensors[k][:, :3], parent.centre[k]) for k in parent.centre)
