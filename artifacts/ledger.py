@@ -32,7 +32,7 @@ from artifacts.runs import check_run_id
 from es_core.seeding import NOISE_SCHEME
 
 LEDGER_FILE = "ledger.duckdb"
-CURRENT_VERSION = 5
+CURRENT_VERSION = 6
 EVAL_MODELS = ("centre", "base", "warm_start")
 # *_sha256 columns that hash something other than an artifact of the store (verify skips them)
 NOT_ARTIFACTS = {("runs", "settings_sha256"), ("runs", "base_model_sha256"), ("warm_starts", "base_model_sha256")}
@@ -110,13 +110,17 @@ _V4 = [
     "ALTER TABLE members ADD COLUMN fitness DOUBLE",
 ]
 
+# Why a run failed or stopped, one line (issue 26): a run that fails before its first generation,
+# or is stopped by a signal, says so in the ledger. (A step of its own: renumber it if another lands first.)
+_ADD_STATUS_REASON = ["ALTER TABLE runs ADD COLUMN status_reason VARCHAR"]
+
 # Weights-space ES (es_core/weights_space.py): the share of an update's norm the rank-R centre kept
 # (NULL in LoRA space, where nothing is truncated). A step of its own: renumber it if another lands first.
 _ADD_TRUNCATION_KEPT = [
     "ALTER TABLE generations ADD COLUMN truncation_kept DOUBLE",
 ]
 
-MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2, 3: _ADD_NOISE_SCHEME, 4: _V4, 5: _ADD_TRUNCATION_KEPT}
+MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2, 3: _ADD_NOISE_SCHEME, 4: _V4, 5: _ADD_STATUS_REASON, 6: _ADD_TRUNCATION_KEPT}
 TABLES = ("runs", "generations", "members", "samples", "evals", "problems", "warm_starts")
 _KEYS = {
     "runs": ("run_id",),
