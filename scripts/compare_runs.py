@@ -4,7 +4,9 @@ leaving out what differs between any two runs (run ids, times, durations, paths,
 in a warm start's lineage key), and the sets of artifact sha256s each run's ledger names (each
 stored one rehashed from its files).
 
-    python scripts/compare_runs.py DATA_DIR_A DATA_DIR_B [--run-a ID] [--run-b ID]
+    python -m scripts.compare_runs DATA_DIR_A DATA_DIR_B [--run-a ID] [--run-b ID]
+
+(as a module, from the checkout, so that `artifacts` is this checkout's).
 
 Each run defaults to the only (or the last) run in its data dir. Exit status 1 on any difference.
 Used to show a refactor changes no recorded byte: a smoke run before and after.
