@@ -35,12 +35,15 @@ class SearchSpace(Protocol):
         """What every member shares and a backend may apply once for all rows; None if nothing is."""
         ...
 
-    def adapter(self, centre: LoRATensors, members: StackedLoRA, index: int) -> LoRATensors:
-        """Member `index` of `members` as the tensors of one adapter file."""
+    def record(self, centre: LoRATensors, centre_spec: AdapterSpec, centre_sha256: str, members: StackedLoRA,
+               index: int) -> tuple[LoRATensors, AdapterSpec, dict[str, bytes]]:
+        """Member `index` as the ledger keeps it: tensors, adapter config and extra files."""
         ...
 
-    def adapter_spec(self, centre_spec: AdapterSpec) -> AdapterSpec:
-        """The adapter_config of a member's file, from the centre checkpoint's."""
+    records_are_served: bool  # a member's record is the adapter a backend loads (else `adapter` builds that)
+
+    def adapter(self, centre: LoRATensors, centre_spec: AdapterSpec, members: StackedLoRA, index: int) -> tuple[LoRATensors, AdapterSpec]:
+        """Member `index` as one adapter a backend loads whole (SGLang's file)."""
         ...
 
     def tell(self, state: ESState, population: DrawnPopulation, weights: torch.Tensor, optimiser: Optimiser) -> tuple[ESState, dict]:
@@ -90,11 +93,13 @@ class LoRASpace:
     def shared(self, centre: LoRATensors) -> None:
         return None  # every factor is perturbed: the members share nothing a backend could apply once
 
-    def adapter(self, centre: LoRATensors, members: StackedLoRA, index: int) -> LoRATensors:
-        return members.member(index)
+    records_are_served = True  # a member's file is the whole member
 
-    def adapter_spec(self, centre_spec: AdapterSpec) -> AdapterSpec:
-        return centre_spec
+    def record(self, centre, centre_spec, centre_sha256, members, index):
+        return members.member(index), centre_spec, {}
+
+    def adapter(self, centre: LoRATensors, centre_spec: AdapterSpec, members: StackedLoRA, index: int) -> tuple[LoRATensors, AdapterSpec]:
+        return members.member(index), centre_spec
 
     def tell(self, state: ESState, population: DrawnPopulation, weights: torch.Tensor, optimiser: Optimiser) -> tuple[ESState, dict]:
         keys = self._checked(state.centre, population)

@@ -30,6 +30,7 @@ always absorbs (a centre's hash can then differ where a resume moves machines; i
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -290,12 +291,18 @@ class WeightsSpace:
     def shared(self, centre: LoRATensors) -> LoRATensors:
         return centre
 
-    def adapter(self, centre: LoRATensors, members: StackedLoRA, index: int) -> LoRATensors:
-        return member_adapter(centre, members.member(index), self.layout(centre))
+    # a member's record is its own rank-r factors and its centre's id: the whole member (rank R + r)
+    # would repeat the centre in every file (79 MB a member at SmolLM2, R 64: 5 GB a generation)
+    records_are_served = False
 
-    def adapter_spec(self, centre_spec: AdapterSpec) -> AdapterSpec:
+    def record(self, centre, centre_spec, centre_sha256, members, index):
+        spec = AdapterSpec(self.noise_rank, float(self.noise_rank), centre_spec.target_modules, centre_spec.layers)
+        return members.member(index), spec, {MEMBER_FILE: member_file(centre_sha256)}
+
+    def adapter(self, centre: LoRATensors, centre_spec: AdapterSpec, members: StackedLoRA, index: int) -> tuple[LoRATensors, AdapterSpec]:
         rank = centre_spec.rank + self.noise_rank
-        return AdapterSpec(rank, float(rank), centre_spec.target_modules, centre_spec.layers)
+        spec = AdapterSpec(rank, float(rank), centre_spec.target_modules, centre_spec.layers)
+        return member_adapter(centre, members.member(index), self.layout(centre)), spec
 
     def tell(self, state: ESState, population: DrawnPopulation, weights: torch.Tensor, optimiser) -> tuple[ESState, dict]:
         from es_core.optimisers import SGD
@@ -313,6 +320,15 @@ class WeightsSpace:
         if population.noise.layout != layout.noise:
             raise ValueError("the population was drawn for another layout than this centre's")
         return layout
+
+
+MEMBER_FILE = "es_member.json"  # in a weights-space member's artifact: the centre it perturbs
+
+
+def member_file(centre_sha256: str) -> bytes:
+    """What a weights-space member's artifact says beside its own factors: the member is that centre
+    plus this adapter (PEFT loads both as two adapters and sums them; `member_adapter` joins them)."""
+    return (json.dumps({"space": "weights", "centre_sha256": centre_sha256}, sort_keys=True) + "\n").encode()
 
 
 def zero_centre(targets: Sequence[LoRATarget], centre_rank: int) -> LoRATensors:

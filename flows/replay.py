@@ -28,6 +28,7 @@ from flows.crashed import mark_unfinished_task_runs_crashed
 from flows.recorded import recorded_settings
 from tasks.common import NO_CACHE, evaluation_key
 from tasks.evaluate import evaluate_adapters
+from tasks.members import served_adapter
 from tasks.population import aggregate, generation_plan, run_space, update_rule, write_members
 
 
@@ -141,8 +142,10 @@ def _reevaluate(settings, run, members, batch: list[Problem], generation, store,
     prompts = render_prompts(batch, settings.prompt.style, load_tokenizer(base_path))
     backend = open_backend(settings, base_path, Path(tempfile.mkdtemp(prefix="es-replay-")))
     try:
-        adapters = [(f"replay_g{generation}_m{m['member']:03d}", m["adapter_sha256"]) for m in members]
-        scores = _replayed(evaluate_adapters)(quote(backend), str(store.root), adapters, quote(batch), quote(prompts), settings.generation.max_new_tokens,
+        # a weights-space member's file holds its own factors: the backend gets it joined to its centre
+        served = ArtifactStore(Path(tempfile.mkdtemp(prefix="es-replay-served-")))
+        adapters = [(f"replay_g{generation}_m{m['member']:03d}", served_adapter(store, m["adapter_sha256"], served)) for m in members]
+        scores = _replayed(evaluate_adapters)(quote(backend), str(served.root), adapters, quote(batch), quote(prompts), settings.generation.max_new_tokens,
                                              settings.reward.kind, evaluation_key(settings, model_sha))
     finally:
         backend.close()

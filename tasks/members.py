@@ -13,6 +13,7 @@ the plan it was drawn from are.
 
 from __future__ import annotations
 
+import json
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +22,8 @@ from artifacts.checkpoints import load_checkpoint, put_adapter_folder
 from artifacts.store import ArtifactRef, ArtifactStore
 from es_core.backends.base import AdapterRef
 from es_core.es import DrawnPopulation, ESState, NoiseLayout, PopulationPlan
-from es_core.lora import AdapterSpec, StackedLoRA
+from es_core.lora import AdapterSpec, StackedLoRA, load_adapter
+from es_core.weights_space import MEMBER_FILE, WeightsSpace, member_adapter
 from es_core.search_space import SearchSpace, search_space
 
 
@@ -91,12 +93,34 @@ class GenerationMembers:
 
     @cached_property
     def _adapter_files(self) -> list[ArtifactRef]:
-        stacked = self._stacked
-        centre, spec = self.state.centre, self.space.adapter_spec(self.spec)
-        return [put_adapter_folder(self.store, self.space.adapter(centre, stacked, i), spec) for i in range(len(stacked))]
+        stacked, centre = self._stacked, self.state.centre
+        return [put_adapter_folder(self.store, *self.space.record(centre, self.spec, self.center_sha256, stacked, i)) for i in range(len(stacked))]
 
     def adapters(self) -> list[AdapterRef]:
-        return [AdapterRef(f"g{self.plan.generation}_m{m.index:03d}", ref.path) for m, ref in zip(self.plan.members, self.adapter_files())]
+        """The members as whole adapter folders (a backend that loads files): the ledger's files, or
+        in weights space each centre + member joined (rank R + r), written to the store on first use."""
+        with self._lock:
+            refs = self._adapter_files if self.space.records_are_served else self._served_files
+        return [AdapterRef(f"g{self.plan.generation}_m{m.index:03d}", ref.path) for m, ref in zip(self.plan.members, refs)]
+
+    @cached_property
+    def _served_files(self) -> list[ArtifactRef]:
+        stacked, centre = self._stacked, self.state.centre
+        return [put_adapter_folder(self.store, *self.space.adapter(centre, self.spec, stacked, i)) for i in range(len(stacked))]
+
+
+def served_adapter(store: ArtifactStore, sha256: str, scratch: ArtifactStore) -> str:
+    """The artifact a backend loads for a member the ledger names, put into `scratch`: itself, or for
+    a weights-space member (its own factors and its centre's id) the whole member joined; its sha256."""
+    folder = store.get(sha256)
+    if not (folder / MEMBER_FILE).is_file():
+        return scratch.put_dir(folder).sha256
+    centre_sha = json.loads((folder / MEMBER_FILE).read_text())["centre_sha256"]
+    state, spec = load_checkpoint(store, centre_sha)
+    own, own_spec = load_adapter(folder)
+    rank = spec.rank + own_spec.rank
+    joined = member_adapter(state.centre, own, WeightsSpace(own_spec.rank, spec.rank).layout(state.centre))
+    return put_adapter_folder(scratch, joined, AdapterSpec(rank, float(rank), spec.target_modules, spec.layers)).sha256
 
 
 def run_noise_layout(artifacts_dir: str, center_sha256: str, plan: PopulationPlan) -> NoiseLayout:

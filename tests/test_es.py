@@ -262,7 +262,7 @@ def test_a_generations_members_are_built_once_for_every_task(tmp_path, monkeypat
     plan = ask(3, 1, 4, 0.05)
     builds = []
     build = LORA_SPACE.members
-    monkeypatch.setattr(LORA_SPACE, "members", lambda *a: builds.append(1) or build(*a))
+    monkeypatch.setattr(type(LORA_SPACE), "members", lambda self, *a: builds.append(1) or build(*a))  # a frozen value: patch its class
     members = GenerationMembers(str(tmp_path), sha, plan)
     assert members.stacked() is members.stacked()
     shared = write_members.fn(str(tmp_path), sha, plan, members=members)

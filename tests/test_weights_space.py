@@ -2,6 +2,7 @@
 update the paper's in the same units, the centre its exact top-R factorisation; the engine's shared
 centre slot decodes what a rank R + r adapter does."""
 
+import json
 import math
 
 from artifacts.ledger import Ledger
@@ -191,6 +192,7 @@ def test_a_weights_space_run_moves_its_centre_and_replays_and_resumes_bit_identi
     from flows.replay import replay
     from es_core.lora import load_adapter
     from tests.fake_sglang import FakeSGLang
+    from tasks.members import served_adapter
     from tests.test_pipeline import generation_hashes
 
     monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
@@ -213,9 +215,15 @@ def test_a_weights_space_run_moves_its_centre_and_replays_and_resumes_bit_identi
     assert all(0 < kept <= 1 and norm > 0 for kept, norm in rows), rows
     state, spec = load_checkpoint(ArtifactStore(tmp_path / "clean" / "artifacts"), clean[-1][2])
     assert spec.rank == 3 and spec.lora_alpha == 3.0 and len(state.centre) == 2 * 2 * 7  # 2 layers x 7 projections
+    # a member's file is its own rank-1 factors and the centre it perturbs (generation 3's parent);
+    # the server got the two joined (rank 3 + 1), whose first 3 factors are that centre's
+    store = ArtifactStore(tmp_path / "clean" / "artifacts")
     member = ledger.member_rows("w", 3)[0]
-    tensors, member_spec = load_adapter(ArtifactStore(tmp_path / "clean" / "artifacts").get(member["adapter_sha256"]))
-    assert member_spec.rank == 4
-    # the member's first R factors are its centre's: the centre it was perturbed from, generation 3's parent
-    parent, _ = load_checkpoint(ArtifactStore(tmp_path / "clean" / "artifacts"), clean[3][1])
-    assert all(torch.equal(tensors[k][:3] if "lora_A" in k else tensors[k][:, :3], parent.centre[k]) for k in parent.centre)
+    folder = store.get(member["adapter_sha256"])
+    own, own_spec = load_adapter(folder)
+    assert own_spec.rank == 1 and json.loads((folder / "es_member.json").read_text())["centre_sha256"] == clean[3][1]
+    parent, _ = load_checkpoint(store, clean[3][1])
+    joined, joined_spec = load_adapter(ArtifactStore(tmp_path / "scratch").get(served_adapter(store, member["adapter_sha256"], ArtifactStore(tmp_path / "scratch"))))
+    assert joined_spec.rank == 4
+    assert all(torch.equal(joined[k][:3] if "lora_A" in k else joined[k][:, :3], parent.centre[k]) for k in parent.centre)
+    assert all(torch.equal(joined[k][3:] if "lora_A" in k else joined[k][:, 3:], own[k]) for k in own)
