@@ -121,6 +121,17 @@ def test_failures_are_one_line_on_stderr_with_exit_code_2(data_dir, capsys, argv
     assert err.startswith("es-countdown: error: ") and err.count("\n") == 1 and message in err
 
 
+@pytest.mark.parametrize("template", ["COPY runs TO '{out}'", "COPY (SELECT * FROM runs) TO '{out}' (FORMAT parquet)",
+                                      "SELECT * FROM read_csv('{other}')", "ATTACH '{out}' AS other"])
+def test_read_only_sql_touches_no_file_but_the_ledger(data_dir, capsys, tmp_path, template):
+    # DuckDB's read_only refuses writes to the ledger, not COPY ... TO another file
+    out, other = tmp_path / "leaked.csv", tmp_path / "secret.csv"
+    other.write_text("a,b\n1,2\n")
+    code, stdout, err = run_cli(capsys, "sql", template.format(out=out, other=other), "--data-dir", str(data_dir))
+    assert code == 2 and stdout == "" and err.count("\n") == 1, err
+    assert "sql reads the ledger only, no other file" in err and not out.exists(), err
+
+
 def test_the_data_dir_defaults_to_es_data_dir(data_dir, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("ES_DATA_DIR", str(data_dir))
     assert run_cli(capsys, "sql", "SELECT count(*) AS n FROM runs", "--format", "csv")[1] == "n\n2\n"
