@@ -9,6 +9,7 @@ from prefect import task
 from artifacts.checkpoints import load_checkpoint, put_adapter_folder, put_checkpoint
 from artifacts.store import ArtifactRef, ArtifactStore
 from es_core.es import FITNESS, DrawnPopulation, ESState, PopulationPlan, es_update, stacked_population
+from es_core.finite import check_finite_update
 from es_core.lora import AdapterSpec, LoRATensors, find_targets_in_folder, init_center, spec_from_tensors
 from tasks.common import CONTENT_CACHE, wait_for_decoding
 from tasks.noise import population_of
@@ -50,5 +51,6 @@ def aggregate(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, rewa
     values = FITNESS[fitness](sample_rewards)
     new_state, metrics = es_update(state, plan.members, rewards, learning_rate, shaping, optimizer, plan.perturb, adam[:2], adam[2],
                                    population_of(plan, state.center, drawn).noise, None if fitness == "mean_reward" else values)
+    check_finite_update(plan.generation, rewards, values, metrics, new_state)  # a NaN centre is never stored
     ref = put_checkpoint(store, new_state, spec)
     return {"center_sha256": ref.sha256, "center_path": str(ref.path), "fitness": values, **metrics}
