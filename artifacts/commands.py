@@ -4,17 +4,22 @@ ArtifactError; the CLI prints them and exits 2."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts.ledger import LEDGER_FILE, Ledger, to_jsonable
+from artifacts.runs import data_dir_busy, exclusive_data_dir
 from artifacts.store import ArtifactError, ArtifactStore, remove_path
 
 ARTIFACTS_DIR = "artifacts"  # under the data dir, as tasks/common.DataDir lays it out
+TASK_RESULTS_DIR = "task-results"  # likewise: Prefect's cached task results
 FORMATS = ("table", "csv", "json")
 
 
@@ -153,6 +158,7 @@ def export(data_dir, run_id: str, out: str | os.PathLike | None = None) -> list[
 class GcPlan:
     remove: list[tuple[str, int]] = field(default_factory=list)  # (sha256, bytes)
     leftovers: list[tuple[Path, int]] = field(default_factory=list)  # unfinished puts, orphan manifests
+    cached_results: list[Path] = field(default_factory=list)  # cached task results that name an artifact to remove
     kept_young: int = 0
     kept_referenced: int = 0
 
@@ -161,8 +167,35 @@ class GcPlan:
         return sum(b for _, b in self.remove) + sum(b for _, b in self.leftovers)
 
 
+def check_min_age(min_age_s: float) -> None:
+    # NaN compares false: `age < nan` kept nothing, so every unreferenced artifact counted as old
+    if not math.isfinite(min_age_s) or min_age_s < 0:
+        raise CommandError(f"gc: --min-age-hours must be a finite number of hours >= 0 (got {min_age_s / 3600:g})")
+
+
+_SHA_IN_BYTES = re.compile(rb"[0-9a-f]{64}")
+
+
+def cached_results_naming(task_results: Path, shas: set[str]) -> list[Path]:
+    """The cached task results (Prefect result files: JSON, the value base64-pickled, its strings
+    in clear) that name one of `shas`. A resume would take such a result from the cache and load a
+    removed artifact (a centre a killed run wrote, not yet committed); without it the task runs
+    again and writes the same content again."""
+    found = []
+    for path in sorted(task_results.iterdir()) if task_results.is_dir() else []:
+        try:
+            raw = base64.b64decode(json.loads(path.read_bytes())["result"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a result file of ours
+        if any(m.decode() in shas for m in _SHA_IN_BYTES.findall(raw)):
+            found.append(path)
+    return found
+
+
 def gc_plan(data_dir, min_age_s: float = 86400.0) -> GcPlan:
-    """Artifacts no ledger row references (any column named *_sha256), older than min_age_s."""
+    """Artifacts no ledger row references (any column named *_sha256), older than min_age_s, and
+    the cached task results that name them."""
+    check_min_age(min_age_s)
     ledger = open_ledger(data_dir)
     store = ArtifactStore(ledger.data_dir / ARTIFACTS_DIR)
     referenced = ledger.referenced_sha256()
@@ -175,15 +208,32 @@ def gc_plan(data_dir, min_age_s: float = 86400.0) -> GcPlan:
         else:
             plan.remove.append((sha, store.size(sha)))
     plan.leftovers = store.leftovers(min_age_s)
+    if plan.remove:
+        plan.cached_results = cached_results_naming(ledger.data_dir / TASK_RESULTS_DIR, {sha for sha, _ in plan.remove})
     return plan
 
 
 def gc(data_dir, yes: bool = False, min_age_s: float = 86400.0) -> str:
-    """Dry run unless yes: list what would go and the bytes freed; with yes, remove it."""
-    plan = gc_plan(data_dir, min_age_s)
-    store = ArtifactStore(default_data_dir(data_dir) / ARTIFACTS_DIR)
+    """Dry run unless yes: list what would go and the bytes freed; with yes, remove it, holding the
+    data dir's writers.lock exclusively (refused while a run writes there: artifacts/runs.py)."""
+    check_min_age(min_age_s)
+    root = open_ledger(data_dir).data_dir
+    if not yes:
+        busy = " (a run is writing this data dir now: gc --yes would refuse)" if data_dir_busy(root) else ""
+        return _gc(root, False, min_age_s, busy)
+    with exclusive_data_dir(root):
+        return _gc(root, True, min_age_s, "")
+
+
+def _gc(root: Path, yes: bool, min_age_s: float, note: str) -> str:
+    plan = gc_plan(root, min_age_s)
+    store = ArtifactStore(root / ARTIFACTS_DIR)
     verb = "removed" if yes else "would remove"
     lines = []
+    for path in plan.cached_results:  # first: a result never names a removed artifact, even after a kill mid-gc
+        if yes:
+            path.unlink(missing_ok=True)
+        lines.append(f"{verb} {path} (a cached task result naming an artifact below)")
     for sha, size in plan.remove:
         if yes:
             store.remove(sha)
@@ -193,9 +243,10 @@ def gc(data_dir, yes: bool = False, min_age_s: float = 86400.0) -> str:
             remove_path(path)
         lines.append(f"{verb} {path}  {_bytes(size)} (unfinished write)")
     lines.append(
-        f"{verb} {len(plan.remove)} unreferenced artifact(s) and {len(plan.leftovers)} leftover(s), {_bytes(plan.bytes)}; "
+        f"{verb} {len(plan.remove)} unreferenced artifact(s), {len(plan.cached_results)} cached task result(s) naming them and "
+        f"{len(plan.leftovers)} leftover(s), {_bytes(plan.bytes)}; "
         f"kept {plan.kept_referenced} referenced and {plan.kept_young} younger than {min_age_s / 3600:g} h"
-        + ("" if yes or not (plan.remove or plan.leftovers) else " (dry run: add --yes to delete)")
+        + ("" if yes or not (plan.remove or plan.leftovers) else " (dry run: add --yes to delete)") + note
     )
     return "\n".join(lines) + "\n"
 

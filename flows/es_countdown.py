@@ -18,6 +18,7 @@ from prefect.context import FlowRunContext
 from prefect.utilities.annotations import quote
 
 from artifacts.ledger import Ledger
+from artifacts.runs import DataDirWriter
 from artifacts.store import ArtifactError, ArtifactStore
 from es_core.countdown.problems import experiment_problems
 from es_core.models import ModelError, load_tokenizer, resolve_device, resolve_dtype
@@ -106,10 +107,16 @@ def check_recorded_base_model(ledger: Ledger, run_id: str, base: dict) -> None:
 @flow(name="es-countdown", log_prints=True, on_crashed=[mark_unfinished_task_runs_crashed])
 def es_countdown(config_path: str | None = None, overrides: list[str] | None = None, run_id: str | None = None, data_dir: str | None = None) -> dict:
     """Run (or resume) an ES experiment; returns the run id, the final centre and its held-out scores."""
-    logger = get_run_logger()
     settings, run_id, resuming = resolve_settings(config_path, overrides, run_id, data_dir)
     data = DataDir(Path(settings.data_dir))
     data.root.mkdir(parents=True, exist_ok=True)
+    # held until the run ends: gc removes nothing while a run may still commit an artifact it wrote
+    with DataDirWriter(data.root):
+        return _run(settings, run_id, resuming, data)
+
+
+def _run(settings: Settings, run_id: str, resuming: bool, data: DataDir) -> dict:
+    logger = get_run_logger()
     root, es = str(data.root), settings.es
 
     # --- problems, base model (warm-started), run row -------------------------------------------

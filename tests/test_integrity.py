@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from artifacts.ledger import Ledger
-from artifacts.store import ArtifactError
+from artifacts.store import ArtifactError, ArtifactStore
 from es_core.seeding import NOISE_SCHEME
 from es_core.settings import ConfigError, Settings
 from flows.cli import main as cli_main
@@ -210,3 +210,60 @@ def test_a_damaged_warm_start_stops_a_resume_before_anything_is_committed(tmp_pa
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"the warm-started model: artifact {warm} is corrupt: {weights} has sha256 "), message
     assert Ledger(data).last_generation("warm") == 0
+
+
+# --- gc never removes what a run may still commit (issue 26) -------------------------------------------
+
+
+def test_gc_during_a_run_removes_nothing_and_the_run_completes(tmp_path, prefect_harness, model_cache, monkeypatch):
+    """A run writes a generation's centre before the ledger row that references it: a gc between
+    the two (`--min-age-hours nan` made every unreferenced artifact old) removed a live run's
+    centre; the run failed and its resume failed on the missing artifact."""
+    import flows.es_countdown
+    from flows.es_countdown import es_countdown
+
+    from artifacts.commands import gc, verify
+    from artifacts.runs import DataDirBusyError
+
+    real_generation, answers = flows.es_countdown.generation, []
+
+    def generation_with_gc(run, pipeline, g, centre):
+        if g == 1:  # generation 0's centre written; its commit may be in flight
+            try:
+                answers.append(gc(tmp_path / "data", yes=True, min_age_s=0.0))
+            except DataDirBusyError as exc:  # the CLI prints it in one line, exit code 2 (tests/test_ledger_cli.py)
+                answers.append(str(exc))
+        return real_generation(run, pipeline, g, centre)
+
+    monkeypatch.setattr(flows.es_countdown, "generation", generation_with_gc)
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    es_countdown(config_path=str(tiny_config(tmp_path)), run_id="live", data_dir=str(tmp_path / "data"))
+    assert len(answers) == 1 and answers[0].startswith("a run is writing") and "gc removes nothing now" in answers[0], answers
+    text, intact = verify(tmp_path / "data", "live")
+    assert intact, text
+
+
+def test_a_run_killed_before_its_commit_resumes_after_gc_removed_what_it_wrote(recorded, tmp_path, model_cache, monkeypatch):
+    """Killed after generation 1's centre and members were written and cached, before their commit;
+    gc then removes them, being unreferenced. The cached task results that name them must go too:
+    a resume took the centre's hash from the cache and failed on the missing artifact."""
+    import duckdb
+
+    from artifacts.commands import gc, verify
+    from flows.es_countdown import es_countdown
+
+    data = copy_of(recorded, tmp_path)
+    final = Ledger(data).generation_row(RUN, 1)["center_sha256"]
+    con = duckdb.connect(str(data / "ledger.duckdb"))
+    for table, generation in (("samples", 1), ("members", 1), ("generations", 1), ("evals", 2)):
+        con.execute(f"DELETE FROM {table} WHERE run_id = ? AND generation = ?", [RUN, generation])
+    con.close()
+    out = gc(data, yes=True, min_age_s=0.0)
+    assert f"removed {final}" in out and "cached task result(s) naming them" in out and "removed 0 unreferenced" not in out, out
+    assert not ArtifactStore(data / "artifacts").exists(final)
+
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    result = es_countdown(run_id=RUN, data_dir=str(data))
+    assert result["center_sha256"] == final  # rebuilt: the same content
+    text, intact = verify(data, RUN)
+    assert intact, text

@@ -199,17 +199,50 @@ def test_gc_is_a_dry_run_until_yes_and_removes_only_unreferenced_artifacts(data_
     code, out, _ = run_cli(capsys, "gc", "--min-age-hours", "0", "--data-dir", data_dir)
     assert code == 0
     assert {line.split()[2] for line in out.splitlines() if line.startswith("would remove ") and "unreferenced" not in line and "unfinished" not in line} == orphans
-    assert "would remove 2 unreferenced artifact(s) and 1 leftover(s)" in out and "dry run: add --yes" in out
+    assert "would remove 2 unreferenced artifact(s), 0 cached task result(s) naming them and 1 leftover(s)" in out and "dry run: add --yes" in out
     assert {sha for sha, _ in store.iter_artifacts()} == before and (store.tmp / "put-1-dead").exists()
 
     code, out, _ = run_cli(capsys, "gc", "--yes", "--min-age-hours", "0", "--data-dir", data_dir)
-    assert code == 0 and "removed 2 unreferenced artifact(s) and 1 leftover(s)" in out
+    assert code == 0 and "removed 2 unreferenced artifact(s), 0 cached task result(s) naming them and 1 leftover(s)" in out
     assert {sha for sha, _ in store.iter_artifacts()} == before - orphans
     assert not (store.tmp / "put-1-dead").exists()
     assert Ledger(data_dir).referenced_sha256() >= before - orphans  # everything left is referenced
     assert store.verify_all() == []
     code, out, _ = run_cli(capsys, "gc", "--yes", "--min-age-hours", "0", "--data-dir", data_dir)
-    assert "removed 0 unreferenced artifact(s) and 0 leftover(s), 0 B" in out
+    assert "removed 0 unreferenced artifact(s), 0 cached task result(s) naming them and 0 leftover(s), 0 B" in out
+
+
+@pytest.mark.parametrize("age", ["nan", "inf", "-1", "-inf"])
+def test_gc_refuses_an_age_that_is_not_a_finite_number_of_hours(data_dir, capsys, age):
+    # NaN compares false: every unreferenced artifact counted as old, a live run's centre included
+    store = ArtifactStore(data_dir / "artifacts")
+    store.put_bytes(b"orphan", "x")
+    before = sorted(store.iter_artifacts())
+    for yes in ([], ["--yes"]):
+        code, out, err = run_cli(capsys, "gc", *yes, f"--min-age-hours={age}", "--data-dir", data_dir)
+        assert code == 2 and out == "" and err.count("\n") == 1 and "--min-age-hours must be a finite number of hours >= 0" in err, err
+    assert sorted(store.iter_artifacts()) == before
+
+
+def test_gc_removes_nothing_while_a_run_writes_the_data_dir(data_dir, capsys):
+    """A run holds writers.lock (shared) from its start to its end; here another process does."""
+    store = ArtifactStore(data_dir / "artifacts")
+    orphan = store.put_bytes(b"written, not yet committed", "x").sha256
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from artifacts.runs import DataDirWriter\n"
+                               f"with DataDirWriter({str(data_dir)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, out, err = run_cli(capsys, "gc", "--yes", "--min-age-hours", "0", "--data-dir", data_dir)
+        assert code == 2 and out == "" and err.count("\n") == 1 and "a run is writing" in err and "gc removes nothing now" in err, err
+        assert store.exists(orphan)
+        code, out, _ = run_cli(capsys, "gc", "--min-age-hours", "0", "--data-dir", data_dir)
+        assert code == 0 and "gc --yes would refuse" in out
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out, _ = run_cli(capsys, "gc", "--yes", "--min-age-hours", "0", "--data-dir", data_dir)  # the holder is gone: its lock too
+    assert code == 0 and not store.exists(orphan)
 
 
 def test_register_adds_the_commands_to_another_parser():
