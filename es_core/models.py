@@ -16,6 +16,7 @@ leaves no half folder.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -217,8 +218,11 @@ def _build_atomically(dest: Path, build, source: dict) -> None:
             if not _complete(dest):  # someone else's half folder cannot exist (renames are atomic)
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build won the race
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # it named no path
+            raise ModelError(f"cannot write model folder {dest} (built in {tmp}): {exc.strerror}; free space on that filesystem "
+                             "or set model.cache_dir elsewhere") from None
         raise
 
 
