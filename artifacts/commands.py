@@ -1,4 +1,4 @@
-"""What `es-countdown sql | lineage | export | gc | verify` do, as plain functions that return text or data
+"""What `es-countdown sql | runs | lineage | export | gc | verify` do, as plain functions that return text or data
 (the argparse wiring is in artifacts/cli.py). Errors are one-line CommandError, LedgerError or
 ArtifactError; the CLI prints them and exits 2."""
 
@@ -92,6 +92,66 @@ def sql(data_dir, query: str, fmt: str = "table", max_width: int = 64) -> str:
         raise CommandError('sql: the query is empty (e.g. es-countdown sql "SELECT * FROM runs")')
     columns, rows = open_ledger(data_dir).query(query)
     return format_rows(columns, rows, fmt, max_width)
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+_RUNS_SQL = """
+SELECT r.run_id, r.run_name, r.status, r.created_at, r.updated_at,
+       (SELECT max(g.generation) FROM generations g WHERE g.run_id = r.run_id) AS last_generation,
+       TRY_CAST(json_extract(r.config_json, '$.es.generations') AS INTEGER) AS generations_planned
+FROM runs r ORDER BY r.created_at, r.run_id
+"""
+# per run and held-out set: the best accuracy of any model evaluated on it (centre, base, warm start)
+_BEST_SQL = """
+SELECT run_id, split, max(accuracy) AS accuracy, arg_max(model, (accuracy, -generation)) AS model,
+       arg_max(generation, (accuracy, -generation)) AS generation
+FROM evals WHERE accuracy IS NOT NULL GROUP BY run_id, split ORDER BY run_id, split = 'heldout' DESC, split
+"""
+
+
+def runs_data(data_dir) -> list[dict]:
+    """Every run of the ledger, oldest first: id, name, status, generations committed and planned,
+    the best held-out accuracy per set, when it started. A run recorded `running` that no process
+    is writing (the data dir's writers.lock is free) shows as `interrupted`: it was killed."""
+    ledger = open_ledger(data_dir)
+    columns, rows = ledger.query(_RUNS_SQL)
+    _, best_rows = ledger.query(_BEST_SQL)
+    best: dict[str, dict] = {}
+    for run_id, split, accuracy, model, generation in best_rows:
+        best.setdefault(run_id, {})[split] = {"accuracy": accuracy, "model": model, "generation": generation}
+    writing = data_dir_busy(ledger.data_dir)
+    out = []
+    for row in rows:
+        run = dict(zip(columns, row))
+        last = run.pop("last_generation")
+        status = run["status"]
+        out.append({
+            "run_id": run["run_id"], "run_name": run["run_name"],
+            "status": "interrupted" if status == "running" and not writing else status, "recorded_status": status,
+            "generations_committed": 0 if last is None else last + 1, "generations_planned": run["generations_planned"],
+            "best_heldout": best.get(run["run_id"], {}), "started_at": run["created_at"], "updated_at": run["updated_at"],
+        })
+    return out
+
+
+def runs(data_dir, fmt: str = "table") -> str:
+    """`es-countdown runs`: the runs as a table (or JSON)."""
+    data = runs_data(data_dir)
+    if fmt == "json":
+        return json.dumps(to_jsonable(data), indent=1) + "\n"
+    if fmt != "table":
+        raise CommandError(f"unknown format {fmt!r} (table or json)")
+    if not data:
+        return f"no runs in the ledger at {open_ledger(data_dir).path}\n"
+
+    def best_text(best: dict) -> str:
+        return ", ".join(f"{split} {b['accuracy']:.3g} ({b['model']} g{b['generation']})" for split, b in best.items()) or "-"
+
+    columns = ["run_id", "name", "status", "generations", "best held-out accuracy", "started (UTC)"]
+    rows = [(r["run_id"], r["run_name"] or "", r["status"], f"{r['generations_committed']}/{r['generations_planned'] if r['generations_planned'] is not None else '?'}",
+             best_text(r["best_heldout"]), f"{r['started_at']:%Y-%m-%d %H:%M}" if r["started_at"] else "") for r in data]
+    return format_rows(columns, rows, "table", max_width=200)
 
 
 # --- lineage -------------------------------------------------------------------------------------
@@ -292,4 +352,4 @@ def _bytes(n: int) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-__all__ = ["CommandError", "default_data_dir", "open_ledger", "format_rows", "sql", "lineage", "lineage_text", "export", "gc", "gc_plan", "GcPlan", "verify"]
+__all__ = ["CommandError", "default_data_dir", "open_ledger", "format_rows", "sql", "runs", "runs_data", "lineage", "lineage_text", "export", "gc", "gc_plan", "GcPlan", "verify"]

@@ -75,6 +75,33 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+# --- runs ----------------------------------------------------------------------------------------
+
+
+def test_runs_lists_each_run_with_status_generations_and_best_held_out_accuracy(data_dir, capsys):
+    Ledger(data_dir).set_run_status("my-run", "completed")  # other-run stays "running", and no process writes it
+    code, out, err = run_cli(capsys, "runs", "--data-dir", data_dir)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].split() == ["run_id", "name", "status", "generations", "best", "held-out", "accuracy", "started", "(UTC)"]
+    mine = next(line for line in lines if line.startswith("my-run "))
+    other = next(line for line in lines if line.startswith("other-run "))
+    assert " completed " in mine and " 3/" in mine and "heldout 0.4 (centre g3)" in mine, mine
+    assert " interrupted " in other and " 1/" in other and " - " in other, other
+    assert lines[-1] == "(2 rows)"
+
+    code, out, _ = run_cli(capsys, "runs", "--format", "json", "--data-dir", data_dir)
+    runs = {r["run_id"]: r for r in json.loads(out)}
+    assert runs["my-run"]["best_heldout"] == {"heldout": {"accuracy": 0.4, "model": "centre", "generation": 3}}
+    assert runs["my-run"]["generations_committed"] == 3 and runs["other-run"]["recorded_status"] == "running"
+    assert runs["other-run"]["status"] == "interrupted" and runs["other-run"]["best_heldout"] == {}
+
+
+def test_runs_without_a_ledger_is_one_line(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "runs", "--data-dir", tmp_path)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "no ledger at" in err
+
+
 # --- sql -----------------------------------------------------------------------------------------
 
 
