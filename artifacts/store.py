@@ -84,12 +84,22 @@ def _files(folder: Path) -> list[tuple[str, Path]]:
     return sorted(out)
 
 
+_SHA_MEMO: dict[tuple[str, int, int, int], str] = {}
+
+
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a file's bytes, read once per process: memoized by path, size, mtime and inode (a
+    file rewritten or replaced changes one of them), so the CLI's check of a warm start before a
+    resume and the run's own check hash it once. A new process (`verify`) always reads it."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]
 
 
 def manifest_text(entries: Iterable[tuple[str, str]]) -> str:

@@ -205,6 +205,19 @@ def test_a_damaged_warm_start_stops_a_resume_before_anything_is_committed(tmp_pa
     warm = Ledger(data).run_row("warm")["warm_start_sha256"]
     weights = data / "artifacts" / warm[:2] / warm / "model.safetensors"
     flip_64_bytes(weights)
+    # the CLI: one line, exit code 2, before Prefect starts
+    import subprocess
+    import sys
+    import time
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "resume", "warm", "--set", "es.generations=2", "--data-dir", str(data)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"})  # a Prefect start would fail differently
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"es-countdown: error: the warm-started model: artifact {warm} is corrupt: {weights} has sha256 "), done.stderr
+    print(f"CLI refusal in {time.monotonic() - started:.1f} s")
+    # the flow itself (a deployment run takes no CLI)
     with pytest.raises(ArtifactError) as err:
         es_countdown(run_id="warm", overrides=["es.generations=2"], data_dir=str(data))
     message = str(err.value)
