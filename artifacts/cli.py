@@ -1,4 +1,4 @@
-"""The ledger's commands in the `es-countdown` CLI: sql, lineage, export, gc, verify.
+"""The ledger's commands in the `es-countdown` CLI: sql, runs, lineage, export, gc, verify.
 
 flows/cli.py calls `register(subparsers)`; `main(argv)` is a parser with only these commands (for
 tests, and `python -m artifacts.cli`). Each subcommand takes `--data-dir DIR` (default ES_DATA_DIR,
@@ -19,13 +19,18 @@ def _data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    """Add sql, lineage, export, gc and verify to an argparse subparsers object."""
+    """Add sql, runs, lineage, export, gc and verify to an argparse subparsers object."""
     p = subparsers.add_parser("sql", help="run a read-only SQL query on the ledger (works while a run is writing)")
     p.add_argument("query", help='e.g. "SELECT generation, reward_mean FROM generations ORDER BY generation"')
     p.add_argument("--format", choices=commands.FORMATS, default="table", help="table (long cells cut), csv or json (full values)")
     p.add_argument("--max-width", type=int, default=64, help="table format: longest cell shown (default 64: a whole sha256)")
     _data_dir(p)
     p.set_defaults(handler=_cmd_sql)
+
+    p = subparsers.add_parser("runs", help="list the runs: status, generations committed, best held-out accuracy, start time")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    _data_dir(p)
+    p.set_defaults(handler=_cmd_runs)
 
     p = subparsers.add_parser("lineage", help="the chain of centres from an adapter or centre back to generation 0")
     p.add_argument("sha", metavar="ADAPTER_OR_CENTER_SHA", help="a centre or member adapter sha256, or a unique prefix (4+ hex digits)")
@@ -54,6 +59,11 @@ def register(subparsers) -> None:
 
 def _cmd_sql(args) -> int:
     sys.stdout.write(commands.sql(args.data_dir, args.query, args.format, args.max_width))
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    sys.stdout.write(commands.runs(args.data_dir, args.format))
     return 0
 
 

@@ -1,20 +1,25 @@
-"""What `es-countdown sql | lineage | export | gc | verify` do, as plain functions that return text or data
+"""What `es-countdown sql | runs | lineage | export | gc | verify` do, as plain functions that return text or data
 (the argparse wiring is in artifacts/cli.py). Errors are one-line CommandError, LedgerError or
 ArtifactError; the CLI prints them and exits 2."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts.ledger import LEDGER_FILE, Ledger, to_jsonable
+from artifacts.runs import data_dir_busy, exclusive_data_dir
 from artifacts.store import ArtifactError, ArtifactStore, remove_path
 
 ARTIFACTS_DIR = "artifacts"  # under the data dir, as tasks/common.DataDir lays it out
+TASK_RESULTS_DIR = "task-results"  # likewise: Prefect's cached task results
 FORMATS = ("table", "csv", "json")
 
 
@@ -89,6 +94,66 @@ def sql(data_dir, query: str, fmt: str = "table", max_width: int = 64) -> str:
     return format_rows(columns, rows, fmt, max_width)
 
 
+# --- runs ----------------------------------------------------------------------------------------
+
+_RUNS_SQL = """
+SELECT r.run_id, r.run_name, r.status, r.created_at, r.updated_at,
+       (SELECT max(g.generation) FROM generations g WHERE g.run_id = r.run_id) AS last_generation,
+       TRY_CAST(json_extract(r.config_json, '$.es.generations') AS INTEGER) AS generations_planned
+FROM runs r ORDER BY r.created_at, r.run_id
+"""
+# per run and held-out set: the best accuracy of any model evaluated on it (centre, base, warm start)
+_BEST_SQL = """
+SELECT run_id, split, max(accuracy) AS accuracy, arg_max(model, (accuracy, -generation)) AS model,
+       arg_max(generation, (accuracy, -generation)) AS generation
+FROM evals WHERE accuracy IS NOT NULL GROUP BY run_id, split ORDER BY run_id, split = 'heldout' DESC, split
+"""
+
+
+def runs_data(data_dir) -> list[dict]:
+    """Every run of the ledger, oldest first: id, name, status, generations committed and planned,
+    the best held-out accuracy per set, when it started. A run recorded `running` that no process
+    is writing (the data dir's writers.lock is free) shows as `interrupted`: it was killed."""
+    ledger = open_ledger(data_dir)
+    columns, rows = ledger.query(_RUNS_SQL)
+    _, best_rows = ledger.query(_BEST_SQL)
+    best: dict[str, dict] = {}
+    for run_id, split, accuracy, model, generation in best_rows:
+        best.setdefault(run_id, {})[split] = {"accuracy": accuracy, "model": model, "generation": generation}
+    writing = data_dir_busy(ledger.data_dir)
+    out = []
+    for row in rows:
+        run = dict(zip(columns, row))
+        last = run.pop("last_generation")
+        status = run["status"]
+        out.append({
+            "run_id": run["run_id"], "run_name": run["run_name"],
+            "status": "interrupted" if status == "running" and not writing else status, "recorded_status": status,
+            "generations_committed": 0 if last is None else last + 1, "generations_planned": run["generations_planned"],
+            "best_heldout": best.get(run["run_id"], {}), "started_at": run["created_at"], "updated_at": run["updated_at"],
+        })
+    return out
+
+
+def runs(data_dir, fmt: str = "table") -> str:
+    """`es-countdown runs`: the runs as a table (or JSON)."""
+    data = runs_data(data_dir)
+    if fmt == "json":
+        return json.dumps(to_jsonable(data), indent=1) + "\n"
+    if fmt != "table":
+        raise CommandError(f"unknown format {fmt!r} (table or json)")
+    if not data:
+        return f"no runs in the ledger at {open_ledger(data_dir).path}\n"
+
+    def best_text(best: dict) -> str:
+        return ", ".join(f"{split} {b['accuracy']:.3g} ({b['model']} g{b['generation']})" for split, b in best.items()) or "-"
+
+    columns = ["run_id", "name", "status", "generations", "best held-out accuracy", "started (UTC)"]
+    rows = [(r["run_id"], r["run_name"] or "", r["status"], f"{r['generations_committed']}/{r['generations_planned'] if r['generations_planned'] is not None else '?'}",
+             best_text(r["best_heldout"]), f"{r['started_at']:%Y-%m-%d %H:%M}" if r["started_at"] else "") for r in data]
+    return format_rows(columns, rows, "table", max_width=200)
+
+
 # --- lineage -------------------------------------------------------------------------------------
 
 
@@ -153,6 +218,7 @@ def export(data_dir, run_id: str, out: str | os.PathLike | None = None) -> list[
 class GcPlan:
     remove: list[tuple[str, int]] = field(default_factory=list)  # (sha256, bytes)
     leftovers: list[tuple[Path, int]] = field(default_factory=list)  # unfinished puts, orphan manifests
+    cached_results: list[Path] = field(default_factory=list)  # cached task results that name an artifact to remove
     kept_young: int = 0
     kept_referenced: int = 0
 
@@ -161,8 +227,35 @@ class GcPlan:
         return sum(b for _, b in self.remove) + sum(b for _, b in self.leftovers)
 
 
+def check_min_age(min_age_s: float) -> None:
+    # NaN compares false: `age < nan` kept nothing, so every unreferenced artifact counted as old
+    if not math.isfinite(min_age_s) or min_age_s < 0:
+        raise CommandError(f"gc: --min-age-hours must be a finite number of hours >= 0 (got {min_age_s / 3600:g})")
+
+
+_SHA_IN_BYTES = re.compile(rb"[0-9a-f]{64}")
+
+
+def cached_results_naming(task_results: Path, shas: set[str]) -> list[Path]:
+    """The cached task results (Prefect result files: JSON, the value base64-pickled, its strings
+    in clear) that name one of `shas`. A resume would take such a result from the cache and load a
+    removed artifact (a centre a killed run wrote, not yet committed); without it the task runs
+    again and writes the same content again."""
+    found = []
+    for path in sorted(task_results.iterdir()) if task_results.is_dir() else []:
+        try:
+            raw = base64.b64decode(json.loads(path.read_bytes())["result"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a result file of ours
+        if any(m.decode() in shas for m in _SHA_IN_BYTES.findall(raw)):
+            found.append(path)
+    return found
+
+
 def gc_plan(data_dir, min_age_s: float = 86400.0) -> GcPlan:
-    """Artifacts no ledger row references (any column named *_sha256), older than min_age_s."""
+    """Artifacts no ledger row references (any column named *_sha256), older than min_age_s, and
+    the cached task results that name them."""
+    check_min_age(min_age_s)
     ledger = open_ledger(data_dir)
     store = ArtifactStore(ledger.data_dir / ARTIFACTS_DIR)
     referenced = ledger.referenced_sha256()
@@ -175,15 +268,32 @@ def gc_plan(data_dir, min_age_s: float = 86400.0) -> GcPlan:
         else:
             plan.remove.append((sha, store.size(sha)))
     plan.leftovers = store.leftovers(min_age_s)
+    if plan.remove:
+        plan.cached_results = cached_results_naming(ledger.data_dir / TASK_RESULTS_DIR, {sha for sha, _ in plan.remove})
     return plan
 
 
 def gc(data_dir, yes: bool = False, min_age_s: float = 86400.0) -> str:
-    """Dry run unless yes: list what would go and the bytes freed; with yes, remove it."""
-    plan = gc_plan(data_dir, min_age_s)
-    store = ArtifactStore(default_data_dir(data_dir) / ARTIFACTS_DIR)
+    """Dry run unless yes: list what would go and the bytes freed; with yes, remove it, holding the
+    data dir's writers.lock exclusively (refused while a run writes there: artifacts/runs.py)."""
+    check_min_age(min_age_s)
+    root = open_ledger(data_dir).data_dir
+    if not yes:
+        busy = " (a run is writing this data dir now: gc --yes would refuse)" if data_dir_busy(root) else ""
+        return _gc(root, False, min_age_s, busy)
+    with exclusive_data_dir(root):
+        return _gc(root, True, min_age_s, "")
+
+
+def _gc(root: Path, yes: bool, min_age_s: float, note: str) -> str:
+    plan = gc_plan(root, min_age_s)
+    store = ArtifactStore(root / ARTIFACTS_DIR)
     verb = "removed" if yes else "would remove"
     lines = []
+    for path in plan.cached_results:  # first: a result never names a removed artifact, even after a kill mid-gc
+        if yes:
+            path.unlink(missing_ok=True)
+        lines.append(f"{verb} {path} (a cached task result naming an artifact below)")
     for sha, size in plan.remove:
         if yes:
             store.remove(sha)
@@ -193,9 +303,10 @@ def gc(data_dir, yes: bool = False, min_age_s: float = 86400.0) -> str:
             remove_path(path)
         lines.append(f"{verb} {path}  {_bytes(size)} (unfinished write)")
     lines.append(
-        f"{verb} {len(plan.remove)} unreferenced artifact(s) and {len(plan.leftovers)} leftover(s), {_bytes(plan.bytes)}; "
+        f"{verb} {len(plan.remove)} unreferenced artifact(s), {len(plan.cached_results)} cached task result(s) naming them and "
+        f"{len(plan.leftovers)} leftover(s), {_bytes(plan.bytes)}; "
         f"kept {plan.kept_referenced} referenced and {plan.kept_young} younger than {min_age_s / 3600:g} h"
-        + ("" if yes or not (plan.remove or plan.leftovers) else " (dry run: add --yes to delete)")
+        + ("" if yes or not (plan.remove or plan.leftovers) else " (dry run: add --yes to delete)") + note
     )
     return "\n".join(lines) + "\n"
 
@@ -241,4 +352,4 @@ def _bytes(n: int) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-__all__ = ["CommandError", "default_data_dir", "open_ledger", "format_rows", "sql", "lineage", "lineage_text", "export", "gc", "gc_plan", "GcPlan", "verify"]
+__all__ = ["CommandError", "default_data_dir", "open_ledger", "format_rows", "sql", "runs", "runs_data", "lineage", "lineage_text", "export", "gc", "gc_plan", "GcPlan", "verify"]

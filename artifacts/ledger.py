@@ -461,9 +461,13 @@ class Ledger:
     # --- reading ------------------------------------------------------------------------------------
 
     def query(self, sql: str, params: list | dict | None = None) -> tuple[list[str], list[tuple]]:
-        """Any read-only SQL: (column names, rows). A write statement is refused by DuckDB."""
+        """Any read-only SQL on the ledger alone: (column names, rows). A write statement is refused
+        by DuckDB (the file is opened read-only); so is any file outside it (COPY ... TO, read_csv,
+        ATTACH, INSTALL), external access being switched off on the connection first (it cannot be
+        switched back on while the connection is open)."""
 
         def work(con):
+            con.execute("SET enable_external_access = false")
             try:
                 cur = con.execute(sql, params) if params is not None else con.execute(sql)
                 if cur is None:  # DuckDB's answer to a query of only comments, blanks or semicolons
@@ -471,6 +475,8 @@ class Ledger:
                 if cur.description is None:
                     return [], []
                 return [d[0] for d in cur.description], cur.fetchall()
+            except duckdb.PermissionException as exc:
+                raise LedgerError(f"sql reads the ledger only, no other file: {_one_line(exc)}") from None
             except duckdb.Error as exc:
                 raise LedgerError(_one_line(exc)) from None
 

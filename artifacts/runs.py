@@ -9,6 +9,11 @@ A run is written by one process at a time: `RunLock` holds an exclusive `fcntl.f
 holder exits or dies (SIGKILL included), so a killed run never leaves a stale lock; the file keeps
 the last holder's pid, host and start time, which a refused second writer names. flock works on
 local filesystems; on NFS, Linux emulates it with POSIX byte-range locks.
+
+Every run also holds a shared lock on `<data_dir>/locks/writers.lock` while it writes
+(`DataDirWriter`, taken by the flow itself, so a deployment run or a run without --run-id holds it
+too); `gc --yes` takes it exclusively (`exclusive_data_dir`). A run writes an artifact before the
+ledger row that references it, so gc never runs beside a run that may still commit one.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 RUN_ID_MAX = 128
+WRITERS_LOCK = "writers.lock"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 LOCKS_DIR = "locks"
 
@@ -32,6 +38,10 @@ class RunIdError(ValueError):
 
 class RunLockedError(RuntimeError):
     """Another process is writing this run: one line naming it."""
+
+
+class DataDirBusyError(RuntimeError):
+    """A run is writing the data dir (gc --yes refused): one line."""
 
 
 def check_run_id(run_id: str) -> str:
@@ -92,3 +102,71 @@ def _read_holder(fd: int) -> str:
         return f"pid {info['pid']} on host {info['host']} since {info['since']}"
     except (ValueError, KeyError, UnicodeDecodeError):  # the holder is between open and write
         return "another process"
+
+
+class DataDirWriter:
+    """A shared lock on the data dir's writers.lock, held while a run writes there (a context
+    manager). Waits while gc holds it exclusively (gc takes seconds)."""
+
+    def __init__(self, data_dir: str | Path):
+        self.path = Path(data_dir) / LOCKS_DIR / WRITERS_LOCK
+        self._fd: int | None = None
+
+    def __enter__(self) -> "DataDirWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def data_dir_busy(data_dir: str | Path) -> bool:
+    """Is a run writing this data dir now (holding writers.lock)? Asks without waiting."""
+    path = Path(data_dir) / LOCKS_DIR / WRITERS_LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken here
+
+
+class exclusive_data_dir:
+    """Hold writers.lock exclusively (no run writes the data dir meanwhile), or raise DataDirBusyError."""
+
+    def __init__(self, data_dir: str | Path):
+        self.path = Path(data_dir) / LOCKS_DIR / WRITERS_LOCK
+        self._fd: int | None = None
+
+    def __enter__(self) -> "exclusive_data_dir":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirBusyError(f"a run is writing {Path(self.path).parent.parent} (it holds {self.path}): an unreferenced artifact may be "
+                                   "one it is about to commit, so gc removes nothing now; run gc when no run is writing") from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -25,6 +25,7 @@ stored once; a second put of it only refreshes the folder's mtime (gc's age test
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -39,6 +40,7 @@ MANIFEST_SUFFIX = ".manifest"
 TMP_DIR = "tmp"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write refused for want of space
 
 
 class ArtifactError(ValueError):
@@ -82,12 +84,22 @@ def _files(folder: Path) -> list[tuple[str, Path]]:
     return sorted(out)
 
 
+_SHA_MEMO: dict[tuple[str, int, int, int], str] = {}
+
+
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a file's bytes, read once per process: memoized by path, size, mtime and inode (a
+    file rewritten or replaced changes one of them), so the CLI's check of a warm start before a
+    resume and the run's own check hash it once. A new process (`verify`) always reads it."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]
 
 
 def manifest_text(entries: Iterable[tuple[str, str]]) -> str:
@@ -206,9 +218,20 @@ class ArtifactStore:
         return self._put((rel, _BytesReader(files[rel])) for rel in sorted(files))
 
     def _put(self, entries: Iterator[tuple[str, BinaryIO]]) -> ArtifactRef:
+        at = [self.tmp]  # the path being written: a full disk said "[Errno 28] No space left on device", naming none
+        try:
+            return self._put_at(entries, at)
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise ArtifactError(f"cannot write {at[0]}: {exc.strerror}; free space on that filesystem, then resume the run "
+                                    "(nothing half-written is kept)") from None
+            raise
+
+    def _put_at(self, entries: Iterator[tuple[str, BinaryIO]], at: list[Path]) -> ArtifactRef:
         self.tmp.mkdir(parents=True, exist_ok=True)
         work = self.tmp / f"put-{os.getpid()}-{uuid.uuid4().hex}"
         tmp_manifest = work.with_name(work.name + MANIFEST_SUFFIX)
+        at[0] = work
         work.mkdir()
         try:
             hashed = []
@@ -218,7 +241,9 @@ class ArtifactStore:
                 if dst.parent not in made_dirs:
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     made_dirs.add(dst.parent)
+                at[0] = dst
                 hashed.append((rel, _copy_hashing(src, dst)))
+            at[0] = work
             for d in sorted(made_dirs, key=lambda p: len(p.parts), reverse=True):
                 _fsync_dir(d)
             manifest = manifest_text(hashed)
@@ -232,6 +257,7 @@ class ArtifactStore:
                 shard.mkdir(parents=True, exist_ok=True)
                 _fsync_dir(self.root)
             # the manifest first: a manifest without a folder is not an artifact (gc removes it)
+            at[0] = tmp_manifest
             with open(tmp_manifest, "x") as f:
                 f.write(manifest)
                 f.flush()

@@ -121,18 +121,24 @@ def find_targets(model: torch.nn.Module, layers: list[int] | tuple[int, ...] | s
     if layers == "all":
         layers = sorted({int(m.group(1)) for path, _ in model.named_modules() if (m := re.search(r"\.layers\.(\d+)\.", path))})
     wanted_layers, wanted_modules = set(layers), set(modules)
-    targets = []
+    targets, model_layers = [], set()
     for path, module in model.named_modules():
         m = re.search(r"\.layers\.(\d+)\.", path)
         leaf = path.rsplit(".", 1)[-1]
+        if m:
+            model_layers.add(int(m.group(1)))
         if m and leaf in wanted_modules and int(m.group(1)) in wanted_layers and isinstance(module, torch.nn.Linear):
             targets.append(LoRATarget(path, int(m.group(1)), leaf, module.in_features, module.out_features))
+    missing = sorted(wanted_layers - model_layers)
+    if missing:
+        has = f"{len(model_layers)} decoder layers, 0-{max(model_layers)}" if model_layers else "no decoder layers"
+        raise AdapterError(f"lora.layers {missing} do not exist in {type(model).__name__}: it has {has}")
     if not targets:
         raise AdapterError(f"no Linear named {sorted(wanted_modules)} in layers {sorted(wanted_layers)} of {type(model).__name__}")
     found_layers = {t.layer for t in targets}
     missing = sorted(wanted_layers - found_layers)
     if missing:
-        raise AdapterError(f"lora.layers {missing} do not exist in {type(model).__name__} (it has {max(found_layers) + 1}+ layers)")
+        raise AdapterError(f"lora.layers {missing} of {type(model).__name__} hold no Linear named {sorted(wanted_modules)}")
     found_modules = {t.module for t in targets}
     if wanted_modules - found_modules:
         raise AdapterError(f"lora.modules {sorted(wanted_modules - found_modules)} not found in {type(model).__name__}")

@@ -16,6 +16,7 @@ leaves no half folder.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -35,6 +36,7 @@ from es_core.settings import ModelSettings
 SMOLLM2_GGUF_ENV = "ES_SMOLLM2_GGUF"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_FILE = "es_source.json"  # written last inside the temp folder: its presence means "complete"
+FILES_KEY = "files"  # in SOURCE_FILE: {relative path: sha256} of every other file of the folder
 RANDOM_INIT_KEY = "es_random_init"  # in config.json of a dummy-weight folder: {"seed": int, "std": float}
 _FORMAT = 1  # bump when the layout of converted folders changes
 
@@ -159,6 +161,7 @@ def _resolve_gguf(name: str, gguf: Path, cache_dir: Path) -> ResolvedModel:
     dest = cache_dir / f"gguf-{sha[:16]}"
     if not _complete(dest):
         _build_atomically(dest, lambda tmp: _convert_gguf(gguf, tmp), {"source": str(gguf), "sha256": sha, "kind": "gguf"})
+    verify_model_folder(dest)
     return ResolvedModel(name, dest, sha)
 
 
@@ -170,6 +173,7 @@ def _resolve_random(name: str, preset: Preset, cache_dir: Path) -> ResolvedModel
     dest = cache_dir / f"{name}-{sha[:16]}"
     if not _complete(dest):
         _build_atomically(dest, lambda tmp: _write_random(preset, gguf, tmp), {"source": name, "sha256": sha, "kind": "random"})
+    verify_model_folder(dest)
     return ResolvedModel(name, dest, sha)
 
 
@@ -205,6 +209,7 @@ def _build_atomically(dest: Path, build, source: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     try:
         build(tmp)
+        source = {**source, FILES_KEY: _file_hashes(tmp)}  # what verify_model_folder checks at every load
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a server in another container reads it
         try:
@@ -213,8 +218,11 @@ def _build_atomically(dest: Path, build, source: dict) -> None:
             if not _complete(dest):  # someone else's half folder cannot exist (renames are atomic)
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build won the race
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # it named no path
+            raise ModelError(f"cannot write model folder {dest} (built in {tmp}): {exc.strerror}; free space on that filesystem "
+                             "or set model.cache_dir elsewhere") from None
         raise
 
 
@@ -355,13 +363,15 @@ def load_causal_lm(path: Path, dtype: str = "auto", device: str = "auto"):
 
 # --- hashing --------------------------------------------------------------------------------
 
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+_SHA_MEMO: dict[tuple[str, int, int, int], str] = {}
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (memoized per path, size and mtime within the process)."""
+    """sha256 of a file's bytes, read whole once per process: memoized by path, size, mtime and
+    inode, so the runs, resumes and replays of one process hash a model once (a file rewritten in
+    place or replaced changes its mtime or inode; a new process always reads it again)."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _SHA_MEMO:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -369,6 +379,45 @@ def file_sha256(path: Path) -> str:
                 h.update(block)
         _SHA_MEMO[key] = h.hexdigest()
     return _SHA_MEMO[key]
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file of a folder but SOURCE_FILE."""
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != SOURCE_FILE}
+
+
+def verify_model_folder(folder: Path) -> None:
+    """Check a converted or created model folder against the file hashes recorded when it was built
+    (SOURCE_FILE): a one-line ModelError naming the damaged, missing or extra file. A flipped weight
+    loaded silently before (a resume committed reward 0 where the intact folder gives 0.1). A folder
+    built before the hashes were recorded gets them now, from its files as they are."""
+    source_path = folder / SOURCE_FILE
+    try:
+        source = json.loads(source_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model folder {folder}: {SOURCE_FILE} unreadable ({_one_line(exc)}); delete the folder to build it again") from None
+    actual = _file_hashes(folder)
+    expected = source.get(FILES_KEY)
+    if expected is None:
+        _rewrite_source(source_path, {**source, FILES_KEY: actual})
+        return
+    redo = f"delete {folder} and it is built again from {source.get('source', 'its source')}"
+    for rel in sorted(set(expected) | set(actual)):
+        if rel not in actual:
+            raise ModelError(f"model folder {folder} is damaged: {rel} is missing; {redo}")
+        if rel not in expected:
+            raise ModelError(f"model folder {folder} is damaged: {rel} was not in it when it was built; {redo}")
+        if actual[rel] != expected[rel]:
+            raise ModelError(f"model folder {folder} is damaged: {folder / rel} has sha256 {actual[rel]}, expected {expected[rel]}; {redo}")
+
+
+def _rewrite_source(path: Path, source: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError:  # a read-only model cache: checked again next time
+        tmp.unlink(missing_ok=True)
 
 
 def _hash_folder(folder: Path) -> str:

@@ -26,8 +26,10 @@ class ConfigError(ValueError):
     """A broken config: the message is one line naming the key and the file."""
 
 
+# allow_inf_nan=False: every float setting is finite. An infinite learning rate or sigma ran to
+# "completed" with a NaN centre, and JSON stored the value as null, so the run could never resume.
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSettings(_Section):
@@ -212,7 +214,8 @@ class EvalSettings(_Section):
 class Settings(BaseSettings):
     """A whole experiment. Every field has a default; a YAML file overrides a subset."""
 
-    model_config = SettingsConfigDict(env_prefix=_ENV_PREFIX, env_nested_delimiter=_ENV_NESTING, extra="forbid", validate_assignment=True)
+    model_config = SettingsConfigDict(env_prefix=_ENV_PREFIX, env_nested_delimiter=_ENV_NESTING, extra="forbid", validate_assignment=True,
+                                      allow_inf_nan=False)
 
     run_name: str = Field("countdown-es", description="Human label stored on the run row.")
     data_dir: Path | None = Field(None, description="Ledger + artifacts root (ES_DATA_DIR); None: ./runs.")
@@ -284,9 +287,56 @@ def settings_hash(settings: Settings) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+# ES_ variables of es-countdown's own that are not settings (tests, tools, the model wheel's path).
+NOT_SETTINGS = frozenset({"ES_DEBUG", "ES_SMOLLM2_GGUF", "ES_SHARED_DIR", "ES_PROJECT_DIR", "ES_SKIP_CHROMIUM", "ES_CHROMIUM",
+                          "ES_RECORD_GOLDEN", "ES_SGLANG_BASE_MODEL", "ES_SGLANG_MODEL", "ES_DATA_HOST_DIR", "ES_MODEL_CACHE"})
+
+
 def environment_values() -> dict[str, Any]:
-    """The settings the ES_* variables give, nested, as pydantic-settings reads them."""
+    """The settings the ES_* variables give, nested, as pydantic-settings reads them; a variable
+    that looks like a mistyped setting is a one-line ConfigError (pydantic-settings ignores it)."""
+    check_environment_names()
     return EnvSettingsSource(Settings)()
+
+
+def _setting_names(model: type[BaseModel] = None, prefix: str = "") -> dict[str, str]:
+    """{name without '_' and '.': dotted key} of every section and setting."""
+    out = {}
+    for name, field in (model or Settings).model_fields.items():
+        key = f"{prefix}{name}"
+        out[key.replace(".", "").replace("_", "")] = key
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out.update(_setting_names(annotation, f"{key}."))
+    return out
+
+
+def check_environment_names(environ: dict[str, str] | None = None) -> None:
+    """pydantic-settings reads ES_<FIELD> and ES_<SECTION>__<KEY> and silently ignores any other
+    ES_ name: ES_ES_SIGMA=0.5 (one underscore) changed nothing, without a word. A name whose
+    first part is no setting, but which spells one (ignoring underscores) or starts with a section's
+    name, is refused naming the variable and what it should be. Other ES_ names (ES_JAVA_OPTS of
+    Elasticsearch, our own NOT_SETTINGS) are left alone."""
+    environ = os.environ if environ is None else environ
+    names = _setting_names()
+    top = set(Settings.model_fields)
+    sections = sorted((n for n, f in Settings.model_fields.items() if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)),
+                      key=len, reverse=True)
+    for variable in sorted(environ):
+        if not variable.upper().startswith(_ENV_PREFIX) or variable.upper() in NOT_SETTINGS:
+            continue
+        rest = variable[len(_ENV_PREFIX):].lower()
+        if rest.split(_ENV_NESTING)[0] in top:
+            continue  # a setting or a section (a wrong key inside a section is pydantic's error, naming it)
+        meant = names.get(rest.replace("_", ""))
+        if meant is not None:
+            spelled = _ENV_PREFIX + meant.replace(".", _ENV_NESTING).upper()
+            raise ConfigError(f"environment variable {variable} is not a setting: did you mean {spelled} (a section and its key "
+                              f"are joined by two underscores)?")
+        section = next((s for s in sections if rest.replace("_", "").startswith(s.replace("_", ""))), None)
+        if section is not None:
+            raise ConfigError(f"environment variable {variable} is not a setting: a key of section {section} is set as "
+                              f"{_ENV_PREFIX}{section.upper()}{_ENV_NESTING}KEY (two underscores)")
 
 
 def merged(base: dict[str, Any], *updates: dict[str, Any]) -> dict[str, Any]:
@@ -326,6 +376,10 @@ def load_settings(path: str | Path | None = None, overrides: list[str] | tuple[s
             raise ConfigError(f"config file not found: {path}")
         try:
             yaml_data = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a YAML text file (byte {exc.start} is not UTF-8)") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""

@@ -100,6 +100,9 @@ def _cmd_resume(args) -> int:
             print(done)
             return 0
         resume_settings(args.run_id, _resume_overrides(args), data_dir)
+        from flows.recorded import check_recorded_models
+
+        check_recorded_models(args.run_id, data_dir)  # a damaged model: one line now, not after Prefect starts
         _check_prefect_api()
         _isolate_ephemeral_prefect(str(data_dir))
         from flows.es_countdown import es_countdown

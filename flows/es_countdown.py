@@ -18,9 +18,10 @@ from prefect.context import FlowRunContext
 from prefect.utilities.annotations import quote
 
 from artifacts.ledger import Ledger
-from artifacts.store import ArtifactStore
+from artifacts.runs import DataDirWriter
+from artifacts.store import ArtifactError, ArtifactStore
 from es_core.countdown.problems import experiment_problems
-from es_core.models import load_tokenizer, resolve_device, resolve_dtype
+from es_core.models import ModelError, load_tokenizer, resolve_device, resolve_dtype
 from es_core.settings import ConfigError, Settings, load_settings
 from flows.backend import LazyBackend, open_backend
 from flows.crashed import mark_unfinished_task_runs_crashed
@@ -86,24 +87,44 @@ def prepare_warm_start(settings: Settings, data: DataDir, base: dict, held_out_i
     store = ArtifactStore(data.artifacts)
     if not (store.exists(row["warm_start_sha256"])):  # the cached result outlived its artifact (gc): train again
         row = task.with_options(refresh_cache=True)(*args)
+    try:  # every file against its hash before ES loads it (a flipped weight decoded silently before)
+        folder = store.get(row["warm_start_sha256"])
+    except ArtifactError as exc:
+        raise ArtifactError(f"the warm-started model: {exc}; restore it from a copy (es-countdown verify lists every damaged artifact)") from None
     record_warm_start(str(data.root), {**row, "base_model": base["name"]})
-    return {"name": f"{base['name']}+warm-start-{settings.warm_start.steps}", "path": str(store.path(row["warm_start_sha256"])),
-            "sha256": row["warm_start_sha256"]}
+    return {"name": f"{base['name']}+warm-start-{settings.warm_start.steps}", "path": str(folder), "sha256": row["warm_start_sha256"]}
+
+
+def check_recorded_base_model(ledger: Ledger, run_id: str, base: dict) -> None:
+    """On a resume, the base model must hash as recorded: a local folder whose files changed is
+    refused here, before a warm start is trained on it (the run row's own check comes after)."""
+    recorded = ledger.run_row(run_id)
+    if recorded and recorded["base_model_sha256"] and recorded["base_model_sha256"] != base["sha256"]:
+        raise ModelError(f"base model {base['path']} hashes to {base['sha256'][:12]}, run {run_id} was recorded with {recorded['base_model_sha256'][:12]}: "
+                         "its files changed (damaged or replaced); restore them, or start a new run id")
 
 
 @flow(name="es-countdown", log_prints=True, on_crashed=[mark_unfinished_task_runs_crashed])
 def es_countdown(config_path: str | None = None, overrides: list[str] | None = None, run_id: str | None = None, data_dir: str | None = None) -> dict:
     """Run (or resume) an ES experiment; returns the run id, the final centre and its held-out scores."""
-    logger = get_run_logger()
     settings, run_id, resuming = resolve_settings(config_path, overrides, run_id, data_dir)
     data = DataDir(Path(settings.data_dir))
     data.root.mkdir(parents=True, exist_ok=True)
+    # held until the run ends: gc removes nothing while a run may still commit an artifact it wrote
+    with DataDirWriter(data.root):
+        return _run(settings, run_id, resuming, data)
+
+
+def _run(settings: Settings, run_id: str, resuming: bool, data: DataDir) -> dict:
+    logger = get_run_logger()
     root, es = str(data.root), settings.es
 
     # --- problems, base model (warm-started), run row -------------------------------------------
     train, eval_sets, held_out_ids = experiment_problems(settings.data, settings.eval)
     record_problems(root, quote([p for problems in [train, *eval_sets.values()] for p in problems]))
-    base = prepare_base_model(settings.model, str(settings.model.cache_dir or data.models))
+    base = prepare_base_model(settings.model, str(settings.model.cache_dir or data.models))  # its files checked (es_core/models.py)
+    if resuming:
+        check_recorded_base_model(Ledger(data.root), run_id, base)
     model = prepare_warm_start(settings, data, base, held_out_ids) if settings.warm_start.steps else base  # what ES perturbs
     record_run(root, run_id, settings.model_dump_json(), settings.fingerprint(), settings.run_name, es.seed, base,
                model["sha256"] if model is not base else None)

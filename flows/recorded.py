@@ -89,3 +89,26 @@ def _variable_for(key: str) -> str:
         return present[0]
     section = "ES_" + key.split(".")[0].upper()  # a whole section given as JSON, e.g. ES_ES='{"sigma": 0.01}'
     return next((name for name in os.environ if name.upper() == section), wanted)
+
+
+def check_recorded_models(run_id: str, root: str | Path) -> None:
+    """Before a resume starts Prefect: the run's warm-started model (an artifact) against its id,
+    and its recorded base model folder, when es-countdown built it, against the file hashes recorded
+    then. One line naming the damaged file. (The run checks both again as it opens them; a file
+    unchanged since is not hashed twice in one process.)"""
+    from artifacts.commands import ARTIFACTS_DIR, open_ledger
+    from artifacts.store import ArtifactError, ArtifactStore
+    from es_core.models import SOURCE_FILE, verify_model_folder
+
+    run = open_ledger(root).run_row(run_id)
+    if run is None:
+        return
+    store = ArtifactStore(Path(root) / ARTIFACTS_DIR)
+    if run.get("warm_start_sha256") and store.exists(run["warm_start_sha256"]):  # a missing one is trained again by the run
+        try:
+            store.get(run["warm_start_sha256"])
+        except ArtifactError as exc:
+            raise ArtifactError(f"the warm-started model: {exc}; restore it from a copy (es-countdown verify lists every damaged artifact)") from None
+    base = Path(run["base_model"] or "")
+    if run["base_model"] and (base / SOURCE_FILE).is_file():
+        verify_model_folder(base)

@@ -44,19 +44,28 @@ class ReplayReport:
     max_reward_diff: float = 0.0
     completions_checked: int = 0
 
+    corrupt: list[str] = field(default_factory=list)  # stored files whose bytes do not match their hash
+    center_sha256: str = ""
+
     @property
     def ok(self) -> bool:
-        return not self.mismatches and self.centre_ok
+        return not self.mismatches and not self.corrupt and self.centre_ok
 
     def lines(self) -> list[str]:
+        # Each line says what it compared: the rebuild against the ledger's hashes (MISMATCH), the
+        # stored files against their own (CORRUPT). "new centre matches the ledger" beside a
+        # MISMATCH of the stored centre read as a contradiction.
         out = [f"run {self.run_id} generation {self.generation}: {self.members_checked} member adapters rebuilt from seeds"]
         out += [f"  MISMATCH {m}" for m in self.mismatches]
+        out += [f"  CORRUPT {c}" for c in self.corrupt]
         out += [f"  note: {n}" for n in self.notes]
-        out.append(f"  new centre {'matches' if self.centre_ok else 'DOES NOT match'} the ledger")
+        out.append(f"  rebuilt new centre: {'the' if self.centre_ok else 'NOT the'} hash the ledger records ({self.center_sha256[:12]})")
         if self.rewards_checked:
             out.append(f"  re-evaluated {self.rewards_checked} members, {self.completions_checked} completions: "
                        f"largest reward difference {self.max_reward_diff:.3g}")
-        out.append("replay OK" if self.ok else "replay FAILED")
+        problems = [f"{len(self.mismatches)} mismatch(es) with the ledger"] * bool(self.mismatches) + [f"{len(self.corrupt)} corrupt stored artifact(s)"] * bool(self.corrupt)
+        problems += ["the rebuilt centre differs"] * (not self.centre_ok)
+        out.append("replay OK" if self.ok else f"replay FAILED: {', '.join(problems)}")
         return out
 
 
@@ -103,7 +112,7 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
             scratch, parent, quote(plan), quote([float(m["reward_mean"]) for m in members]), quote(_sample_rewards(ledger, run_id, generation, members, batch)),
             update_rule(settings.es),
         )
-    report.centre_ok = update["center_sha256"] == row["center_sha256"]
+    report.centre_ok, report.center_sha256 = update["center_sha256"] == row["center_sha256"], row["center_sha256"]
     _check_stored(store, row["center_sha256"], "new centre", report)
 
     if reevaluate:
@@ -129,16 +138,18 @@ def _check_stored(store: ArtifactStore, sha256: str, what: str, report: ReplayRe
     try:
         store.get(sha256)
     except ArtifactError as exc:
-        report.mismatches.append(f"{what}: {exc}")
+        report.corrupt.append(f"stored {what}: {exc}")
 
 
 def _reevaluate(settings, run, members, batch: list[Problem], generation, store, report) -> tuple[int, float]:
-    from es_core.models import load_tokenizer
+    from es_core.models import SOURCE_FILE, load_tokenizer, verify_model_folder
     from flows.backend import open_backend
 
     # ES ran on the warm-started model when there is one
     model_sha = run.get("warm_start_sha256") or run["base_model_sha256"]
     base_path = store.get(run["warm_start_sha256"]) if run.get("warm_start_sha256") else Path(run["base_model"])
+    if (base_path / SOURCE_FILE).is_file():  # a converted or created base model: its files as built
+        verify_model_folder(base_path)
     prompts = render_prompts(batch, settings.prompt.style, load_tokenizer(base_path))
     backend = open_backend(settings, base_path, Path(tempfile.mkdtemp(prefix="es-replay-")))
     try:

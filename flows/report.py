@@ -57,8 +57,12 @@ def reward_curve_figure(generations: list[tuple], evals: list[tuple]) -> Figure:
 
 def plot_reward_curve(generations: list[tuple], evals: list[tuple], path: Path) -> Path:
     fig = reward_curve_figure(generations, evals)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.savefig(path)
+    except OSError as exc:  # a full disk named no path
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -97,7 +101,10 @@ def write_report(ledger, run_id: str, run_dir: Path, ledger_path: Path) -> Path:
     )
     png = plot_reward_curve(generations, evals, run_dir / CURVE_FILE)
     path = run_dir / REPORT_FILE
-    path.write_text(report_markdown(run_id, generations, evals, ledger_path, CURVE_FILE) + f"\nFile: `{png}`\n")
+    try:
+        path.write_text(report_markdown(run_id, generations, evals, ledger_path, CURVE_FILE) + f"\nFile: `{png}`\n")
+    except OSError as exc:  # a full disk named no path
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror}") from None
     create_markdown_artifact(
         markdown=report_markdown(run_id, generations, evals, ledger_path, png_data_uri(png)) + f"\nReport folder: `{run_dir}`\n",
         key=artifact_key(run_id, "report"), description=f"es-countdown report for {run_id}",

@@ -11,6 +11,7 @@ from prefect import task
 from artifacts.checkpoints import put_checkpoint
 from artifacts.store import ArtifactStore
 from es_core.es import FITNESS, ESState, PopulationPlan, UpdateRule, ask, es_update
+from es_core.finite import check_finite_update
 from es_core.lora import find_targets_in_folder, init_centre, spec_from_tensors
 from es_core.optimisers import optimiser_named
 from es_core.settings import ESSettings, Settings
@@ -73,5 +74,6 @@ def aggregate(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, rewa
     members = members.check(center_sha256, plan) if members is not None else GenerationMembers(artifacts_dir, center_sha256, plan)
     values = FITNESS[rule.fitness](sample_rewards)
     new_state, metrics = es_update(members.state, members.population, rewards, rule, members.space, None if rule.fitness == "mean_reward" else values)
+    check_finite_update(plan.generation, rewards, values, metrics, new_state)  # a NaN centre is never stored
     ref = put_checkpoint(members.store, new_state, members.spec)
     return {"center_sha256": ref.sha256, "center_path": str(ref.path), "fitness": values, **metrics}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from artifacts.ledger import Ledger
+from artifacts.store import ArtifactError, ArtifactStore
 from es_core.seeding import NOISE_SCHEME
 from es_core.settings import ConfigError, Settings
 from flows.cli import main as cli_main
@@ -131,4 +132,151 @@ def test_verify_lists_missing_and_corrupt_artifacts_by_file_and_replay_fails_on_
 
     result = replay(RUN, 1, str(data))  # its members are rebuilt from seeds: the rebuilt hash still matches the ledger
     assert not result["ok"], result["lines"]
-    assert any(f"MISMATCH member 2: artifact {member['adapter_sha256']} is corrupt: {weights}" in line for line in result["lines"]), result["lines"]
+    assert any(f"CORRUPT stored member 2: artifact {member['adapter_sha256']} is corrupt: {weights}" in line for line in result["lines"]), result["lines"]
+
+
+def flip_64_bytes(path: Path) -> None:
+    os.chmod(path, 0o644)
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
+    path.write_bytes(bytes(raw))
+
+
+def test_replay_of_a_corrupt_stored_centre_fails_without_saying_it_matches(recorded, tmp_path):
+    # the rebuilt centre has the ledger's hash, the stored copy is damaged: it printed both
+    # "MISMATCH new centre: ... corrupt" and "new centre matches the ledger"
+    from flows.replay import replay
+
+    data = copy_of(recorded, tmp_path)
+    centre = Ledger(data).generation_row(RUN, 1)["center_sha256"]
+    flip_64_bytes(data / "artifacts" / centre[:2] / centre / "adapter_model.safetensors")
+    result = replay(RUN, 1, str(data))
+    lines = result["lines"]
+    assert not result["ok"] and not any("matches" in line for line in lines), lines
+    assert any(line.startswith(f"  CORRUPT stored new centre: artifact {centre} is corrupt:") for line in lines), lines
+    assert f"  rebuilt new centre: the hash the ledger records ({centre[:12]})" in lines, lines
+    assert lines[-1] == "replay FAILED: 1 corrupt stored artifact(s)", lines
+
+
+# --- every model a run loads is checked against its hash (issue 26) -----------------------------------
+
+
+def test_a_damaged_base_model_stops_a_resume_before_anything_is_committed(recorded, tmp_path, model_cache, monkeypatch):
+    """64 flipped bytes in the converted base model's weights: loaded without a check, a resume
+    committed generations decoded by another model."""
+    from es_core.models import ModelError
+    from flows.es_countdown import es_countdown
+
+    data = copy_of(recorded, tmp_path)
+    models = tmp_path / "models"
+    shutil.copytree(model_cache, models)
+    (weights,) = models.glob("tiny-llama-*/model.safetensors")
+    flip_64_bytes(weights)
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(models))
+    with pytest.raises(ModelError) as err:
+        es_countdown(run_id=RUN, overrides=["es.generations=3"], data_dir=str(data))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"model folder {weights.parent} is damaged: {weights} has sha256 "), message
+    assert f"delete {weights.parent} and it is built again" in message
+    assert Ledger(data).last_generation(RUN) == 1 and Ledger(data).run_row(RUN)["status"] == "completed"
+
+
+WARM = """
+run_name: warm
+model: {name: tiny-llama}
+lora: {rank: 2, layers: [0, 1]}
+es: {population: 4, sigma: 0.05, learning_rate: 0.05, generations: 1, seed: 3}
+data: {train_size: 6, heldout_size: 4, prompts_per_generation: 3}
+prompt: {style: raw}
+generation: {max_new_tokens: 6, compile: false}
+eval: {every: 0, base_model: false, warm_start: false}
+warm_start: {steps: 2, batch_size: 2, learning_rate: 0.01, warmup_steps: 1}
+"""
+
+
+def test_a_damaged_warm_start_stops_a_resume_before_anything_is_committed(tmp_path, prefect_harness, model_cache, monkeypatch):
+    from flows.es_countdown import es_countdown
+
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    config, data = tmp_path / "warm.yaml", tmp_path / "data"
+    config.write_text(WARM)
+    es_countdown(config_path=str(config), run_id="warm", data_dir=str(data))
+    warm = Ledger(data).run_row("warm")["warm_start_sha256"]
+    weights = data / "artifacts" / warm[:2] / warm / "model.safetensors"
+    flip_64_bytes(weights)
+    # the CLI: one line, exit code 2, before Prefect starts
+    import subprocess
+    import sys
+    import time
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "resume", "warm", "--set", "es.generations=2", "--data-dir", str(data)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"})  # a Prefect start would fail differently
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"es-countdown: error: the warm-started model: artifact {warm} is corrupt: {weights} has sha256 "), done.stderr
+    print(f"CLI refusal in {time.monotonic() - started:.1f} s")
+    # the flow itself (a deployment run takes no CLI)
+    with pytest.raises(ArtifactError) as err:
+        es_countdown(run_id="warm", overrides=["es.generations=2"], data_dir=str(data))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"the warm-started model: artifact {warm} is corrupt: {weights} has sha256 "), message
+    assert Ledger(data).last_generation("warm") == 0
+
+
+# --- gc never removes what a run may still commit (issue 26) -------------------------------------------
+
+
+def test_gc_during_a_run_removes_nothing_and_the_run_completes(tmp_path, prefect_harness, model_cache, monkeypatch):
+    """A run writes a generation's centre before the ledger row that references it: a gc between
+    the two (`--min-age-hours nan` made every unreferenced artifact old) removed a live run's
+    centre; the run failed and its resume failed on the missing artifact."""
+    import flows.es_countdown
+    from flows.es_countdown import es_countdown
+
+    from artifacts.commands import gc, verify
+    from artifacts.runs import DataDirBusyError
+
+    real_generation, answers = flows.es_countdown.generation, []
+
+    def generation_with_gc(run, pipeline, g, centre):
+        if g == 1:  # generation 0's centre written; its commit may be in flight
+            try:
+                answers.append(gc(tmp_path / "data", yes=True, min_age_s=0.0))
+            except DataDirBusyError as exc:  # the CLI prints it in one line, exit code 2 (tests/test_ledger_cli.py)
+                answers.append(str(exc))
+        return real_generation(run, pipeline, g, centre)
+
+    monkeypatch.setattr(flows.es_countdown, "generation", generation_with_gc)
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    es_countdown(config_path=str(tiny_config(tmp_path)), run_id="live", data_dir=str(tmp_path / "data"))
+    assert len(answers) == 1 and answers[0].startswith("a run is writing") and "gc removes nothing now" in answers[0], answers
+    text, intact = verify(tmp_path / "data", "live")
+    assert intact, text
+
+
+def test_a_run_killed_before_its_commit_resumes_after_gc_removed_what_it_wrote(recorded, tmp_path, model_cache, monkeypatch):
+    """Killed after generation 1's centre and members were written and cached, before their commit;
+    gc then removes them, being unreferenced. The cached task results that name them must go too:
+    a resume took the centre's hash from the cache and failed on the missing artifact."""
+    import duckdb
+
+    from artifacts.commands import gc, verify
+    from flows.es_countdown import es_countdown
+
+    data = copy_of(recorded, tmp_path)
+    final = Ledger(data).generation_row(RUN, 1)["center_sha256"]
+    con = duckdb.connect(str(data / "ledger.duckdb"))
+    for table, generation in (("samples", 1), ("members", 1), ("generations", 1), ("evals", 2)):
+        con.execute(f"DELETE FROM {table} WHERE run_id = ? AND generation = ?", [RUN, generation])
+    con.close()
+    out = gc(data, yes=True, min_age_s=0.0)
+    assert f"removed {final}" in out and "cached task result(s) naming them" in out and "removed 0 unreferenced" not in out, out
+    assert not ArtifactStore(data / "artifacts").exists(final)
+
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    result = es_countdown(run_id=RUN, data_dir=str(data))
+    assert result["center_sha256"] == final  # rebuilt: the same content
+    text, intact = verify(data, RUN)
+    assert intact, text

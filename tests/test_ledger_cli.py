@@ -75,6 +75,33 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+# --- runs ----------------------------------------------------------------------------------------
+
+
+def test_runs_lists_each_run_with_status_generations_and_best_held_out_accuracy(data_dir, capsys):
+    Ledger(data_dir).set_run_status("my-run", "completed")  # other-run stays "running", and no process writes it
+    code, out, err = run_cli(capsys, "runs", "--data-dir", data_dir)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].split() == ["run_id", "name", "status", "generations", "best", "held-out", "accuracy", "started", "(UTC)"]
+    mine = next(line for line in lines if line.startswith("my-run "))
+    other = next(line for line in lines if line.startswith("other-run "))
+    assert " completed " in mine and " 3/" in mine and "heldout 0.4 (centre g3)" in mine, mine
+    assert " interrupted " in other and " 1/" in other and " - " in other, other
+    assert lines[-1] == "(2 rows)"
+
+    code, out, _ = run_cli(capsys, "runs", "--format", "json", "--data-dir", data_dir)
+    runs = {r["run_id"]: r for r in json.loads(out)}
+    assert runs["my-run"]["best_heldout"] == {"heldout": {"accuracy": 0.4, "model": "centre", "generation": 3}}
+    assert runs["my-run"]["generations_committed"] == 3 and runs["other-run"]["recorded_status"] == "running"
+    assert runs["other-run"]["status"] == "interrupted" and runs["other-run"]["best_heldout"] == {}
+
+
+def test_runs_without_a_ledger_is_one_line(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "runs", "--data-dir", tmp_path)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "no ledger at" in err
+
+
 # --- sql -----------------------------------------------------------------------------------------
 
 
@@ -119,6 +146,17 @@ def test_failures_are_one_line_on_stderr_with_exit_code_2(data_dir, capsys, argv
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
     assert err.startswith("es-countdown: error: ") and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize("template", ["COPY runs TO '{out}'", "COPY (SELECT * FROM runs) TO '{out}' (FORMAT parquet)",
+                                      "SELECT * FROM read_csv('{other}')", "ATTACH '{out}' AS other"])
+def test_read_only_sql_touches_no_file_but_the_ledger(data_dir, capsys, tmp_path, template):
+    # DuckDB's read_only refuses writes to the ledger, not COPY ... TO another file
+    out, other = tmp_path / "leaked.csv", tmp_path / "secret.csv"
+    other.write_text("a,b\n1,2\n")
+    code, stdout, err = run_cli(capsys, "sql", template.format(out=out, other=other), "--data-dir", str(data_dir))
+    assert code == 2 and stdout == "" and err.count("\n") == 1, err
+    assert "sql reads the ledger only, no other file" in err and not out.exists(), err
 
 
 def test_the_data_dir_defaults_to_es_data_dir(data_dir, capsys, monkeypatch, tmp_path):
@@ -188,17 +226,50 @@ def test_gc_is_a_dry_run_until_yes_and_removes_only_unreferenced_artifacts(data_
     code, out, _ = run_cli(capsys, "gc", "--min-age-hours", "0", "--data-dir", data_dir)
     assert code == 0
     assert {line.split()[2] for line in out.splitlines() if line.startswith("would remove ") and "unreferenced" not in line and "unfinished" not in line} == orphans
-    assert "would remove 2 unreferenced artifact(s) and 1 leftover(s)" in out and "dry run: add --yes" in out
+    assert "would remove 2 unreferenced artifact(s), 0 cached task result(s) naming them and 1 leftover(s)" in out and "dry run: add --yes" in out
     assert {sha for sha, _ in store.iter_artifacts()} == before and (store.tmp / "put-1-dead").exists()
 
     code, out, _ = run_cli(capsys, "gc", "--yes", "--min-age-hours", "0", "--data-dir", data_dir)
-    assert code == 0 and "removed 2 unreferenced artifact(s) and 1 leftover(s)" in out
+    assert code == 0 and "removed 2 unreferenced artifact(s), 0 cached task result(s) naming them and 1 leftover(s)" in out
     assert {sha for sha, _ in store.iter_artifacts()} == before - orphans
     assert not (store.tmp / "put-1-dead").exists()
     assert Ledger(data_dir).referenced_sha256() >= before - orphans  # everything left is referenced
     assert store.verify_all() == []
     code, out, _ = run_cli(capsys, "gc", "--yes", "--min-age-hours", "0", "--data-dir", data_dir)
-    assert "removed 0 unreferenced artifact(s) and 0 leftover(s), 0 B" in out
+    assert "removed 0 unreferenced artifact(s), 0 cached task result(s) naming them and 0 leftover(s), 0 B" in out
+
+
+@pytest.mark.parametrize("age", ["nan", "inf", "-1", "-inf"])
+def test_gc_refuses_an_age_that_is_not_a_finite_number_of_hours(data_dir, capsys, age):
+    # NaN compares false: every unreferenced artifact counted as old, a live run's centre included
+    store = ArtifactStore(data_dir / "artifacts")
+    store.put_bytes(b"orphan", "x")
+    before = sorted(store.iter_artifacts())
+    for yes in ([], ["--yes"]):
+        code, out, err = run_cli(capsys, "gc", *yes, f"--min-age-hours={age}", "--data-dir", data_dir)
+        assert code == 2 and out == "" and err.count("\n") == 1 and "--min-age-hours must be a finite number of hours >= 0" in err, err
+    assert sorted(store.iter_artifacts()) == before
+
+
+def test_gc_removes_nothing_while_a_run_writes_the_data_dir(data_dir, capsys):
+    """A run holds writers.lock (shared) from its start to its end; here another process does."""
+    store = ArtifactStore(data_dir / "artifacts")
+    orphan = store.put_bytes(b"written, not yet committed", "x").sha256
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from artifacts.runs import DataDirWriter\n"
+                               f"with DataDirWriter({str(data_dir)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, out, err = run_cli(capsys, "gc", "--yes", "--min-age-hours", "0", "--data-dir", data_dir)
+        assert code == 2 and out == "" and err.count("\n") == 1 and "a run is writing" in err and "gc removes nothing now" in err, err
+        assert store.exists(orphan)
+        code, out, _ = run_cli(capsys, "gc", "--min-age-hours", "0", "--data-dir", data_dir)
+        assert code == 0 and "gc --yes would refuse" in out
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out, _ = run_cli(capsys, "gc", "--yes", "--min-age-hours", "0", "--data-dir", data_dir)  # the holder is gone: its lock too
+    assert code == 0 and not store.exists(orphan)
 
 
 def test_register_adds_the_commands_to_another_parser():

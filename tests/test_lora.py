@@ -55,8 +55,11 @@ def test_targets_follow_settings_and_shapes():
     assert (q.in_features, q.out_features) == (32, 32)
     k = next(t for t in targets if t.module == "k_proj")
     assert k.out_features == 16  # 2 kv heads x head_dim 8
-    with pytest.raises(AdapterError, match=r"lora.layers \[7\]"):
+    # the number of layers the model has, not "1+" (which the first wanted layer gave)
+    with pytest.raises(AdapterError, match=r"^lora.layers \[7\] do not exist in LlamaForCausalLM: it has 3 decoder layers, 0-2$"):
         find_targets(tiny_model(), [0, 7], MODULES)
+    with pytest.raises(AdapterError, match=r"^lora.layers \[40, 41\] do not exist in LlamaForCausalLM: it has 3 decoder layers, 0-2$"):
+        find_targets(tiny_model(), [40, 41], MODULES)
     with pytest.raises(AdapterError, match="not found|no Linear"):
         find_targets(tiny_model(), [0], ["qq_proj"])
 

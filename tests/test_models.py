@@ -163,3 +163,36 @@ def test_env_var_overrides_the_smollm2_gguf_path(tmp_path, monkeypatch):
     monkeypatch.setenv(models.SMOLLM2_GGUF_ENV, str(tmp_path / "elsewhere.gguf"))
     with pytest.raises(ModelError, match="elsewhere.gguf"):
         resolve_base_model(ModelSettings(name="smollm2-135m"), tmp_path)
+
+
+def test_a_built_folder_is_checked_against_its_recorded_hashes_at_every_resolve(tmp_path):
+    """64 flipped bytes in a created (or converted) model's weights: loaded without a check before."""
+    settings = ModelSettings(name="tiny-llama")
+    folder = resolve_base_model(settings, tmp_path).path
+    weights = folder / "model.safetensors"
+    assert json.loads((folder / models.SOURCE_FILE).read_text())[models.FILES_KEY]["model.safetensors"] == sha256(weights)
+    raw = bytearray(weights.read_bytes())
+    raw[1000:1064] = bytes(b ^ 0xFF for b in raw[1000:1064])
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ModelError) as err:
+        resolve_base_model(settings, tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"model folder {folder} is damaged: {weights} has sha256 {sha256(weights)}, expected ") and "\n" not in message
+    assert f"delete {folder} and it is built again" in message
+    import shutil
+
+    shutil.rmtree(folder)  # what the message says to do
+    assert resolve_base_model(settings, tmp_path).path == folder
+
+
+def test_a_full_disk_while_building_a_folder_names_it(tmp_path):
+    import errno
+
+    def build(tmp):
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    dest = tmp_path / "models" / "gguf-0123"
+    with pytest.raises(ModelError, match=rf"^cannot write model folder {dest} \(built in .*\): No space left on device; free space"):
+        models._build_atomically(dest, build, {"source": "x"})
+    assert list(dest.parent.iterdir()) == []

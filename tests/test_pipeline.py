@@ -141,7 +141,7 @@ def test_replay_rebuilds_members_and_centre_from_the_ledger(tmp_path, prefect_ha
         with duckdb.connect(str(data_dir / "ledger.duckdb")) as con:
             con.execute("UPDATE members SET reward_mean = reward_mean + 0.5 WHERE run_id = 'rp' AND generation = 1 AND member = 0")
         result = replay("rp", 1, str(data_dir))
-        assert not result["ok"] and any("centre DOES NOT match" in line for line in result["lines"])
+        assert not result["ok"] and any("rebuilt new centre: NOT the hash the ledger records" in line for line in result["lines"])
         # a recorded seed the run's plan does not give
         with duckdb.connect(str(data_dir / "ledger.duckdb")) as con:
             con.execute("UPDATE members SET seed = seed + 1 WHERE run_id = 'rp' AND generation = 0 AND member = 1")

@@ -128,3 +128,52 @@ def test_a_whole_section_error_names_every_source_inside_it(tmp_path, monkeypatc
         load_settings(path, ["es.population=5", "lora.rank=4"])
     assert str(err.value).startswith(f"--set es.population=5 and environment variable ES_ES__ANTITHETIC and {path}: es: ")
     assert "population must be even" in str(err.value)
+
+
+# --- issue 26: non-finite values, mistyped ES_ variables, a binary file ------------------------------
+
+
+@pytest.mark.parametrize("override, key", [("es.learning_rate=.inf", "es.learning_rate"), ("es.sigma=1e309", "es.sigma"),
+                                           ("es.sigma=.nan", "es.sigma"), ("warm_start.learning_rate=-.inf", "warm_start.learning_rate"),
+                                           ("runner.shard_timeout_s=.inf", "runner.shard_timeout_s"), ("lora.alpha=.inf", "lora.alpha")])
+def test_every_float_setting_is_finite(override, key):
+    # an infinite learning rate ran to "completed" with a NaN centre, stored as null: never resumable
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, [override])
+    assert str(err.value).startswith(f"--set {override}: {key}: Input should be a finite number"), str(err.value)
+
+
+def test_a_non_finite_value_in_the_file_names_the_file(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("es:\n  learning_rate: .inf\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: es.learning_rate: Input should be a finite number"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize("variable, message", [
+    ("ES_ES_SIGMA", "environment variable ES_ES_SIGMA is not a setting: did you mean ES_ES__SIGMA"),
+    ("es_lora_rank", "environment variable es_lora_rank is not a setting: did you mean ES_LORA__RANK"),
+    ("ES_DATADIR", "did you mean ES_DATA_DIR"),
+    ("ES_WARMSTART__STEPS", "did you mean ES_WARM_START__STEPS"),
+    ("ES_WARM_START_STEPZ", "a key of section warm_start is set as ES_WARM_START__KEY"),
+])
+def test_a_mistyped_es_variable_is_refused_naming_it(monkeypatch, variable, message):
+    # pydantic-settings ignores an ES_ name it cannot place: ES_ES_SIGMA=0.5 changed nothing, silently
+    monkeypatch.setenv(variable, "2")
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, [])
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_other_es_variables_are_left_alone(monkeypatch):
+    for name in ("ES_JAVA_OPTS", "ES_HOME", "ES_DEBUG", "ES_SMOLLM2_GGUF", "ES_MODEL_CACHE"):
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("ES_ES__SIGMA", "0.5")
+    assert load_settings(None, []).es.sigma == 0.5
+
+
+def test_a_binary_config_file_is_named(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: not a YAML text file"):
+        load_settings(path)

@@ -204,3 +204,19 @@ def test_a_process_killed_mid_write_leaves_no_partial_artifact(store, tmp_path):
     # what a kill leaves (work under tmp/, a manifest whose folder never landed) is not an artifact
     for path, _ in store.leftovers():
         assert path.parent == store.tmp or path.name.endswith(".manifest")
+
+
+def test_a_full_disk_names_the_file_being_written_and_leaves_nothing(store, tmp_path, monkeypatch):
+    # "[Errno 28] No space left on device" named no path: fsync is where a full disk shows
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(ArtifactError) as err:
+        store.put_bytes(b"a centre", "adapter_model.safetensors")
+    message = str(err.value)
+    assert message.startswith(f"cannot write {store.tmp}/put-") and "/adapter_model.safetensors: No space left on device;" in message, message
+    monkeypatch.undo()
+    assert list(store.iter_artifacts()) == [] and list(store.tmp.iterdir()) == []
