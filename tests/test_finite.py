@@ -7,15 +7,18 @@ import pytest
 import torch
 
 from artifacts.ledger import Ledger
-from es_core.es import ESState, es_update, member_plan
+from es_core.es import ESState, UpdateRule, ask, es_update
 from es_core.finite import NonFiniteUpdateError, check_finite_update
-from tests.test_es import center
+from es_core.optimisers import optimiser_named
+from es_core.search_space import LORA_SPACE
+from tests.test_es import centre
 from tests.test_pipeline import tiny_config
 
 
 def checked(rewards, learning_rate, optimizer="sgd", generation=5):
-    members = member_plan(run_seed=1, generation=generation, population=4, antithetic=False)
-    new, metrics = es_update(ESState(center(), generation), members, rewards, learning_rate, optimizer=optimizer)
+    c = centre()
+    drawn = LORA_SPACE.draw(ask(1, generation, 4, 0.05, antithetic=False), LORA_SPACE.noise_layout(c))
+    new, metrics = es_update(ESState(c, generation), drawn, rewards, UpdateRule(optimiser_named(optimizer, learning_rate)), LORA_SPACE)
     check_finite_update(generation, rewards, rewards, metrics, new)
     return new
 
@@ -38,7 +41,7 @@ def test_a_non_finite_update_names_the_generation(rewards, learning_rate, optimi
 
 
 def test_a_nan_in_the_new_centre_is_named():
-    c = center()
+    c = centre()
     bad = ESState({k: v.clone() for k, v in c.items()}, 1)
     bad.centre[next(iter(c))][0, 0] = float("nan")
     with pytest.raises(NonFiniteUpdateError, match=r"^generation 0: the new centre has non-finite values in .*lora_A"):
