@@ -32,7 +32,7 @@ from artifacts.runs import check_run_id
 from es_core.seeding import NOISE_SCHEME
 
 LEDGER_FILE = "ledger.duckdb"
-CURRENT_VERSION = 4
+CURRENT_VERSION = 5
 EVAL_MODELS = ("centre", "base", "warm_start")
 # *_sha256 columns that hash something other than an artifact of the store (verify skips them)
 NOT_ARTIFACTS = {("runs", "settings_sha256"), ("runs", "base_model_sha256"), ("warm_starts", "base_model_sha256")}
@@ -110,7 +110,11 @@ _V4 = [
     "ALTER TABLE members ADD COLUMN fitness DOUBLE",
 ]
 
-MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2, 3: _ADD_NOISE_SCHEME, 4: _V4}
+# Why a run failed or stopped, one line (issue 26): a run that fails before its first generation,
+# or is stopped by a signal, says so in the ledger. (A step of its own: renumber it if another lands first.)
+_ADD_STATUS_REASON = ["ALTER TABLE runs ADD COLUMN status_reason VARCHAR"]
+
+MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2, 3: _ADD_NOISE_SCHEME, 4: _V4, 5: _ADD_STATUS_REASON}
 TABLES = ("runs", "generations", "members", "samples", "evals", "problems", "warm_starts")
 _KEYS = {
     "runs": ("run_id",),
@@ -372,22 +376,41 @@ class Ledger:
                 raise LedgerError(f"run {run_id} was recorded with settings {old[0][:12]}, these settings hash to {settings_sha256[:12]}: start a new run id")
             if old[1] is not None and old[1] != base_model_sha256:
                 raise LedgerError(f"run {run_id} was recorded with base model {old[1][:12]}, this base model hashes to {base_model_sha256[:12]}: start a new run id")
-            if old[3] != warm_start_sha256:
+            if old[1] is not None and old[3] != warm_start_sha256:  # no base model: it failed before its warm start
                 raise LedgerError(f"run {run_id} was recorded with warm start {(old[3] or 'none')[:12]}, this one is {(warm_start_sha256 or 'none')[:12]}: start a new run id")
             con.execute(
-                "UPDATE runs SET run_name = ?, config_json = ?, settings_sha256 = ?, base_model = ?, base_model_sha256 = ?, seed = ?, status = ?, updated_at = ? WHERE run_id = ?",
+                "UPDATE runs SET run_name = ?, config_json = ?, settings_sha256 = ?, base_model = ?, base_model_sha256 = ?, seed = ?, status = ?, status_reason = NULL, updated_at = ? WHERE run_id = ?",
                 [run_name, config_json, settings_sha256, str(base_model), base_model_sha256, seed, status, now, run_id],
             )
 
         self._write(work)
 
-    def set_run_status(self, run_id: str, status: str) -> None:
-        """running, completed or failed (free text; those are the pipeline's)."""
+    def record_failure(self, run_id: str, run_name: str, config_json: str, settings_sha256: str, seed: int, reason: str) -> None:
+        """The run failed (or was stopped): status failed and `reason` (one line). A run that failed
+        before its row was recorded (problems, base model, warm start) gets one, with no base model:
+        a resume then records its base model and warm start as a new run would."""
+        check_run_id(run_id)
+
+        def work(con):
+            now = utcnow()
+            if con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] == 0:
+                self._insert(con, "runs", [{
+                    "run_id": run_id, "created_at": now, "updated_at": now, "run_name": run_name, "config_json": config_json,
+                    "settings_sha256": settings_sha256, "seed": seed, "status": "failed", "status_reason": reason, "noise_scheme": NOISE_SCHEME,
+                }], replace=False)
+            else:
+                con.execute("UPDATE runs SET status = 'failed', status_reason = ?, updated_at = ? WHERE run_id = ?", [reason, now, run_id])
+
+        self._write(work)
+
+    def set_run_status(self, run_id: str, status: str, reason: str | None = None) -> None:
+        """running, completed or failed (free text; those are the pipeline's), and why (one line;
+        None clears it)."""
 
         def work(con):
             if con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] == 0:
                 raise LedgerError(f"run {run_id} is not in the ledger at {self.path}")
-            con.execute("UPDATE runs SET status = ?, updated_at = ? WHERE run_id = ?", [status, utcnow(), run_id])
+            con.execute("UPDATE runs SET status = ?, status_reason = ?, updated_at = ? WHERE run_id = ?", [status, reason, utcnow(), run_id])
 
         self._write(work)
 
