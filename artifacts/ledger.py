@@ -379,8 +379,9 @@ class Ledger:
             if old[1] is not None and old[3] != warm_start_sha256:  # no base model: it failed before its warm start
                 raise LedgerError(f"run {run_id} was recorded with warm start {(old[3] or 'none')[:12]}, this one is {(warm_start_sha256 or 'none')[:12]}: start a new run id")
             con.execute(
-                "UPDATE runs SET run_name = ?, config_json = ?, settings_sha256 = ?, base_model = ?, base_model_sha256 = ?, seed = ?, status = ?, status_reason = NULL, updated_at = ? WHERE run_id = ?",
-                [run_name, config_json, settings_sha256, str(base_model), base_model_sha256, seed, status, now, run_id],
+                "UPDATE runs SET run_name = ?, config_json = ?, settings_sha256 = ?, base_model = ?, base_model_sha256 = ?, seed = ?, status = ?, "
+                "status_reason = NULL, warm_start_sha256 = ?, updated_at = ? WHERE run_id = ?",  # the warm start: equal, or the first recorded
+                [run_name, config_json, settings_sha256, str(base_model), base_model_sha256, seed, status, warm_start_sha256, now, run_id],
             )
 
         self._write(work)
