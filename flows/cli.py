@@ -261,9 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except KeyboardInterrupt as stop:  # Ctrl-C, or flows.stopping.Stopped (SIGTERM too)
-        signum = getattr(stop, "signum", 2)
-        print(f"es-countdown: stopped by {signal.Signals(signum).name}; committed generations are in the ledger "
-              "(resume with `es-countdown resume RUN_ID`)", file=sys.stderr)
+        from flows.stopping import tell_stopped
+
+        signum = getattr(stop, "signum", signal.SIGINT)
+        tell_stopped(signum)
         return 128 + signum
 
 

@@ -141,10 +141,21 @@ def _readable(fd: int, timeout: float | None) -> bool:
     return bool(ready)
 
 
+_told = threading.Event()
+
+
+def tell_stopped(signum: int, why: str = "") -> None:
+    """The one line a stopped command prints, once (the CLI's handler and the watchdog may both get there)."""
+    if _told.is_set():
+        return
+    _told.set()
+    print(f"es-countdown: stopped by {signal.Signals(signum).name}{f' ({why})' if why else ''}; committed generations are in the ledger "
+          "(resume with `es-countdown resume RUN_ID`)", file=sys.stderr, flush=True)
+
+
 def _hard_exit(signum: int, why: str) -> None:
     mark_failed(f"stopped by {signal.Signals(signum).name}")
-    print(f"es-countdown: stopped by {signal.Signals(signum).name} ({why}); committed generations are in the ledger "
-          f"(resume with `es-countdown resume RUN_ID`)", file=sys.stderr, flush=True)
+    tell_stopped(signum, why)
     _stop_children()
     os._exit(128 + signum)
 
