@@ -40,10 +40,13 @@ def check_settings(settings: Settings, command: str = "run") -> None:
     check_base_model(settings.model)
     check_ledger_integers(settings)
     device = check_device(settings.model.device)
-    problems = check_problems(settings)
     shape = base_model_shape(settings.model)
     if shape is not None:
         check_lora_targets(shape, settings.lora.layers, settings.lora.modules, f"model {settings.model.name}")
+        if settings.data.source == "generated":  # before drawing them: data.heldout_size=100000000 drew for minutes
+            check_run_memory(settings, shape, device, [])
+    problems = check_problems(settings)
+    if shape is not None:
         check_run_memory(settings, shape, device, problems)
 
 
@@ -196,7 +199,8 @@ def check_run_memory(settings: Settings, shape, device, problems: list) -> None:
     from es_core.preflight import check_memory, estimate_peak_memory
 
     base = len(user_message(Problem("", (1, 2), 3.0)))
-    longest = max((len(user_message(p)) - base for p in problems), default=0)
+    generated = Problem("", (99, 99, 99, 99), 100.0)  # the longest the generator makes (es_core.countdown.problems.ProblemShape)
+    longest = max((len(user_message(p)) - base for p in problems or [generated]), default=0)
     model_bytes = resolve_dtype(settings.model.dtype, device).itemsize
     estimate = estimate_peak_memory(settings, shape, model_bytes, max(0, longest), prefect_server=_temporary_prefect_server(), on_cuda=device.type == "cuda")
     free, where = available_memory(device)

@@ -141,6 +141,8 @@ def test_a_run_that_cannot_fit_in_memory_names_the_setting_to_lower(tmp_path, ca
     error = run_tiny(capsys, tmp_path, "generation.max_batch_rows=100000", "es.population=1000", "data.prompts_per_generation=6",
                      "generation.max_new_tokens=100000")
     assert error.endswith("lower generation.max_batch_rows (100000) or generation.max_new_tokens (100000)")
+    # was: minutes drawing a hundred million problems (and their memory), before anything else
+    assert run_tiny(capsys, tmp_path, "data.heldout_size=100000000").endswith("lower data.train_size (6) or data.heldout_size (100000000)")
 
 
 def smollm2_shape() -> ModelShape:
