@@ -382,22 +382,42 @@ class Ledger:
                 raise LedgerError(f"run {run_id} was recorded with settings {old[0][:12]}, these settings hash to {settings_sha256[:12]}: start a new run id")
             if old[1] is not None and old[1] != base_model_sha256:
                 raise LedgerError(f"run {run_id} was recorded with base model {old[1][:12]}, this base model hashes to {base_model_sha256[:12]}: start a new run id")
-            if old[3] != warm_start_sha256:
+            if old[1] is not None and old[3] != warm_start_sha256:  # no base model: it failed before its warm start
                 raise LedgerError(f"run {run_id} was recorded with warm start {(old[3] or 'none')[:12]}, this one is {(warm_start_sha256 or 'none')[:12]}: start a new run id")
             con.execute(
-                "UPDATE runs SET run_name = ?, config_json = ?, settings_sha256 = ?, base_model = ?, base_model_sha256 = ?, seed = ?, status = ?, updated_at = ? WHERE run_id = ?",
-                [run_name, config_json, settings_sha256, str(base_model), base_model_sha256, seed, status, now, run_id],
+                "UPDATE runs SET run_name = ?, config_json = ?, settings_sha256 = ?, base_model = ?, base_model_sha256 = ?, seed = ?, status = ?, "
+                "status_reason = NULL, warm_start_sha256 = ?, updated_at = ? WHERE run_id = ?",  # the warm start: equal, or the first recorded
+                [run_name, config_json, settings_sha256, str(base_model), base_model_sha256, seed, status, warm_start_sha256, now, run_id],
             )
 
         self._write(work)
 
-    def set_run_status(self, run_id: str, status: str) -> None:
-        """running, completed or failed (free text; those are the pipeline's)."""
+    def record_failure(self, run_id: str, run_name: str, config_json: str, settings_sha256: str, seed: int, reason: str) -> None:
+        """The run failed (or was stopped): status failed and `reason` (one line). A run that failed
+        before its row was recorded (problems, base model, warm start) gets one, with no base model:
+        a resume then records its base model and warm start as a new run would."""
+        check_run_id(run_id)
+
+        def work(con):
+            now = utcnow()
+            if con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] == 0:
+                self._insert(con, "runs", [{
+                    "run_id": run_id, "created_at": now, "updated_at": now, "run_name": run_name, "config_json": config_json,
+                    "settings_sha256": settings_sha256, "seed": seed, "status": "failed", "status_reason": reason, "noise_scheme": NOISE_SCHEME,
+                }], replace=False)
+            else:
+                con.execute("UPDATE runs SET status = 'failed', status_reason = ?, updated_at = ? WHERE run_id = ?", [reason, now, run_id])
+
+        self._write(work)
+
+    def set_run_status(self, run_id: str, status: str, reason: str | None = None) -> None:
+        """running, completed or failed (free text; those are the pipeline's), and why (one line;
+        None clears it)."""
 
         def work(con):
             if con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] == 0:
                 raise LedgerError(f"run {run_id} is not in the ledger at {self.path}")
-            con.execute("UPDATE runs SET status = ?, updated_at = ? WHERE run_id = ?", [status, utcnow(), run_id])
+            con.execute("UPDATE runs SET status = ?, status_reason = ?, updated_at = ? WHERE run_id = ?", [status, reason, utcnow(), run_id])
 
         self._write(work)
 

@@ -62,7 +62,8 @@ def training_examples(settings: WarmStartSettings, step: int, exclude: Iterable[
     """Step `step`'s (problem, completion) pairs: fresh problems from the warm start's own stream,
     none of whose ids is in `exclude` (the held-out sets)."""
     shape = ProblemShape(settings.min_numbers, settings.max_numbers, settings.max_number, settings.max_target)
-    pairs = generate_solved(settings.batch_size, f"warm-start:{settings.seed}:{step}", SPLIT, exclude, shape)
+    pairs = generate_solved(settings.batch_size, f"warm-start:{settings.seed}:{step}", SPLIT, exclude, shape, f"warm_start.batch_size {settings.batch_size}",
+                            "; raise warm_start.max_number, warm_start.max_numbers or warm_start.max_target, or lower warm_start.batch_size")
     return [(problem, completion_text(problem, solution)) for problem, solution in pairs]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -77,8 +78,10 @@ def _cmd_run(args) -> int:
         _check_prefect_api()
         _isolate_ephemeral_prefect(str(settings.data_dir))
         from flows.es_countdown import es_countdown
+        from flows.stopping import stop_on_signals
 
-        result = es_countdown(config_path=str(Path(args.config).resolve()), overrides=overrides, run_id=args.run_id, data_dir=str(settings.data_dir))
+        with stop_on_signals():  # SIGTERM, Ctrl-C: stopped in seconds, the run marked failed
+            result = es_countdown(config_path=str(Path(args.config).resolve()), overrides=overrides, run_id=args.run_id, data_dir=str(settings.data_dir))
     print(f"run {result['run_id']}: final centre {result['center_sha256'][:12]}, report {result['report']}")
     return 0
 
@@ -106,8 +109,10 @@ def _cmd_resume(args) -> int:
         _check_prefect_api()
         _isolate_ephemeral_prefect(str(data_dir))
         from flows.es_countdown import es_countdown
+        from flows.stopping import stop_on_signals
 
-        result = es_countdown(run_id=args.run_id, overrides=_resume_overrides(args), data_dir=_default_data_dir(args.data_dir))
+        with stop_on_signals():
+            result = es_countdown(run_id=args.run_id, overrides=_resume_overrides(args), data_dir=_default_data_dir(args.data_dir))
     print(f"run {result['run_id']}: final centre {result['center_sha256'][:12]}, report {result['report']}")
     return 0
 
@@ -258,9 +263,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return dispatch(args)
-    except KeyboardInterrupt:
-        print("es-countdown: interrupted; completed generations are in the ledger (resume with `es-countdown resume RUN_ID`)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or flows.stopping.Stopped (SIGTERM too)
+        from flows.stopping import tell_stopped
+
+        signum = getattr(stop, "signum", signal.SIGINT)
+        tell_stopped(signum)
+        return 128 + signum
 
 
 if __name__ == "__main__":

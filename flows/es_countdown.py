@@ -30,6 +30,7 @@ from flows.pipeline import Pipeline
 from flows.progress import RunProgress
 from flows.recorded import recorded_settings
 from flows.report import write_report
+from flows.stopping import failure_reason, note_run
 from tasks.common import DataDir, evaluation_key, persisted
 from tasks.ledger import record_problems, record_run, record_warm_start, set_run_status
 from tasks.model import prepare_base_model
@@ -42,12 +43,24 @@ def new_run_id(run_name: str) -> str:
     """<run name>-<utc time>-<4 hex>, of this flow run: its creation time and id, so that a retry of
     the flow run (the UI's Retry, or Prefect restarting a crashed one) continues the same ES run
     instead of starting a second one. Outside a flow run, the time now and random hex."""
-    slug = "".join(c if c.isalnum() else "-" for c in run_name.lower()).strip("-") or "run"
+    slug = run_name_slug(run_name)
     context = FlowRunContext.get()
     flow_run = context.flow_run if context is not None else None
     if flow_run is not None and flow_run.created is not None:
         return f"{slug}-{flow_run.created.astimezone(timezone.utc):%Y%m%d-%H%M%S}-{flow_run.id.hex[:4]}"
     return f"{slug}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def run_name_slug(run_name: str) -> str:
+    """The run name as the start of a run id: ASCII letters and digits (accents dropped: "Zählen"
+    gives "zahlen"), '-' for the rest, at most 100 characters, so that any run name makes a valid
+    run id. (A non-ASCII name used to fail the run's first ledger write; the name itself is stored
+    as given, in runs.run_name.)"""
+    import re
+    import unicodedata
+
+    ascii_name = unicodedata.normalize("NFKD", run_name).encode("ascii", "ignore").decode().lower()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_name).strip("-")[:100].strip("-") or "run"
 
 
 # What a new run given no config runs (a deployment run with no config_path): the paper-scale experiment.
@@ -108,6 +121,23 @@ def check_recorded_base_model(ledger: Ledger, run_id: str, base: dict) -> None:
 def es_countdown(config_path: str | None = None, overrides: list[str] | None = None, run_id: str | None = None, data_dir: str | None = None) -> dict:
     """Run (or resume) an ES experiment; returns the run id, the final centre and its held-out scores."""
     settings, run_id, resuming = resolve_settings(config_path, overrides, run_id, data_dir)
+    note_run(Path(settings.data_dir), run_id)  # what a stop signal marks failed (flows/stopping.py)
+    try:
+        return run_experiment(settings, run_id, resuming)
+    except BaseException as exc:
+        # Directly in the ledger, not by a task: the Prefect API may be what failed (or died with
+        # the process group on Ctrl-C). A run that fails before its row exists gets one, failed.
+        try:
+            Ledger(Path(settings.data_dir)).record_failure(run_id, settings.run_name, settings.model_dump_json(), settings.fingerprint(),
+                                                           settings.es.seed, failure_reason(exc))
+        except Exception as ledger_error:  # noqa: BLE001 - the run's own error is the one to raise
+            get_run_logger().error(f"run {run_id} could not be marked failed in the ledger: {ledger_error}")
+        raise
+
+
+def run_experiment(settings: Settings, run_id: str, resuming: bool) -> dict:
+    """The body of the flow, for resolved settings and run id."""
+    logger = get_run_logger()
     data = DataDir(Path(settings.data_dir))
     data.root.mkdir(parents=True, exist_ok=True)
     # held until the run ends: gc removes nothing while a run may still commit an artifact it wrote
@@ -165,9 +195,6 @@ def _run(settings: Settings, run_id: str, resuming: bool, data: DataDir) -> dict
                 if run.eval_due(g + 1):
                     pipeline.settle()  # the held-out evaluation reads the ledger
                     run.heldout(g + 1, "centre", (f"centre_g{g + 1}", centre))
-    except BaseException:
-        set_run_status(root, run_id, "failed", return_state=True)  # a state, not a raise: the run's own error is the one to see
-        raise
     finally:
         backend.close()
         if base_backend is not backend:

@@ -400,3 +400,16 @@ def test_a_writer_killed_at_random_points_never_leaves_a_half_generation(tmp_pat
         assert ledger.query("SELECT count(*) FROM samples s ANTI JOIN generations g USING (run_id, generation)")[1] == [(0,)]
         assert ledger.query("SELECT count(*) FROM members m ANTI JOIN generations g USING (run_id, generation)")[1] == [(0,)]
     assert ledger.last_generation("live") >= 4  # each of the 5 rounds committed at least once before its kill
+
+
+def test_a_run_that_failed_before_its_row_is_recorded_failed_and_its_resume_fills_it_in(tmp_path):
+    ledger = Ledger(tmp_path)
+    ledger.record_failure("r1", "name", "{}", "s" * 64, 3, "ShapeExhausted: warm_start.batch_size 128: too few")
+    row = ledger.run_row("r1")
+    assert (row["status"], row["status_reason"], row["base_model_sha256"], row["warm_start_sha256"]) == ("failed", "ShapeExhausted: warm_start.batch_size 128: too few", None, None)
+    # the resume records its base model and warm start as a new run would, and the reason goes
+    ledger.record_run("r1", "name", "{}", "s" * 64, "/models/base", "b" * 64, 3, warm_start_sha256="w" * 64)
+    row = ledger.run_row("r1")
+    assert (row["status"], row["status_reason"], row["warm_start_sha256"]) == ("running", None, "w" * 64)
+    ledger.record_failure("r1", "name", "{}", "s" * 64, 3, "stopped by SIGTERM")
+    assert ledger.run_row("r1")["status_reason"] == "stopped by SIGTERM" and ledger.run_row("r1")["base_model_sha256"] == "b" * 64

@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 import pytest
 
@@ -10,8 +11,11 @@ from es_core.countdown.problems import (
     TRAIN,
     DataError,
     Problem,
+    ProblemShape,
+    ShapeExhausted,
     batch_for_generation,
     generate_problems,
+    generate_solved,
     generated_splits,
     jsonl_splits,
     load_jsonl,
@@ -134,6 +138,12 @@ BAD_RECORDS = [
     ({"target": True}, "target must be a number, not True"),
     ({"target": None}, "target must be a number, not None"),
     ({"numbers": [1, 2], "id": 10**4_100}, "id must be a string or a shorter integer, not an integer of 4,101 digits"),
+    # passed the check, then failed the ledger's INTEGER[] column at the run's first write
+    ({"numbers": [2**31, 2]}, r"numbers\[0\] is 2147483648, above 2,147,483,647 \(the ledger stores numbers as 32-bit integers\)"),
+    # a 10,000-number record: its prompt's KV cache took all memory (exit 137); no answer the reward reads can use them all
+    ({"numbers": [1] * 10_000}, r"10,000 numbers: a right answer needs at least 19,999 characters and 9,999 operators, "
+                                r"more than the reward reads \(1,000 characters, 200 operators\)"),
+    ({"numbers": [1] * 202}, r"202 numbers: a right answer needs at least 403 characters and 201 operators"),
 ]
 
 
@@ -208,3 +218,36 @@ def test_other_malformed_files_are_one_line_errors(tmp_path):
     deep.write_text("[" * 100_000)
     with pytest.raises(DataError, match=f"^{re.escape(str(deep))}: not valid JSON"):
         load_paper_file(deep, 1, 1)
+
+
+# --- shapes the generator cannot fill ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, count", [
+    (ProblemShape(3, 3, 1, 100), 128),  # 1 1 1 makes 1, 2, 3: the loop drew for ever (warm_start.max_number=1)
+    (ProblemShape(3, 4, 1, 100), 128),  # seven problems in all, more than the count's bound allows
+    (ProblemShape(2, 2, 2, 1), 5),  # fewer than the count even by the bound: refused before any draw
+])
+def test_a_shape_with_too_few_problems_is_refused_in_seconds(shape, count):
+    started = time.perf_counter()
+    with pytest.raises(ShapeExhausted, match=r"^warm_start.batch_size \d+: .* has (too few|at most \d+).*; raise it$") as err:
+        generate_solved(count, "stream", shape=shape, settings=f"warm_start.batch_size {count}", remedy="; raise it")
+    assert time.perf_counter() - started < 30  # about 1 s; generous for a loaded machine
+    assert "\n" not in str(err.value)
+
+
+def test_a_shape_with_just_enough_problems_still_supplies_them():
+    # every distinct problem of a small shape, drawn to the last one: no false refusal near the limit
+    shape = ProblemShape(2, 2, 3, 9)
+    every = {problem_id([n, m], t) for n in range(1, 4) for m in range(n, 4) for t in range(1, 10) if solve([n, m], t)}
+    assert len(generate_solved(len(every), "stream", shape=shape)) == len(every)
+    with pytest.raises(ShapeExhausted):
+        generate_solved(len(every) + 1, "stream", shape=shape)
+
+
+def test_warm_start_names_its_settings_when_its_shape_is_too_small():
+    from es_core.settings import WarmStartSettings
+    from es_core.warm_start import training_examples
+
+    with pytest.raises(ShapeExhausted, match=r"^warm_start.batch_size 128: .*raise warm_start.max_number, warm_start.max_numbers or warm_start.max_target, or lower warm_start.batch_size$"):
+        training_examples(WarmStartSettings(steps=1, max_number=1), 0)

@@ -19,6 +19,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from es_core.countdown.reward import MAX_ANSWER_CHARS, MAX_OPERATORS
+
 TRAIN, HELDOUT = "train", "heldout"
 
 
@@ -86,6 +88,26 @@ class ProblemShape:
     max_number: int = 99
     max_target: int = 100
 
+    def __str__(self) -> str:
+        return f"{self.min_numbers}-{self.max_numbers} numbers in 1..{self.max_number}, targets 1..{self.max_target}"
+
+    def most_problems(self) -> int:
+        """An upper bound on the distinct problems of this shape: every multiset of numbers with
+        every target (fewer are reachable)."""
+        return sum(math.comb(self.max_number + k - 1, k) for k in range(self.min_numbers, self.max_numbers + 1)) * self.max_target
+
+
+# A shape can allow fewer distinct problems than are asked for (warm_start.max_number=1 allows
+# three: 1 1 1 makes 1, 2 and 3), and the draw loop then ran for ever. At about 48,000 draws a
+# second on one core, 9% of them a new problem at the default shape, this many draws in a row
+# without a new problem take about 1 s (2.5 s on a loaded 2-core machine); while half of a shape's problems are still undrawn, the
+# chance of such a streak is below 1e-900 (0.955^50,000), so a shape that can supply the count is never refused.
+MAX_DRAWS_WITHOUT_NEW = 50_000
+
+
+class ShapeExhausted(DataError):
+    """A problem shape that cannot supply the distinct problems asked of it: one line naming the settings."""
+
 
 def generate_problems(
     count: int,
@@ -97,23 +119,37 @@ def generate_problems(
     max_number: int = 99,
     max_target: int = 100,
     stream: str | None = None,
+    settings: str = "the problem generator",
+    remedy: str = "",
 ) -> list[Problem]:
     """`count` distinct problems from `seed`; ids in `exclude` are skipped (keeps splits apart).
     `stream` names the random stream (default: the split), so that e.g. each generation of a fresh
-    training stream draws its own problems."""
+    training stream draws its own problems. `settings`, `remedy`: as generate_solved's."""
     shape = ProblemShape(min_numbers, max_numbers, max_number, max_target)
-    return [p for p, _ in generate_solved(count, f"countdown:{seed}:{stream or split}", split, exclude, shape)]
+    return [p for p, _ in generate_solved(count, f"countdown:{seed}:{stream or split}", split, exclude, shape, settings, remedy)]
 
 
 def generate_solved(count: int, stream: str, split: str = TRAIN, exclude: Iterable[str] = (),
-                    shape: ProblemShape = ProblemShape()) -> list[tuple[Problem, str]]:
+                    shape: ProblemShape = ProblemShape(), settings: str = "the problem generator",
+                    remedy: str = "") -> list[tuple[Problem, str]]:
     """`count` distinct (problem, solution) pairs from the random stream named `stream`: numbers are
     drawn, then a random expression over all of them; its value, when an integer in 1..max_target,
-    is the target and the expression a solution (every number used once)."""
+    is the target and the expression a solution (every number used once). A shape that cannot
+    supply `count` new problems is refused (ShapeExhausted: `settings`, the settings that asked for
+    them, then why, then `remedy`, what to change): at once when it has fewer problems in all, else after
+    MAX_DRAWS_WITHOUT_NEW draws in a row without a new one (seconds)."""
+    if shape.most_problems() < count:
+        raise ShapeExhausted(f"{settings}: {count} distinct problems asked of a shape that has at most {shape.most_problems()} "
+                             f"({shape}){remedy}")
     rng = random.Random(stream)
     seen = set(exclude)
     out: list[tuple[Problem, str]] = []
+    misses = 0
     while len(out) < count:
+        misses += 1
+        if misses > MAX_DRAWS_WITHOUT_NEW:
+            raise ShapeExhausted(f"{settings}: {count} distinct problems asked, {len(out)} found before {MAX_DRAWS_WITHOUT_NEW:,} draws "
+                                 f"in a row gave no new one: the shape ({shape}) has too few" + (" besides the held-out ones" if exclude else "") + remedy)
         numbers = [rng.randint(1, shape.max_number) for _ in range(rng.randint(shape.min_numbers, shape.max_numbers))]
         drawn = random_expression(numbers, rng)
         if drawn is None:
@@ -127,6 +163,7 @@ def generate_solved(count: int, stream: str, split: str = TRAIN, exclude: Iterab
             continue
         seen.add(pid)
         out.append((Problem(pid, tuple(numbers), float(target), split), expression))
+        misses = 0
     return out
 
 
@@ -156,8 +193,9 @@ def random_expression(numbers: Sequence[int], rng: random.Random) -> tuple[Fract
 
 def generated_splits(train_size: int, heldout_size: int, seed: int) -> tuple[list[Problem], list[Problem]]:
     """Held-out first, from its own stream, so changing train_size never changes the held-out set."""
-    heldout = generate_problems(heldout_size, seed, HELDOUT)
-    train = generate_problems(train_size, seed, TRAIN, exclude={p.id for p in heldout})
+    remedy = "; lower data.heldout_size and data.train_size"
+    heldout = generate_problems(heldout_size, seed, HELDOUT, settings=f"data.heldout_size {heldout_size}", remedy=remedy)
+    train = generate_problems(train_size, seed, TRAIN, exclude={p.id for p in heldout}, settings=f"data.train_size {train_size}", remedy=remedy)
     return train, heldout
 
 
@@ -229,6 +267,10 @@ def load_jsonl(path: str | Path) -> list[Problem]:
 # key error after generation 0; "numbers": "123" was read as (1, 2, 3)).
 
 _MAX_INT_DIGITS = 4_000  # below Python's int-conversion limit (4,300), which json.loads would hit
+# The ledger's problems.numbers is INTEGER[]: 2**31 and up failed the run's first write after the
+# file check had passed them. A record with more numbers than a scorable answer can hold (10,000
+# numbers) made a prompt of tens of thousands of tokens whose KV cache took all memory.
+MAX_NUMBER = 2**31 - 1
 
 
 class _BadRecord(Exception):
@@ -282,6 +324,12 @@ def _checked_fields(record: object) -> tuple[tuple[int, ...], float]:
         # bool is an int in Python, and a float such as 1.7 would be cut to 1
         if type(n) is not int or n < 0:
             raise _BadRecord(f"numbers[{i}] must be a non-negative integer, not {_shown(n)}")
+        if n > MAX_NUMBER:
+            raise _BadRecord(f"numbers[{i}] is {_shown(n)}, above {MAX_NUMBER:,} (the ledger stores numbers as 32-bit integers)")
+    shortest = sum(len(str(n)) for n in numbers) + len(numbers) - 1  # every number once, an operator between each two
+    if shortest > MAX_ANSWER_CHARS or len(numbers) - 1 > MAX_OPERATORS:
+        raise _BadRecord(f"{len(numbers):,} numbers: a right answer needs at least {shortest:,} characters and {len(numbers) - 1:,} operators, "
+                         f"more than the reward reads ({MAX_ANSWER_CHARS:,} characters, {MAX_OPERATORS} operators)")
     return tuple(numbers), _checked_target(record["target"])
 
 
@@ -365,7 +413,8 @@ def training_batch(data, train: Sequence[Problem], generation: int, exclude: Ite
     """One generation's training problems (`DataSettings`): from the train split, or, with
     train_problems 'fresh', newly generated ones (ids in `exclude`, the held-out sets', never)."""
     if data.train_problems == "fresh":
-        return generate_problems(data.prompts_per_generation, data.generator_seed, TRAIN, exclude, stream=f"fresh-g{generation}")
+        return generate_problems(data.prompts_per_generation, data.generator_seed, TRAIN, exclude, stream=f"fresh-g{generation}",
+                                 settings=f"data.prompts_per_generation {data.prompts_per_generation}", remedy="; lower it")
     return batch_for_generation(train, generation, data.prompts_per_generation)
 
 

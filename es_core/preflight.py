@@ -1,0 +1,302 @@
+"""What a run's settings ask of the ledger, the model and the machine, checked from the settings and
+the model's config alone (no weights loaded, no CUDA touched): the CLI calls these before any work
+(flows/preflight.py gathers the facts: the config, the memory the machine has).
+
+- Integers the ledger stores must fit its columns (INTEGER: 32-bit, BIGINT: 64-bit).
+- lora.layers and lora.modules must exist in the model.
+- The estimated peak memory of the run must fit what the device has free.
+
+The estimate follows the engine's own allocations (es_core/engine/generate.py `_Session`,
+population_lora.py, model.py `Decoder.from_hf`) and the warm start's (es_core/warm_start.py); it
+is an upper bound on each part, checked against measured peaks (README, "Bad input").
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from es_core.settings import ConfigError, Settings
+
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+
+
+# (setting, its value, the largest the ledger stores, where): generation, member and token counts
+# are INTEGER columns, seeds BIGINT (artifacts/ledger.py).
+def _ledger_integers(settings: Settings) -> list[tuple[str, int, int, str]]:
+    return [
+        ("es.seed", settings.es.seed, INT64_MAX, "runs.seed BIGINT"),
+        ("es.generations", settings.es.generations, INT32_MAX, "generations.generation INTEGER"),
+        ("es.population", settings.es.population, INT32_MAX, "members.member INTEGER"),
+        ("warm_start.steps", settings.warm_start.steps, INT32_MAX, "warm_starts.steps INTEGER"),
+        ("generation.max_new_tokens", settings.generation.max_new_tokens, INT32_MAX, "samples.completion_tokens INTEGER"),
+        ("data.heldout_size", settings.data.heldout_size, INT32_MAX, "evals.n INTEGER"),
+    ]
+
+
+def check_ledger_integers(settings: Settings) -> None:
+    """A setting the ledger could not store stops here, not at the run's first write."""
+    for key, value, largest, column in _ledger_integers(settings):
+        if value > largest:
+            raise ConfigError(f"{key} {value} is above {largest:,}, the largest the ledger stores ({column})")
+
+
+# --- the model's shape, from its config ----------------------------------------------------------
+
+# The Linear modules of a decoder layer, by model_type, as transformers names them (what
+# es_core.lora.find_targets finds on a built model).
+LAYER_LINEARS = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    model_type: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_config(cls, config: dict, where: str) -> "ModelShape":
+        try:
+            heads = int(config["num_attention_heads"])
+            return cls(
+                model_type=str(config.get("model_type", "")), layers=int(config["num_hidden_layers"]), hidden=int(config["hidden_size"]),
+                intermediate=int(config["intermediate_size"]), heads=heads, kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // heads), vocab=int(config["vocab_size"]),
+                tied=bool(config.get("tie_word_embeddings", False)), qkv_bias=config.get("model_type") == "qwen2",
+            )
+        except KeyError as exc:
+            raise ConfigError(f"{where}: the model's config has no {exc.args[0]}") from None
+        except (TypeError, ValueError, ZeroDivisionError) as exc:
+            raise ConfigError(f"{where}: the model's config is not a decoder's ({exc})") from None
+
+    @property
+    def qkv_out(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each Linear of a layer, by module name."""
+        d, i, hd = self.hidden, self.intermediate, self.head_dim
+        return {"q_proj": (d, self.heads * hd), "k_proj": (d, self.kv_heads * hd), "v_proj": (d, self.kv_heads * hd),
+                "o_proj": (self.heads * hd, d), "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+
+    def parameters(self) -> int:
+        per_layer = sum(a * b for a, b in self.linears().values()) + 2 * self.hidden + (self.qkv_out if self.qkv_bias else 0)
+        return self.layers * per_layer + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+
+def check_lora_targets(shape: ModelShape, layers: list[int], modules: list[str], where: str) -> None:
+    """lora.layers within the model's layers, lora.modules among its layers' Linears."""
+    bad_layers = sorted(i for i in set(layers) if not 0 <= i < shape.layers)
+    if bad_layers:
+        raise ConfigError(f"lora.layers {bad_layers} are not layers of {where}: it has {shape.layers} (0..{shape.layers - 1})")
+    known = LAYER_LINEARS.get(shape.model_type)
+    if known is None:
+        return  # another architecture: find_targets checks it on the built model
+    unknown = sorted(set(modules) - set(known))
+    if unknown:
+        raise ConfigError(f"lora.modules {unknown} are not Linears of {where}'s layers ({', '.join(known)})")
+
+
+def read_gguf_config(path: Path) -> dict:
+    """A transformers-style config of a GGUF file, from its header alone (gguf's own reader maps
+    the whole file and took 16 s on SmolLM2's 100 MB). Keys: GGUF spec, `<arch>.block_count` etc."""
+    with open(path, "rb") as f:
+        reader = _GGUFHeader(f)
+        meta = reader.metadata()
+        tensors = reader.tensor_names(meta["_tensor_count"])
+    arch = meta.get("general.architecture", "")
+    a = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    heads = a("attention.head_count")
+    vocab = a("vocab_size") or meta.get("_tokens")
+    return {
+        "model_type": arch, "num_hidden_layers": a("block_count"), "hidden_size": a("embedding_length"),
+        "intermediate_size": a("feed_forward_length"), "num_attention_heads": heads, "num_key_value_heads": a("attention.head_count_kv", heads),
+        "head_dim": a("attention.key_length") or a("rope.dimension_count"), "vocab_size": vocab,
+        "tie_word_embeddings": "output.weight" not in tensors, "max_position_embeddings": a("context_length"),
+    }
+
+
+class _GGUFHeader:
+    _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+    def __init__(self, f):
+        self.f = f
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        self.version = self._u(4)
+
+    def _u(self, size: int) -> int:
+        return int.from_bytes(self.f.read(size), "little")
+
+    def _string(self) -> str:
+        return self.f.read(self._u(8)).decode("utf-8", "replace")
+
+    def _value(self, kind: int):
+        if kind == 8:
+            return self._string()
+        if kind == 9:
+            item, count = self._u(4), self._u(8)
+            if item == 8:  # a string array (the vocabulary): skipped, its length kept
+                for _ in range(count):
+                    self.f.seek(self._u(8), 1)
+                return count
+            fmt = self._SCALARS[item]
+            self.f.seek(struct.calcsize(fmt) * count, 1)
+            return count
+        fmt = self._SCALARS[kind]
+        return struct.unpack(fmt, self.f.read(struct.calcsize(fmt)))[0]
+
+    def metadata(self) -> dict:
+        tensor_count, kv_count = self._u(8), self._u(8)
+        meta = {"_tensor_count": tensor_count}
+        for _ in range(kv_count):
+            key = self._string()
+            meta[key] = self._value(self._u(4))
+        meta["_tokens"] = meta.get("tokenizer.ggml.tokens")
+        return meta
+
+    def tensor_names(self, count: int) -> set[str]:
+        names = set()
+        for _ in range(count):
+            names.add(self._string())
+            dims = self._u(4)
+            self.f.seek(8 * dims + 4 + 8, 1)  # dims, type, offset
+        return names
+
+
+# --- peak memory -----------------------------------------------------------------------------------
+
+GiB = 2**30
+# Measured once (README, "Bad input"): the RSS of the CLI process with torch, transformers and
+# Prefect's client imported, at the flow's first task (0.9 GB on CPU), and Prefect's temporary
+# server, a child process (0.25 GB).
+PROCESS_BYTES = int(1.0 * GiB)
+PREFECT_SERVER_BYTES = int(0.3 * GiB)
+# The prompt's tokens: the fixed text of the paper's prompt, in SmolLM2's tokenizer 118 (raw) and
+# 132 (chat) tokens for a problem of two one-digit numbers, with a margin for other templates;
+# every further character of the numbers and target adds at most one token (digits, spaces).
+PROMPT_TOKENS = {"raw": 128, "chat": 160}
+WARM_START_COMPLETION_TOKENS = 48  # " (a + b) * c - d = t </think>\n<answer> ... </answer>" + EOS: 30-40 tokens
+PROBLEM_BYTES = 1024  # a Problem in memory, with its id in the generator's seen set: 461 bytes measured (50,000 generated)
+PREFILL_TOKENS = 32768  # PopulationEngine's prefill_tokens default
+CACHE_BUCKET = 64  # PopulationEngine's bucket default
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parts: dict[str, int]  # bytes, by what takes them
+    settings: dict[str, str]  # the settings that size each part, by part
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def largest(self) -> str:
+        return max(self.parts, key=self.parts.__getitem__)
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {size / GiB:.1f}" for name, size in sorted(self.parts.items(), key=lambda kv: -kv[1]) if size >= 0.05 * GiB)
+
+
+def chunk_layout(members: int, prompts: int, max_rows: int) -> tuple[int, int]:
+    """(rows, member groups) of the largest chunk es_core.engine.generate.plan_chunks makes."""
+    if members * prompts <= max_rows:
+        return members * prompts, members
+    if prompts <= max_rows:
+        per = max_rows // prompts
+        return per * prompts, per
+    return max_rows, 1
+
+
+def estimate_peak_memory(settings: Settings, shape: ModelShape, model_bytes: int, longest_problem_chars: int,
+                         prefect_server: bool, on_cuda: bool) -> MemoryEstimate:
+    """An upper bound of the run's peak memory on its device (bytes, by part). `model_bytes`: bytes
+    per weight in the model's dtype; `longest_problem_chars`: the most characters the numbers and
+    target of one problem print as beyond two one-digit numbers (see PROMPT_TOKENS)."""
+    g, lora = settings.generation, settings.lora
+    engines = 2 if settings.warm_start.steps and settings.eval.base_model else 1  # the base model's, opened beside the warm start's
+    params = shape.parameters()
+    # Decoder.from_hf concatenates q/k/v and gate/up: copies, held beside the HF model while it is built
+    fused_copies = shape.layers * shape.hidden * (shape.qkv_out + 2 * shape.intermediate)
+    weights = engines * params * model_bytes + fused_copies * model_bytes
+
+    prompt = PROMPT_TOKENS[settings.prompt.style] + longest_problem_chars
+    cache_len = -(-(prompt + g.max_new_tokens - 1) // CACHE_BUCKET) * CACHE_BUCKET
+    batches = [(settings.es.population, settings.data.prompts_per_generation), (1, settings.data.heldout_size)]
+    batches += [(1, s.size) for s in settings.eval.sets]
+    rows = max(chunk_layout(m, p, g.max_batch_rows)[0] for m, p in batches)
+    groups = max(chunk_layout(m, p, g.max_batch_rows)[1] for m, p in batches)
+    kv = rows * 2 * shape.layers * shape.kv_heads * cache_len * shape.head_dim * model_bytes
+    kv += rows * cache_len + rows * g.max_new_tokens * 8  # the valid-slot mask, the output tokens
+
+    # LoRA slots, float32, per member group and fused Linear: A [k*r, in], B block-diagonal [out, k*r]
+    linears = shape.linears()
+    fused = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+    per_layer = 0
+    for parts in fused.values():
+        k = sum(1 for m in parts if m in lora.modules)
+        if k:
+            d_in, d_out = linears[parts[0]][0], sum(linears[m][1] for m in parts)
+            per_layer += k * lora.rank * (d_in + d_out) * 4
+    slots = groups * len(set(lora.layers)) * per_layer
+    # the population on the host: members, their noise and the centre, twice (the look-ahead prepares the next)
+    member = len(set(lora.layers)) * sum(lora.rank * sum(linears[m]) * 4 for m in lora.modules if m in linears)
+    population = 2 * (2 * settings.es.population + 1) * member
+
+    # activations: the prefill of up to PREFILL_TOKENS tokens a layer at a time (attention scores
+    # in float32 as SDPA's math path holds them), and the decode step's logits over the vocabulary
+    per_prompt_rows = max(1, rows // max(groups, 1))
+    prefill_rows = min(rows, max(1, PREFILL_TOKENS // (per_prompt_rows * prompt)) * per_prompt_rows)
+    tokens = prefill_rows * prompt
+    prefill = tokens * (6 * shape.hidden + 2 * shape.qkv_out + 3 * shape.intermediate) * model_bytes
+    prefill += prefill_rows * shape.heads * prompt * prompt * (4 * 2 + 1)
+    decode = rows * (shape.vocab * 4 + shape.heads * cache_len * 4 + (3 * shape.intermediate + 6 * shape.hidden) * model_bytes)
+    activations = max(prefill, decode)
+
+    # the problems held for the whole run (ledger rows and prompts of them come and go)
+    problems = PROBLEM_BYTES * (settings.data.train_size + settings.data.heldout_size + sum(s.size for s in settings.eval.sets))
+    parts = {"model weights": weights, "KV cache": kv, "LoRA slots": slots, "population": population, "activations": activations,
+             "problems": problems}
+    sized = {
+        "model weights": "model.name or model.dtype",
+        "KV cache": f"generation.max_batch_rows ({g.max_batch_rows}) or generation.max_new_tokens ({g.max_new_tokens})",
+        "LoRA slots": f"lora.rank ({lora.rank}), es.population ({settings.es.population}) or generation.max_batch_rows ({g.max_batch_rows})",
+        "population": f"es.population ({settings.es.population}) or lora.rank ({lora.rank})",
+        "activations": f"generation.max_batch_rows ({g.max_batch_rows})",
+        "problems": f"data.train_size ({settings.data.train_size}) or data.heldout_size ({settings.data.heldout_size})",
+    }
+    if settings.warm_start.steps:
+        # AdamW on every weight in float32: weights, gradients and two moments; the batch's
+        # activations kept for the backward pass, and the logits three times (logits, the loss's
+        # log-softmax, its gradient)
+        w = settings.warm_start
+        wtokens = w.batch_size * (prompt + WARM_START_COMPLETION_TOKENS)
+        saved = wtokens * shape.layers * (10 * shape.hidden + 2 * shape.qkv_out + 4 * shape.intermediate) * 4
+        saved += w.batch_size * shape.layers * shape.heads * (prompt + WARM_START_COMPLETION_TOKENS) ** 2 * 4
+        warm = 16 * params + saved + 3 * wtokens * shape.vocab * 4
+        if warm > sum(parts.values()) - problems:  # the warm start ends before ES starts: the larger phase is the peak
+            parts = {"warm start": warm, "problems": problems}
+            sized = {"warm start": f"warm_start.batch_size ({w.batch_size})", "problems": sized["problems"]}
+    if not on_cuda:
+        parts["process"] = PROCESS_BYTES + (PREFECT_SERVER_BYTES if prefect_server else 0)
+        sized["process"] = "nothing: python, torch and Prefect themselves"
+    return MemoryEstimate(parts, sized)
+
+
+def check_memory(estimate: MemoryEstimate, available: int, where: str) -> None:
+    if estimate.total <= available:
+        return
+    largest = estimate.largest()
+    raise ConfigError(f"the run needs about {estimate.total / GiB:.1f} GiB of memory, {where} has {available / GiB:.1f} GiB free "
+                      f"(GiB: {estimate.describe()}): lower {estimate.settings[largest]}")
