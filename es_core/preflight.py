@@ -97,6 +97,7 @@ class ModelShape:
 
 def check_lora_targets(shape: ModelShape, layers: list[int], modules: list[str], where: str) -> None:
     """lora.layers within the model's layers, lora.modules among its layers' Linears."""
+    layers = range(shape.layers) if layers == "all" else layers
     bad_layers = sorted(i for i in set(layers) if not 0 <= i < shape.layers)
     if bad_layers:
         raise ConfigError(f"lora.layers {bad_layers} are not layers of {where}: it has {shape.layers} (0..{shape.layers - 1})")
@@ -243,16 +244,22 @@ def estimate_peak_memory(settings: Settings, shape: ModelShape, model_bytes: int
     # LoRA slots, float32, per member group and fused Linear: A [k*r, in], B block-diagonal [out, k*r]
     linears = shape.linears()
     fused = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
-    per_layer = 0
+    # (weights space: each member's own rank es.noise_rank, and one slot of the centre's rank for all rows)
+    rank, layers = settings.member_rank, len(range(shape.layers) if lora.layers == "all" else set(lora.layers))
+    per_rank = 0
     for parts in fused.values():
         k = sum(1 for m in parts if m in lora.modules)
         if k:
             d_in, d_out = linears[parts[0]][0], sum(linears[m][1] for m in parts)
-            per_layer += k * lora.rank * (d_in + d_out) * 4
-    slots = groups * len(set(lora.layers)) * per_layer
+            per_rank += k * (d_in + d_out) * 4
+    slots = groups * layers * rank * per_rank
     # the population on the host: members, their noise and the centre, twice (the look-ahead prepares the next)
-    member = len(set(lora.layers)) * sum(lora.rank * sum(linears[m]) * 4 for m in lora.modules if m in linears)
+    member = layers * sum(rank * sum(linears[m]) * 4 for m in lora.modules if m in linears)
     population = 2 * (2 * settings.es.population + 1) * member
+    if settings.es.space == "weights":
+        centre = layers * sum(settings.es.centre_rank * sum(linears[m]) * 4 for m in lora.modules if m in linears)
+        slots += layers * settings.es.centre_rank * per_rank
+        population += 4 * centre  # the centre, its float64 re-factorisation, the next one
 
     # activations: the prefill of up to PREFILL_TOKENS tokens a layer at a time (attention scores
     # in float32 as SDPA's math path holds them), and the decode step's logits over the vocabulary
