@@ -61,6 +61,8 @@ WEIGHTS: dict[str, list[str]] = {
     "ws-s1e-3": ["es.space=weights", "es.sigma=0.001", "es.learning_rate=0.001"],
     "ws-s3e-3": ["es.space=weights", "es.sigma=0.003", "es.learning_rate=0.003"],
     "ws-rms1e-2": ["es.space=weights", "es.sigma_scale=weight_rms", "es.sigma=0.01", "es.learning_rate=0.01"],
+    # run alone after the sweep (the sweep's member files of rank R + r filled the disk; fixed since)
+    "ws-s2e-3": ["es.space=weights", "es.sigma=0.002", "es.learning_rate=0.004"],
     "ws-paper": ["es.space=weights", "es.population=30", "es.sigma=0.001", "es.learning_rate=0.0005", "data.train_problems=fixed",
                  "data.prompts_per_generation=200", "es.fitness=mean_reward"],
 }
