@@ -104,19 +104,25 @@ def _read_holder(fd: int) -> str:
         return "another process"
 
 
-class DataDirWriter:
-    """A shared lock on the data dir's writers.lock, held while a run writes there (a context
-    manager). Waits while gc holds it exclusively (gc takes seconds)."""
+class WritersLock:
+    """The data dir's writers.lock, held while the block runs (a context manager): shared by every
+    run that writes there (`DataDirWriter`; it waits the seconds gc holds it), exclusive by gc
+    (`exclusive_data_dir`; while any run holds it, DataDirBusyError at once)."""
 
-    def __init__(self, data_dir: str | Path):
+    def __init__(self, data_dir: str | Path, exclusive: bool = False):
         self.path = Path(data_dir) / LOCKS_DIR / WRITERS_LOCK
+        self.exclusive = exclusive
         self._fd: int | None = None
 
-    def __enter__(self) -> "DataDirWriter":
+    def __enter__(self) -> "WritersLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if self.exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirBusyError(f"a run is writing {Path(self.path).parent.parent} (it holds {self.path}): an unreferenced artifact may be "
+                                   "one it is about to commit, so gc removes nothing now; run gc when no run is writing") from None
         except BaseException:
             os.close(fd)
             raise
@@ -128,6 +134,16 @@ class DataDirWriter:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def DataDirWriter(data_dir: str | Path) -> WritersLock:  # noqa: N802 - reads as the thing it holds
+    """A run's shared hold on writers.lock, from its start to its end."""
+    return WritersLock(data_dir)
+
+
+def exclusive_data_dir(data_dir: str | Path) -> WritersLock:
+    """gc's exclusive hold on writers.lock (no run writes the data dir meanwhile), or DataDirBusyError."""
+    return WritersLock(data_dir, exclusive=True)
 
 
 def data_dir_busy(data_dir: str | Path) -> bool:
@@ -144,29 +160,3 @@ def data_dir_busy(data_dir: str | Path) -> bool:
         return True
     finally:
         os.close(fd)  # closing drops a lock taken here
-
-
-class exclusive_data_dir:
-    """Hold writers.lock exclusively (no run writes the data dir meanwhile), or raise DataDirBusyError."""
-
-    def __init__(self, data_dir: str | Path):
-        self.path = Path(data_dir) / LOCKS_DIR / WRITERS_LOCK
-        self._fd: int | None = None
-
-    def __enter__(self) -> "exclusive_data_dir":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DataDirBusyError(f"a run is writing {Path(self.path).parent.parent} (it holds {self.path}): an unreferenced artifact may be "
-                                   "one it is about to commit, so gc removes nothing now; run gc when no run is writing") from None
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
+from es_core.manifest import first_difference
+
 MANIFEST_SUFFIX = ".manifest"
 TMP_DIR = "tmp"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -314,13 +316,12 @@ class ArtifactStore:
                 expected = _parse_manifest(text.decode())
         if expected is None:
             raise ArtifactError(f"artifact {sha256} is corrupt: its content hashes to {hash_dir(folder)} ({folder})")
-        for rel in sorted(set(expected) | set(actual)):
-            if rel not in actual:
-                raise ArtifactError(f"artifact {sha256} is corrupt: file missing: {folder / rel}")
-            if rel not in expected:
-                raise ArtifactError(f"artifact {sha256} is corrupt: unexpected file: {folder / rel}")
-            if expected[rel] != actual[rel]:
-                raise ArtifactError(f"artifact {sha256} is corrupt: {folder / rel} has sha256 {actual[rel]}, expected {expected[rel]}")
+        difference = first_difference(expected, actual)
+        if difference is not None:
+            rel, what = difference
+            said = {"missing": f"file missing: {folder / rel}", "unexpected": f"unexpected file: {folder / rel}",
+                    "changed": f"{folder / rel} has sha256 {actual.get(rel)}, expected {expected.get(rel)}"}[what]
+            raise ArtifactError(f"artifact {sha256} is corrupt: {said}")
         raise ArtifactError(f"artifact {sha256} is corrupt ({folder})")  # pragma: no cover - unreachable
 
     def resolve(self, prefix: str) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from es_core.manifest import first_difference
 from es_core.seeding import hash_int
 from es_core.settings import ModelSettings
 
@@ -402,13 +403,12 @@ def verify_model_folder(folder: Path) -> None:
         _rewrite_source(source_path, {**source, FILES_KEY: actual})
         return
     redo = f"delete {folder} and it is built again from {source.get('source', 'its source')}"
-    for rel in sorted(set(expected) | set(actual)):
-        if rel not in actual:
-            raise ModelError(f"model folder {folder} is damaged: {rel} is missing; {redo}")
-        if rel not in expected:
-            raise ModelError(f"model folder {folder} is damaged: {rel} was not in it when it was built; {redo}")
-        if actual[rel] != expected[rel]:
-            raise ModelError(f"model folder {folder} is damaged: {folder / rel} has sha256 {actual[rel]}, expected {expected[rel]}; {redo}")
+    difference = first_difference(expected, actual)
+    if difference is not None:
+        rel, what = difference
+        said = {"missing": f"{rel} is missing", "unexpected": f"{rel} was not in it when it was built",
+                "changed": f"{folder / rel} has sha256 {actual.get(rel)}, expected {expected.get(rel)}"}[what]
+        raise ModelError(f"model folder {folder} is damaged: {said}; {redo}")
 
 
 def _rewrite_source(path: Path, source: dict) -> None:
