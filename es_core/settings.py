@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 _ENV_PREFIX, _ENV_NESTING = "ES_", "__"  # as Settings.model_config reads the environment
@@ -46,6 +46,13 @@ class LoRASettings(_Section):
     layers: list[int] | Literal["all"] = Field(default_factory=lambda: list(range(11)), description="Decoder layer indices that carry LoRA, or all (the default in weights space: every layer).")
     modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_MODULES), description="Linear module names that carry LoRA.")
     init_std: float | None = Field(None, gt=0, description="Std of A at generation 0; None: kaiming-uniform as PEFT does.")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_or_all(cls, value):
+        if isinstance(value, str) and value != "all":
+            raise ValueError("a list of layer indices, or all")
+        return value
 
     @property
     def lora_alpha(self) -> float:
@@ -404,11 +411,21 @@ def _first_error(exc: ValidationError, overrides=(), data: dict[str, Any] | None
     """One line: where the value came from, the key, what is wrong with it."""
     errors = exc.errors()
     first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    path = _field_path(first["loc"])
+    loc = ".".join(path) or "<root>"
     value = first.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict) and first["type"] != "missing" else ""
-    more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
-    return f"{_origin([str(p) for p in first['loc']], overrides, data or {}, where)}: {loc}: {first['msg']}{shown}{more}"
+    here = tuple(path)
+    # a union's branches fail at one place (lora.layers: as a list at index 1, as "all" at the list)
+    others = len({p for e in errors if (p := tuple(_field_path(e["loc"])))[:len(here)] != here and here[:len(p)] != p})
+    more = f" [+{others} more]" if others > 0 else ""
+    return f"{_origin(path, overrides, data or {}, where)}: {loc}: {first['msg']}{shown}{more}"
+
+
+def _field_path(loc) -> list[str]:
+    """An error's location as keys and indices, without pydantic's union branch tags (`list[int]`,
+    `literal['all']`: lora.layers is a list or "all")."""
+    return [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or "'" in p))]
 
 
 def _origin(loc: list[str], overrides, data: dict[str, Any], where: str) -> str:

@@ -21,10 +21,10 @@ def test_a_retried_flow_run_started_without_a_run_id_continues_its_es_run(tmp_pa
     config, data_dir = str(tiny_config(tmp_path, generations=3)), tmp_path / "data"
     update = ESRun.update
 
-    def killed_in_generation_1(run, centre, inputs, scores):
+    def killed_in_generation_1(run, centre, inputs, *members_and_scores):
         if inputs.plan.generation == 1:
             raise RuntimeError("the machine went away in generation 1")
-        return update(run, centre, inputs, scores)
+        return update(run, centre, inputs, *members_and_scores)
 
     monkeypatch.setattr(ESRun, "update", killed_in_generation_1)
     first = es_countdown(config_path=config, data_dir=str(data_dir), return_state=True)  # no run_id: the flow names the run

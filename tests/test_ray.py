@@ -176,7 +176,7 @@ def test_an_engine_killed_mid_generation_of_a_run_loses_no_sample_and_records_no
     backends, calls = [], []
     generate_tensors = RayBackend.generate_tensors
 
-    def killing_engine_0_in_generation_1(self, members, prompts, max_new_tokens, scaling=None, on_decode=None):
+    def killing_engine_0_in_generation_1(self, members, prompts, max_new_tokens, scaling=None, on_decode=None, centre=None):
         calls.append(self)
         if self not in backends:
             backends.append(self)
@@ -189,7 +189,7 @@ def test_an_engine_killed_mid_generation_of_a_run_loses_no_sample_and_records_no
                 if gate is not None:
                     gate()
 
-        return generate_tensors(self, members, prompts, max_new_tokens, scaling=scaling, on_decode=on_decode)
+        return generate_tensors(self, members, prompts, max_new_tokens, scaling=scaling, on_decode=on_decode, centre=centre)
 
     monkeypatch.setattr(RayBackend, "generate_tensors", killing_engine_0_in_generation_1)
     data_dir = run_tiny(tmp_path, "ray-killed", ["runner.kind=ray", f"runner.address={ray_head}", "runner.gpus_per_engine=0", "runner.engines=2"])
@@ -233,6 +233,9 @@ def test_generate_population_takes_the_members_stacked_with_their_scaling(ray_ba
 
         def stacked(self):
             return self._stacked
+
+        def centre(self):  # LoRA space: the members share nothing a backend applies once
+            return None
 
     members = population(local_engine, 3, seed=2)
     local = texts(local_engine.generate_tensors(members, PROMPTS, 8, scaling=3.0))

@@ -177,3 +177,16 @@ def test_a_binary_config_file_is_named(tmp_path):
     path.write_bytes(bytes(range(256)))
     with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: not a YAML text file"):
         load_settings(path)
+
+
+def test_lora_layers_is_a_list_or_all_and_weights_space_defaults_to_every_layer():
+    from es_core.settings import settings_from_dict
+
+    assert settings_from_dict({}, ["lora.layers=all"]).lora.layers == "all"
+    assert settings_from_dict({"es": {"space": "weights"}}).lora.layers == "all"
+    assert settings_from_dict({"es": {"space": "weights"}, "lora": {"layers": [0, 2]}}).lora.layers == [0, 2]
+    assert settings_from_dict({}).lora.layers == list(range(11))  # LoRA space keeps its default (and its fingerprint)
+    with pytest.raises(ConfigError, match=r"^--set lora.layers=alll: lora.layers: Value error, a list of layer indices, or all \(got 'alll'\)$"):
+        settings_from_dict({}, ["lora.layers=alll"])
+    with pytest.raises(ConfigError, match=r"es.optimizer adam is LoRA space only"):
+        settings_from_dict({"es": {"space": "weights", "optimizer": "adam"}})
