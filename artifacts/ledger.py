@@ -406,7 +406,10 @@ class Ledger:
                     "settings_sha256": settings_sha256, "seed": seed, "status": "failed", "status_reason": reason, "noise_scheme": NOISE_SCHEME,
                 }], replace=False)
             else:
-                con.execute("UPDATE runs SET status = 'failed', status_reason = ?, updated_at = ? WHERE run_id = ?", [reason, now, run_id])
+                # a completed run stays completed when a later attempt fails before reopening it (record_run
+                # sets it running first): say, a resume refused for a damaged model changed nothing recorded
+                con.execute("UPDATE runs SET status = 'failed', status_reason = ?, updated_at = ? WHERE run_id = ? AND status <> 'completed'",
+                            [reason, now, run_id])
 
         self._write(work)
 
