@@ -151,15 +151,16 @@ def _reevaluate(settings, run, members, batch: list[Problem], generation, store,
     if (base_path / SOURCE_FILE).is_file():  # a converted or created base model: its files as built
         verify_model_folder(base_path)
     prompts = render_prompts(batch, settings.prompt.style, load_tokenizer(base_path))
-    backend = open_backend(settings, base_path, Path(tempfile.mkdtemp(prefix="es-replay-")))
-    try:
-        # a weights-space member's file holds its own factors: the backend gets it joined to its centre
-        served = ArtifactStore(Path(tempfile.mkdtemp(prefix="es-replay-served-")))
-        adapters = [(f"replay_g{generation}_m{m['member']:03d}", served_adapter(store, m["adapter_sha256"], served)) for m in members]
-        scores = _replayed(evaluate_adapters)(quote(backend), str(served.root), adapters, quote(batch), quote(prompts), settings.generation.max_new_tokens,
-                                             settings.reward.kind, evaluation_key(settings, model_sha))
-    finally:
-        backend.close()
+    with tempfile.TemporaryDirectory(prefix="es-replay-") as scratch:
+        backend = open_backend(settings, base_path, Path(scratch) / "backend")
+        try:
+            # a weights-space member's file holds its own factors: the backend gets it joined to its centre
+            served = ArtifactStore(Path(scratch) / "served")
+            adapters = [(f"replay_g{generation}_m{m['member']:03d}", served_adapter(store, m["adapter_sha256"], served)) for m in members]
+            scores = _replayed(evaluate_adapters)(quote(backend), str(served.root), adapters, quote(batch), quote(prompts),
+                                                 settings.generation.max_new_tokens, settings.reward.kind, evaluation_key(settings, model_sha))
+        finally:
+            backend.close()
     _, rows = Ledger(Path(settings.data_dir)).query(
         "SELECT member, problem_id, completion FROM samples WHERE run_id = ? AND generation = ?", [run["run_id"], generation])
     recorded = {(member, problem): text for member, problem, text in rows}
