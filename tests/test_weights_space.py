@@ -227,3 +227,36 @@ def test_a_weights_space_run_moves_its_centre_and_replays_and_resumes_bit_identi
     assert joined_spec.rank == 4
     assert all(torch.equal(joined[k][:3] if "lora_A" in k else joined[k][:, :3], parent.centre[k]) for k in parent.centre)
     assert all(torch.equal(joined[k][3:] if "lora_A" in k else joined[k][:, 3:], own[k]) for k in own)
+
+
+def test_sigma_relative_to_the_weights_rms_scales_each_matrix_by_its_own(model_cache):
+    """es.sigma_scale weight_rms: each target's s_W is the RMS of its base weight, read from the
+    model folder, and a member's perturbation of it is s_W times the absolute one."""
+    from es_core.models import load_causal_lm, resolve_base_model
+    from es_core.settings import ModelSettings, settings_from_dict
+    from tasks.population import run_space
+
+    path = resolve_base_model(ModelSettings(name="tiny-llama"), model_cache).path
+    relative = run_space(settings_from_dict({"es": {"space": "weights", "sigma_scale": "weight_rms", "centre_rank": 2}, "lora": {"layers": [1]}}), path)
+    absolute = run_space(settings_from_dict({"es": {"space": "weights", "centre_rank": 2}, "lora": {"layers": [1]}}), path)
+    weights = dict(load_causal_lm(path, "float32", "cpu").named_parameters())
+    scales = dict(relative.scales)
+    assert len(scales) == 7 and absolute.scales == ()
+    for key, s_w in scales.items():
+        weight = weights[key.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"].detach().double()
+        assert s_w == pytest.approx(float(weight.pow(2).mean().sqrt()), rel=1e-6)
+    centre = relative.layout(zero_centre_of(path)).template(2)
+    plan = ask(5, 0, 2, 0.1, space=relative)
+    own_rel = relative.members(centre, relative.draw(plan, relative.noise_layout(centre)))
+    plan_abs = ask(5, 0, 2, 0.1, space=absolute)
+    own_abs = absolute.members(centre, absolute.draw(plan_abs, absolute.noise_layout(centre)))
+    for key, s_w in scales.items():
+        b = key.replace("lora_A", "lora_B")
+        assert torch.allclose(own_rel.tensors[b], s_w * own_abs.tensors[b], rtol=1e-5)
+
+
+def zero_centre_of(path):
+    from es_core.lora import find_targets_in_folder
+    from es_core.weights_space import zero_centre
+
+    return zero_centre(find_targets_in_folder(path, [1], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), 2)
