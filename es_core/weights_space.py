@@ -76,16 +76,11 @@ class WeightsLayout:
             out[t.key_b] = torch.zeros(t.out_features, rank, dtype=torch.float32)
         return dict(sorted(out.items()))
 
-    def centre_spec(self) -> AdapterSpec:
-        return _spec(self.targets, self.centre_rank)
-
-    def member_spec(self) -> AdapterSpec:
-        return _spec(self.targets, self.centre_rank + self.noise_rank)
 
 
-def _spec(targets: Sequence[LoRATarget], rank: int) -> AdapterSpec:
-    # lora_alpha = rank: PEFT's scaling alpha / r is 1, every scale is folded into B
-    return AdapterSpec(rank, float(rank), tuple(sorted({t.module for t in targets})), tuple(sorted({t.layer for t in targets})))
+def spec_of_rank(spec: AdapterSpec, rank: int) -> AdapterSpec:
+    """`spec`'s targets at `rank`, lora_alpha = rank: PEFT's scaling alpha / r is 1, every scale is in B."""
+    return AdapterSpec(rank, float(rank), spec.target_modules, spec.layers)
 
 
 def weights_layout(targets: Sequence[LoRATarget], noise_rank: int, centre_rank: int, scales: Sequence[float] | None = None) -> WeightsLayout:
@@ -140,14 +135,10 @@ def _scale_by_key(layout: WeightsLayout) -> dict[str, tuple[LoRATarget, float]]:
     return out
 
 
-def member_adapter(centre: LoRATensors, own: LoRATensors, layout: WeightsLayout) -> LoRATensors:
+def member_adapter(centre: LoRATensors, own: LoRATensors) -> LoRATensors:
     """One member as an adapter of rank R + r: the centre's factors, then its own (B A splits into
     the centre's B_c A_c plus the member's b a, exactly)."""
-    out = {}
-    for t in layout.targets:
-        out[t.key_a] = torch.cat([centre[t.key_a], own[t.key_a]], 0)
-        out[t.key_b] = torch.cat([centre[t.key_b], own[t.key_b]], 1)
-    return dict(sorted(out.items()))
+    return {key: torch.cat([value, own[key]], 0 if key.endswith("lora_A.weight") else 1) for key, value in sorted(centre.items())}
 
 
 def split_member_adapter(tensors: LoRATensors, centre_rank: int) -> tuple[LoRATensors, LoRATensors]:
@@ -296,13 +287,10 @@ class WeightsSpace:
     records_are_served = False
 
     def record(self, centre, centre_spec, centre_sha256, members, index):
-        spec = AdapterSpec(self.noise_rank, float(self.noise_rank), centre_spec.target_modules, centre_spec.layers)
-        return members.member(index), spec, {MEMBER_FILE: member_file(centre_sha256)}
+        return members.member(index), spec_of_rank(centre_spec, self.noise_rank), {MEMBER_FILE: member_file(centre_sha256)}
 
     def adapter(self, centre: LoRATensors, centre_spec: AdapterSpec, members: StackedLoRA, index: int) -> tuple[LoRATensors, AdapterSpec]:
-        rank = centre_spec.rank + self.noise_rank
-        spec = AdapterSpec(rank, float(rank), centre_spec.target_modules, centre_spec.layers)
-        return member_adapter(centre, members.member(index), self.layout(centre)), spec
+        return member_adapter(centre, members.member(index)), spec_of_rank(centre_spec, centre_spec.rank + self.noise_rank)
 
     def tell(self, state: ESState, population: DrawnPopulation, weights: torch.Tensor, optimiser) -> tuple[ESState, dict]:
         from es_core.optimisers import SGD

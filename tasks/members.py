@@ -23,7 +23,7 @@ from artifacts.store import ArtifactRef, ArtifactStore
 from es_core.backends.base import AdapterRef
 from es_core.es import DrawnPopulation, ESState, NoiseLayout, PopulationPlan
 from es_core.lora import AdapterSpec, StackedLoRA, load_adapter
-from es_core.weights_space import MEMBER_FILE, WeightsSpace, member_adapter
+from es_core.weights_space import MEMBER_FILE, member_adapter, spec_of_rank
 from es_core.search_space import SearchSpace, search_space
 
 
@@ -118,9 +118,7 @@ def served_adapter(store: ArtifactStore, sha256: str, scratch: ArtifactStore) ->
     centre_sha = json.loads((folder / MEMBER_FILE).read_text())["centre_sha256"]
     state, spec = load_checkpoint(store, centre_sha)
     own, own_spec = load_adapter(folder)
-    rank = spec.rank + own_spec.rank
-    joined = member_adapter(state.centre, own, WeightsSpace(own_spec.rank, spec.rank).layout(state.centre))
-    return put_adapter_folder(scratch, joined, AdapterSpec(rank, float(rank), spec.target_modules, spec.layers)).sha256
+    return put_adapter_folder(scratch, member_adapter(state.centre, own), spec_of_rank(spec, spec.rank + own_spec.rank)).sha256
 
 
 def run_noise_layout(artifacts_dir: str, center_sha256: str, plan: PopulationPlan) -> NoiseLayout:

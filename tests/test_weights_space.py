@@ -43,7 +43,7 @@ def test_each_member_is_the_centre_plus_its_own_signed_rank_r_product():
         assert 0.3 < float(e.pow(2).mean()) < 3.0
         assert torch.allclose(dense(m1, t), -dense(m0, t))
     centre = {k: torch.randn(v.shape, dtype=torch.float32) for k, v in layout.template(4).items()}
-    adapter = member_adapter(centre, m0, layout)
+    adapter = member_adapter(centre, m0)
     t = layout.targets[0]
     assert adapter[t.key_a].shape == (6, t.in_features)
     assert torch.allclose(dense(adapter, t), dense(centre, t) + dense(m0, t), atol=1e-5)
@@ -126,7 +126,7 @@ def test_the_engines_shared_centre_decodes_what_rank_r_plus_R_adapters_decode(mo
     centre = {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in layout.template(4).items()}
     got = shared.generate(ids, own, 6, centre=centre).tokens
     concatenated, *_ = build_engine(path, [0, 1], ALL_MODULES, 5)
-    want = concatenated.generate(ids, [member_adapter(centre, own.member(i), layout) for i in range(4)], 6).tokens
+    want = concatenated.generate(ids, [member_adapter(centre, own.member(i)) for i in range(4)], 6).tokens
     assert got == want
     without = shared.generate(ids, own, 6).tokens  # the same slots, no centre: another model
     assert without != got
@@ -137,7 +137,8 @@ def test_the_engines_shared_centre_decodes_what_rank_r_plus_R_adapters_decode(mo
 def test_the_embedded_backend_decodes_stored_centres_and_members_as_the_population_path_does(model_cache, tmp_path):
     from es_core.backends.base import AdapterRef
     from es_core.backends.embedded import EmbeddedBackend
-    from es_core.lora import AdapterError, save_adapter
+    from es_core.lora import AdapterError, save_adapter, spec_from_tensors
+    from es_core.weights_space import spec_of_rank
     from es_core.models import resolve_base_model
     from es_core.settings import ModelSettings, settings_from_dict
 
@@ -152,15 +153,16 @@ def test_the_embedded_backend_decodes_stored_centres_and_members_as_the_populati
     centre = {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in layout.template(3).items()}
     prompts = ["Hello", "Using the numbers [3 5 7], make 22."]
     want = backend.generate_tensors(own, prompts, 5, centre=centre)
-    folders = [save_adapter(member_adapter(centre, own.member(i), layout), tmp_path / f"m{i}", layout.member_spec()) for i in range(4)]
-    centre_folder = save_adapter(centre, tmp_path / "centre", layout.centre_spec())
+    centre_spec = spec_from_tensors(centre, 3.0)
+    folders = [save_adapter(member_adapter(centre, own.member(i)), tmp_path / f"m{i}", spec_of_rank(centre_spec, 4)) for i in range(4)]
+    centre_folder = save_adapter(centre, tmp_path / "centre", centre_spec)
     got = backend.generate([AdapterRef(f"m{i}", f) for i, f in enumerate(folders)] + [AdapterRef("centre", centre_folder), AdapterRef("base", None)],
                            prompts, 5)
     assert [[c.text for c in row] for row in got[:4]] == [[c.text for c in row] for row in want]
     assert [c.text for c in got[4]] == [c.text for c in backend.generate_tensors([None], prompts, 5, centre=centre)[0]]
     assert [c.text for c in got[5]] == [c.text for c in backend.generate_tensors([None], prompts, 5)[0]]
     wrong = save_adapter({k: torch.cat([v, v]) if "lora_A" in k else torch.cat([v, v], 1) for k, v in centre.items()}, tmp_path / "r6",
-                         layout.centre_spec().__class__(6, 6.0, layout.centre_spec().target_modules, layout.centre_spec().layers))
+                         spec_of_rank(centre_spec, 6))
     with pytest.raises(AdapterError, match="rank 6 fits neither"):
         backend.generate([AdapterRef("r6", wrong)], prompts, 2)
 

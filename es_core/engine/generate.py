@@ -210,12 +210,12 @@ class PopulationEngine:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], members: Sequence[LoRATensors | None] | StackedLoRA, max_new_tokens: int,
                  scalings: Sequence[float] | float = 1.0, eos_ids: Sequence[int] | None = None,
-                 on_decode: Callable[[], None] | None = None, centre: LoRATensors | None = None,
-                 centre_scaling: float = 1.0) -> GenerationOutput:
+                 on_decode: Callable[[], None] | None = None, centre: LoRATensors | None = None) -> GenerationOutput:
         """Greedy completion of every prompt under every member (None: the base model). `on_decode`
         is called once the first chunk's decoding is under way: on CUDA this thread then mostly waits
         on the GPU, so it is when other CPU work of the caller costs decoding least. `centre` (an
-        engine built with centre_rank): a LoRA of that rank under every member, in one shared slot."""
+        engine built with centre_rank): a LoRA of that rank under every member, in one shared slot,
+        scaling 1 (its scale folded into B)."""
         if centre is not None and not self.centre_rank:
             raise ValueError("this engine has no centre slot (built with centre_rank 0)")
         if max_new_tokens < 1:
@@ -231,8 +231,7 @@ class PopulationEngine:
         stopped = [[False for _ in prompts] for _ in range(len(members))]
         for mems, prs in plan_chunks(len(members), len(prompts), self.max_batch_rows):
             chunk = members.take(mems) if isinstance(members, StackedLoRA) else [members[m] for m in mems]
-            rows = self._run_chunk([prompts[p] for p in prs], chunk, [scalings[m] for m in mems], max_new_tokens, eos, on_decode,
-                                   (centre, centre_scaling))
+            rows = self._run_chunk([prompts[p] for p in prs], chunk, [scalings[m] for m in mems], max_new_tokens, eos, on_decode, centre)
             on_decode = None
             for i, m in enumerate(mems):
                 for j, p in enumerate(prs):
@@ -248,7 +247,7 @@ class PopulationEngine:
     # --- one chunk ------------------------------------------------------------------------
 
     def _run_chunk(self, prompts, members, scalings, max_new: int, eos: tuple[int, ...], on_decode=None,
-                   centre: tuple[LoRATensors | None, float] = (None, 1.0)) -> list[tuple[list[int], bool]]:
+                   centre: LoRATensors | None = None) -> list[tuple[list[int], bool]]:
         dev = self.decoder.device
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         groups, per = len(members), len(prompts)
@@ -261,7 +260,7 @@ class PopulationEngine:
         t1 = time.perf_counter()
         s.lora.set_members(members, scalings)
         if s.centre is not None:
-            s.centre.set_members([centre[0]], [centre[1]])  # None: zeros, no centre
+            s.centre.set_members([centre], [1.0])  # None: zeros, no centre
         sync()
         t2 = time.perf_counter()
 
