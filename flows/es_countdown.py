@@ -160,10 +160,11 @@ def _run(settings: Settings, run_id: str, resuming: bool, data: DataDir) -> dict
                model["sha256"] if model is not base else None)
     logger.info(f"run {run_id} ({'resuming' if resuming else 'new'}), ledger {data.root / 'ledger.duckdb'}")
 
+    # generation 0's centre: LoRA factors at lora.rank, or weights space's rank-R change (scaling 1)
+    rank, alpha = (es.centre_rank, float(es.centre_rank)) if es.space == "weights" else (settings.lora.rank, settings.lora.lora_alpha)
     init_sha = persisted(init_population, data)(
-        str(data.artifacts), model["path"], model["sha256"], settings.lora.layers, settings.lora.modules,
-        *((es.centre_rank, float(es.centre_rank), None, es.seed, "weights") if es.space == "weights" else
-          (settings.lora.rank, settings.lora.lora_alpha, settings.lora.init_std, es.seed)),
+        str(data.artifacts), model["path"], model["sha256"], settings.lora.layers, settings.lora.modules, rank, alpha, settings.lora.init_std,
+        es.seed, es.space,
     )
     ledger = Ledger(data.root)
     last = ledger.last_generation(run_id)

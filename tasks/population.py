@@ -47,13 +47,8 @@ def init_population(artifacts_dir: str, base_model_path: str, base_model_sha256:
     """Generation 0's centre as a checkpoint artifact; returns its sha256. LoRA space: A seeded,
     B = 0 (the base model). Weights space: no change yet, A = B = 0 at the centre's rank (`rank`)."""
     targets = find_targets_in_folder(base_model_path, layers, modules)
-    if space == "weights":
-        centre = zero_centre(targets, rank)
-        spec = spec_from_tensors(centre, float(rank))  # scaling 1: every scale is in B
-    else:
-        centre = init_centre(targets, rank, seed, init_std)
-        spec = spec_from_tensors(centre, lora_alpha)
-    return put_checkpoint(ArtifactStore(Path(artifacts_dir)), ESState(centre), spec).sha256
+    centre = zero_centre(targets, rank) if space == "weights" else init_centre(targets, rank, seed, init_std)
+    return put_checkpoint(ArtifactStore(Path(artifacts_dir)), ESState(centre), spec_from_tensors(centre, lora_alpha)).sha256
 
 
 @task(cache_policy=CONTENT_CACHE, task_run_name="members-g{plan.generation}")
