@@ -66,7 +66,13 @@ WEIGHTS: dict[str, list[str]] = {
     "ws-paper": ["es.space=weights", "es.population=30", "es.sigma=0.001", "es.learning_rate=0.0005", "data.train_problems=fixed",
                  "data.prompts_per_generation=200", "es.fitness=mean_reward"],
 }
-RECIPE_SETS = {"first": RECIPES, "step-size": STEP_SIZE, "weights": WEIGHTS}
+# Weights space with an exact centre (R 576 covers every SmolLM2 matrix: no truncation; the rank-64
+# centre of ws-s2e-3 kept 0.10-0.20 of each update's norm): ws-s2e-3's recipe, and its step x5.
+EXACT: dict[str, list[str]] = {
+    "wsx-s2e-3": ["es.space=weights", "es.centre_rank=576", "es.sigma=0.002", "es.learning_rate=0.004"],
+    "wsx-s2e-3-lr2e-2": ["es.space=weights", "es.centre_rank=576", "es.sigma=0.002", "es.learning_rate=0.02"],
+}
+RECIPE_SETS = {"first": RECIPES, "step-size": STEP_SIZE, "weights": WEIGHTS, "exact": EXACT}
 EVAL_EVERY = 10  # the config's eval.every
 FINAL_FILE = "learning-final.json"  # what `final` measured, for learning_report
 

@@ -77,7 +77,7 @@ class ESSettings(_Section):
     perturb: Literal["both", "A", "B"] = Field("both", description="Which LoRA factors the noise moves (LoRA space).")
     space: Literal["lora", "weights"] = Field("lora", description="What ES searches. lora: the LoRA factors A and B (theta += alpha/N sum z_i eps_i over them). weights: the weights of every target Linear, each member a rank-noise_rank perturbation sigma * b_i a_i / sqrt(r) of them, the centre the accumulated change kept as a rank-centre_rank adapter (EGGROLL; README 'Weights-space ES').")
     noise_rank: int = Field(1, ge=1, le=64, description="Weights space: rank r of each member's perturbation.")
-    centre_rank: int = Field(64, ge=1, le=1024, description="Weights space: rank R of the centre, the accumulated change of the weights kept as its top-R singular directions.")
+    centre_rank: int = Field(64, ge=1, le=1024, description="Weights space: rank R of the centre, the accumulated change of the weights kept as its top-R singular directions; a target whose min(out, in) <= R keeps all of it, exactly, in float32 (R = 576 at SmolLM2-135M: ES over the full weights).")
     sigma_scale: Literal["absolute", "weight_rms"] = Field("absolute", description="Weights space: sigma (and the step) in absolute units, or relative to each matrix's RMS (the base weights').")
     generations: int = Field(500, ge=0, description="ES iterations (0: only the warm start and the evaluations, a supervised baseline).")
     seed: int = Field(0, ge=0, description="Run seed: noise of member i in generation g comes from (seed, g, i).")

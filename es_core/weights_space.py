@@ -17,7 +17,10 @@ change W - W_0 is the centre, kept as its top-`centre_rank` singular directions,
 (B = U S, A = V^T, scaling 1) that PEFT, SGLang, replay and the ledger take as they take any
 adapter. Each update re-factorises centre + update exactly in float64 (a QR of the stacked factors
 on each side, an SVD of the small core, signs fixed) and keeps the top R; what the truncation drops
-is reported (`truncation_kept`). A member is then the centre plus its own rank r: an adapter of rank
+is reported (`truncation_kept`). A target whose min(out, in) is at most R is not truncated at all:
+its centre is the accumulated change itself in float32 (B = change, A = identity, or the other way
+round: `exact`), so R = the largest min(out, in), 576 at SmolLM2-135M, is ES over the full weights
+with float32 master copies of the change. A member is then the centre plus its own rank r: an adapter of rank
 R + r (the centre's factors, then the member's), and for the embedded engine the centre in one
 shared slot under every member's rank-r slot.
 
@@ -203,13 +206,47 @@ def tell(centre: LoRATensors, layout: WeightsLayout, noise: PopulationNoise, mem
                          .permute(1, 0, 2).reshape(out_f, k) for t, s_w in group])
         if k:  # ||b a||_F^2 from the Gram matrices
             update_sq += float(((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum())
-        u = torch.cat([torch.stack([centre[t.key_b].double() for t, _ in group]), b], 2)
-        v = torch.cat([torch.stack([centre[t.key_a].double() for t, _ in group]), a], 1)
-        b_new, a_new, dropped_sq = truncate(u, v, rank)
-        error_sq += float(dropped_sq.sum())
+        b_c = torch.stack([centre[t.key_b] for t, _ in group])
+        a_c = torch.stack([centre[t.key_a] for t, _ in group])
+        if min(out_f, in_f) <= rank:  # the centre holds every direction: accumulate, drop nothing
+            b_new, a_new = exact(dense_of(b_c, a_c) + b @ a, rank)
+        else:
+            b_new, a_new, dropped_sq = truncate(torch.cat([b_c.double(), b], 2), torch.cat([a_c.double(), a], 1), rank)
+            error_sq += float(dropped_sq.sum())
         for i, (t, _) in enumerate(group):
             new[t.key_a], new[t.key_b] = a_new[i].float(), b_new[i].float()
     return Refactorised(dict(sorted(new.items())), math.sqrt(max(update_sq, 0.0)), math.sqrt(max(error_sq, 0.0)))
+
+
+def exact(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A change [..., out, in] as factors of `rank` >= min(out, in) that multiply back to it exactly:
+    the change itself on its wider side and an identity on the other (B = change, A = [I; 0] when
+    in <= out; A = change, B = [I, 0] otherwise), zero-padded to `rank`, in float32. With R at least
+    every target's min(out, in) the centre is the accumulated change in float32, the paper's
+    master-weights precision, kept as an ordinary adapter (rank 576 at SmolLM2-135M)."""
+    *batch, out_f, in_f = change.shape
+    b_new = torch.zeros(*batch, out_f, rank, dtype=torch.float32)
+    a_new = torch.zeros(*batch, rank, in_f, dtype=torch.float32)
+    if in_f <= out_f:
+        b_new[..., :in_f] = change
+        a_new[..., :in_f, :] = torch.eye(in_f)
+    else:
+        a_new[..., :out_f, :] = change
+        b_new[..., :out_f] = torch.eye(out_f)
+    return b_new, a_new
+
+
+def dense_of(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """B @ A in float64, read off without a product when one side is exact's identity (the product
+    would be exact too, at a cost of a weight-sized matmul per target per generation)."""
+    out_f, in_f = b.shape[-2], a.shape[-1]
+    if not b.any() or not a.any():  # generation 0's centre
+        return torch.zeros(*b.shape[:-1], in_f, dtype=torch.float64)
+    if in_f <= out_f and torch.equal(a[..., :in_f, :], torch.eye(in_f).expand_as(a[..., :in_f, :])) and not a[..., in_f:, :].any():
+        return b[..., :in_f].double()
+    if out_f < in_f and torch.equal(b[..., :out_f], torch.eye(out_f).expand_as(b[..., :out_f])) and not b[..., out_f:].any():
+        return a[..., :out_f, :].double()
+    return b.double() @ a.double()
 
 
 def truncate(u: torch.Tensor, v: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -86,6 +86,34 @@ def test_a_small_centre_rank_keeps_the_top_directions_and_says_what_it_dropped()
     assert 0 < result.truncation_kept < 1
 
 
+def test_a_centre_rank_covering_a_target_accumulates_its_change_exactly_in_float32():
+    # k_proj's min(out, in) is 4: at R 4 it keeps every update whole, the 12 x 12+ targets are truncated
+    k_proj = LoRATarget("model.layers.1.self_attn.k_proj", 1, "k_proj", 12, 4)
+    layout = weights_layout(TARGETS + [k_proj], noise_rank=1, centre_rank=4, scales=[0.5, 1.0, 2.0, 3.0])
+    wide = weights_layout(TARGETS + [k_proj], noise_rank=1, centre_rank=12, scales=[0.5, 1.0, 2.0, 3.0])
+    centre, centre_wide = layout.template(4), wide.template(12)
+    sums = {t.key_a: torch.zeros(t.out_features, t.in_features, dtype=torch.float64) for t in wide.targets}
+    for g in range(3):
+        plan, noise = generation(layout, population=8, g=g)
+        weights = torch.linspace(-1, 1, 8).roll(g).tolist()
+        own = member_factors(layout, noise, plan.members, sigma=1.0)
+        for t in wide.targets:
+            sums[t.key_a] += sum(0.01 / 8 * w * dense(own.member(i), t) for i, w in enumerate(weights))
+        result = tell(centre, layout, noise, plan.members, weights, 0.01)
+        result_wide = tell(centre_wide, wide, noise, plan.members, weights, 0.01)
+        centre, centre_wide = result.centre, result_wide.centre
+        assert result_wide.truncation_kept == 1.0 and (g == 0 or 0 < result.truncation_kept < 1)  # 4 seeds fit rank 4 once
+    for t in wide.targets:  # the accumulated change, to float32's precision, whatever the step
+        assert torch.allclose(dense(centre_wide, t), sums[t.key_a], rtol=1e-5, atol=1e-9), t.path
+    assert torch.allclose(dense(centre, k_proj), sums[k_proj.key_a], rtol=1e-5, atol=1e-9)
+    # stored as the change beside an identity: the wider side carries it, bit for bit in float32
+    assert torch.equal(centre_wide[k_proj.key_b][:, :4], torch.eye(4))
+    assert torch.equal(centre_wide[k_proj.key_a][:4], sums[k_proj.key_a].float()) or torch.allclose(
+        centre_wide[k_proj.key_a][:4].double(), sums[k_proj.key_a], rtol=1e-6)
+    q = TARGETS[0]
+    assert torch.equal(centre_wide[q.key_a][:12], torch.eye(12)) and not centre_wide[q.key_a][12:].any()
+
+
 def test_the_refactorisation_is_reproducible_and_continues_from_the_last_centre():
     layout = weights_layout(TARGETS, noise_rank=1, centre_rank=3)
     centre = layout.template(3)
