@@ -5,6 +5,8 @@ the model's config alone (no weights loaded, no CUDA touched): the CLI calls the
 - Integers the ledger stores must fit its columns (INTEGER: 32-bit, BIGINT: 64-bit).
 - lora.layers and lora.modules must exist in the model.
 - The estimated peak memory of the run must fit what the device has free.
+- What its generations write (centres, members, completions) must fit the data dir's free disk
+  (an exact weights-space centre of SmolLM2 is 703 MB a generation).
 
 The estimate follows the engine's own allocations (es_core/engine/generate.py `_Session`,
 population_lora.py, model.py `Decoder.from_hf`) and the warm start's (es_core/warm_start.py); it
@@ -299,6 +301,50 @@ def estimate_peak_memory(settings: Settings, shape: ModelShape, model_bytes: int
         parts["process"] = PROCESS_BYTES + (PREFECT_SERVER_BYTES if prefect_server else 0)
         sized["process"] = "nothing: python, torch and Prefect themselves"
     return MemoryEstimate(parts, sized)
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    """What a run writes to its data dir, in bytes: per generation (its centre, its members' files,
+    their completions in the ledger) and once (the base and warm-start models)."""
+
+    centre: int
+    members: int
+    completions: int
+    once: int
+    generations: int
+
+    @property
+    def per_generation(self) -> int:
+        return self.centre + self.members + self.completions
+
+    @property
+    def total(self) -> int:
+        return self.once + self.generations * self.per_generation
+
+
+def estimate_run_disk(settings: Settings, shape: ModelShape, generations: int) -> DiskEstimate:
+    """An estimate of what `generations` more generations of the run write (artifacts are float32
+    safetensors; weights space: the centre at es.centre_rank, each member its own es.noise_rank
+    factors; LoRA space: centre and members at lora.rank)."""
+    lora, es = settings.lora, settings.es
+    linears = shape.linears()
+    layers = len(range(shape.layers) if lora.layers == "all" else set(lora.layers))
+    per_rank = layers * sum(sum(linears[m]) * 4 for m in lora.modules if m in linears)  # A [r, in] + B [out, r], float32
+    centre_rank = es.centre_rank if es.space == "weights" else lora.rank
+    completions = es.population * settings.data.prompts_per_generation * (4 * settings.generation.max_new_tokens + 200)
+    once = shape.parameters() * 2 * (2 if settings.warm_start.steps else 1)  # the converted base model, the warm start's
+    return DiskEstimate(centre_rank * per_rank, es.population * settings.member_rank * per_rank, completions, once, max(0, generations))
+
+
+def check_disk(estimate: DiskEstimate, free: int, where: str) -> None:
+    if estimate.total <= free:
+        return
+    MiB = 2**20
+    raise ConfigError(f"the run writes about {estimate.total / GiB:.1f} GiB ({estimate.generations} generations of {estimate.per_generation / MiB:,.0f} MiB: "
+                      f"centre {estimate.centre / MiB:,.0f}, members {estimate.members / MiB:,.0f}, completions {estimate.completions / MiB:,.0f}), "
+                      f"{where} has {free / GiB:.1f} GiB free: lower es.generations (resume continues a run), es.centre_rank or lora.rank, "
+                      f"or free space (es-countdown gc)")
 
 
 def check_memory(estimate: MemoryEstimate, available: int, where: str) -> None:

@@ -23,12 +23,13 @@ from flows.backend import check_backend
 PREFECT_FOLDER = "prefect"  # <data_dir>/prefect/prefect.db: the ephemeral API's database of this data dir
 
 
-def check_settings(settings: Settings, command: str = "run") -> None:
+def check_settings(settings: Settings, command: str = "run", generations_done: int = 0) -> None:
     """What the run reads and writes exists and can be: the data dir (writable), the base model
     (resolvable without building it), the problem file (every record valid), the interpreter that
     launches SGLang, and with runner.kind ray, Ray itself and the cluster at runner.address; and
     what the run will meet (issue 26): integers the ledger stores, the problems it starts with,
-    the device, lora.layers and lora.modules against the model's config, its peak memory."""
+    the device, lora.layers and lora.modules against the model's config, its peak memory, and
+    the disk its generations (those after `generations_done`) will fill."""
     check_writable_data_dir(Path(settings.data_dir), f"{command} writes the ledger and artifacts there")
     if settings.model.cache_dir is not None:
         problem = _not_writable(Path(settings.model.cache_dir))
@@ -48,6 +49,7 @@ def check_settings(settings: Settings, command: str = "run") -> None:
     problems = check_problems(settings)
     if shape is not None:
         check_run_memory(settings, shape, device, problems)
+        check_run_disk(settings, shape, settings.es.generations - generations_done)
 
 
 # --- what the run will meet: problems, model, device, memory (issue 26) ----------------------------
@@ -207,6 +209,19 @@ def check_run_memory(settings: Settings, shape, device, problems: list) -> None:
     check_memory(estimate, free, where)
 
 
+def check_run_disk(settings: Settings, shape, generations: int) -> None:
+    """What the generations still to run write against the free space of the data dir's disk (a run
+    that fills it stops at the first artifact that does not fit, its recorded generations intact)."""
+    import shutil
+
+    from es_core.preflight import check_disk, estimate_run_disk
+
+    folder = Path(settings.data_dir)
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    check_disk(estimate_run_disk(settings, shape, generations), shutil.disk_usage(folder).free, f"data dir {settings.data_dir}")
+
+
 def _temporary_prefect_server() -> bool:
     import os
 
@@ -215,9 +230,11 @@ def _temporary_prefect_server() -> bool:
 
 def resume_settings(run_id: str, overrides: list[str], data_dir: Path) -> Settings:
     """The stored settings of a recorded run under `overrides`, after the checks of a run."""
-    run = _recorded_run(run_id, data_dir)
+    ledger = open_ledger(data_dir)
+    run = _recorded_run(run_id, data_dir, ledger)
     settings = settings_from_dict(json.loads(run["config_json"]), [*overrides, f"data_dir={data_dir}"], where=f"run {run_id}")
-    check_settings(settings, "resume")
+    last = ledger.last_generation(run_id)
+    check_settings(settings, "resume", 0 if last is None else last + 1)
     return settings
 
 

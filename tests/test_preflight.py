@@ -159,6 +159,29 @@ def test_the_default_settings_are_estimated_past_the_24_gib_that_killed_them():
     assert smoke.total < 8 * GiB  # the smoke run goes on a laptop
 
 
+def test_a_run_whose_generations_cannot_fit_the_disk_is_refused_naming_what_fills_it(tmp_path, capsys):
+    # an exact weights-space centre is the size of the weights it covers, every generation
+    error = run_tiny(capsys, tmp_path, "es.space=weights", "es.centre_rank=1024", "es.generations=100000000")
+    assert error.startswith("es-countdown: error: the run writes about ") and "100000000 generations of " in error and "data dir " in error
+    assert error.endswith("lower es.generations (resume continues a run), es.centre_rank or lora.rank, or free space (es-countdown gc)")
+
+
+def test_the_disk_estimate_is_the_size_of_the_artifacts_a_generation_writes():
+    from es_core.lora import LoRATarget
+    from es_core.preflight import estimate_run_disk
+    from es_core.weights_space import member_factors, weights_layout
+
+    settings = load_settings(None, ["es.space=weights", "es.centre_rank=576", "es.population=4", "lora.layers=all"])
+    shape = smollm2_shape()
+    targets = [LoRATarget(f"model.layers.{layer}.mlp.{m}", layer, m, i, o) for layer in range(shape.layers)
+               for m, (i, o) in shape.linears().items() if m in settings.lora.modules]
+    layout = weights_layout(targets, 1, 576)
+    estimate = estimate_run_disk(settings, shape, 10)
+    assert estimate.centre == sum(v.numel() * 4 for v in layout.template(576).values()) == 703_365_120  # R 576: 703 MB a generation
+    assert estimate.members == 4 * sum(v.numel() * 4 for v in layout.template(1).values())
+    assert estimate.total == estimate.once + 10 * (estimate.centre + estimate.members + estimate.completions)
+
+
 # --- the flow: a run that fails is recorded failed, with why ----------------------------------------
 
 

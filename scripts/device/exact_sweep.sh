@@ -9,7 +9,7 @@ export ES="python3 -m flows.cli" PYTHONUNBUFFERED=1
 data=${DATA:-/root/esdata} paper=${PAPER:-.devcarry/data/countdown.json}
 timeout "${BENCH_S:-80}" python3 -m benchmarks.bench_weights_space --centre-ranks 576 --json "$OUT/bench-576.json" > "$OUT/bench-576.log" 2>&1
 echo "bench: rc $?"; tail -4 "$OUT/bench-576.log"
-python3 -m benchmarks.learning_runs sweep "$data" --recipes exact --generations 200 --deadline "${DEADLINE:-400}" --paper "$paper" > "$OUT/sweep.log" 2>&1
+python3 -m benchmarks.learning_runs sweep "$data" --recipes exact --generations ${GENERATIONS:-30} --deadline "${DEADLINE:-400}" --paper "$paper" > "$OUT/sweep.log" 2>&1
 echo "sweep: rc $?"; tail -5 "$OUT/sweep.log"
 python3 -c "import os, sys; from pathlib import Path; from benchmarks.learning_report import slim_copy; slim_copy(Path(sys.argv[1]), Path(os.environ['OUT']) / 'ledger.duckdb')" "$data"
 cp "$data"/sft-500.log "$data"/wsx-*.log "$OUT"/ 2>/dev/null
