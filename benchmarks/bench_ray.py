@@ -34,11 +34,15 @@ import torch
 
 from benchmarks.bench_engine import make_members
 from es_core.backends.embedded import EmbeddedBackend
+from es_core.backends import ray_engines
 from es_core.backends.ray_engines import RayBackend, engine_info
 from es_core.countdown.problems import generated_splits
 from es_core.countdown.prompt import render_prompts
 from es_core.models import load_tokenizer, resolve_base_model
 from es_core.settings import ModelSettings, settings_from_dict
+
+
+one_layout = ray_engines._one_layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="the engine's torch.compile (CUDA graphs on GPU); off by default on CPU")
     p.add_argument("--cache-dir", default=os.environ.get("ES_MODEL__CACHE_DIR", str(Path.home() / ".cache" / "es-countdown" / "models")))
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--old-transfer", action="store_true",
+                   help="also time the Ray engines with the members sent as before (a list: one pickled tensor per member and key)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     gpus_per_engine = args.gpus_per_engine if args.gpus_per_engine is not None else (1.0 if cuda else 0.0)
@@ -89,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.cuda.empty_cache()
 
-    for engines in [int(e) for e in args.engines.split(",")]:
+    runs = [(int(e), False) for e in args.engines.split(",")]
+    if args.old_transfer:
+        runs = [(e, True) for e, _ in runs[:1]] + runs
+    for engines, old_transfer in runs:
+        # the driver alone decides how members travel: False sends a list as it is
+        ray_engines._one_layout = (lambda members: False) if old_transfer else one_layout
         ray_backend = RayBackend.from_settings(settings(engines), model_path)
         try:
             started = time.perf_counter()
@@ -97,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             start_s = time.perf_counter() - started
             for info in infos:
                 print(f"  ray engine {info['name']} (pid {info['pid']}, {info['device']}): {_info_line(info)}", flush=True)
-            result, row = timed(f"ray: {engines} engines x {gpus_per_engine:g} GPU", lambda: ray_backend.generate_tensors(members, prompts, args.max_new_tokens),
+            label = f"ray: {engines} engines x {gpus_per_engine:g} GPU" + (", members sent as a list (before the fix)" if old_transfer else "")
+            result, row = timed(label, lambda: ray_backend.generate_tensors(members, prompts, args.max_new_tokens),
                                 args.repeats, gpus=engines * gpus_per_engine, phases=ray_backend.call_timings)
             row |= {"engines_start_s": round(start_s, 1), "same_completions": [[c.text for c in r] for r in result] == [[c.text for c in r] for r in reference],
                     "engine_info": infos}
