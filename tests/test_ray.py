@@ -30,7 +30,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed: pip install -e '.
 from artifacts.ledger import Ledger  # noqa: E402
 from es_core.backends.base import AdapterRef, BackendError  # noqa: E402
 from es_core.backends.embedded import EmbeddedBackend  # noqa: E402
-from es_core.backends.ray_engines import RayBackend, connect  # noqa: E402
+from es_core.backends.ray_engines import RayBackend, _one_layout, connect  # noqa: E402
 from es_core.lora import AdapterError, StackedLoRA, save_adapter, spec_from_tensors  # noqa: E402
 from es_core.models import resolve_base_model  # noqa: E402
 from es_core.settings import ModelSettings, settings_from_dict  # noqa: E402
@@ -209,6 +209,22 @@ def test_engines_in_actors_decode_what_the_local_engine_decodes_in_member_order(
     assert texts(ray_backend.generate_tensors(members, PROMPTS, 8)) == local
     names = {c.server for row in ray_backend.generate_tensors(members, PROMPTS, 8) for c in row}
     assert names == {f"ray:{info['name']}" for info in ray_backend.infos} and len(names) == 2  # both engines decoded
+
+
+@pytest.mark.slow
+def test_a_list_of_members_travels_stacked_when_it_can_and_decodes_as_the_local_engine(ray_backend, local_engine):
+    stacked = population(local_engine, 4, seed=3)
+    members = [{k: v.clone() for k, v in stacked.member(i).items()} for i in range(4)]
+    assert _one_layout(members)  # one layout: sent as one tensor per key
+    local = texts(local_engine.generate_tensors(members, PROMPTS, 8))
+    assert texts(ray_backend.generate_tensors(members, PROMPTS, 8)) == local
+    timings = ray_backend.call_timings()  # where the call's time went, per shard
+    assert [t["shard"] for t in timings] == [0, 1] and all(t["in_engine_s"] > 0 and t["phases"]["decode_s"] > 0 for t in timings)
+    # a base-model member (None), one with fewer keys, one in bf16: sent as the list it is
+    some = dict(list(members[2].items())[:4])
+    mixed = [members[0], None, some, {k: v.to(torch.bfloat16) for k, v in members[3].items()}]
+    assert not any(_one_layout(m) for m in (mixed, [members[0], some], [members[0], mixed[3]]))
+    assert texts(ray_backend.generate_tensors(mixed, PROMPTS, 8)) == texts(local_engine.generate_tensors(mixed, PROMPTS, 8))
 
 
 @pytest.mark.slow

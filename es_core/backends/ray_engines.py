@@ -199,19 +199,43 @@ class EngineActor:
         self.backend = EmbeddedBackend.from_settings(settings, Path(model_path))
         if self.backend.engine.decoder.device.type == "cpu":
             torch.set_num_threads(threads)  # the actor's CPUs, not the whole machine's
+        self.last_call: dict = {}  # where the last call's time went (`call_timings`)
 
     def info(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "device": str(self.backend.engine.decoder.device)}
+        """Name, pid and device, and what decides how this engine decodes (`engine_info`): the
+        environment Ray gives an actor (one torch thread, its own CUDA_VISIBLE_DEVICES) is not the
+        driver's, so a benchmark can see both."""
+        return {"name": self.name, "pid": os.getpid(), "device": str(self.backend.engine.decoder.device), **engine_info(self.backend.engine)}
 
     def generate(self, adapters: list[AdapterRef], prompts: list[str], max_new_tokens: int) -> list[list[Completion]]:
-        return self._named(self.backend.generate(adapters, prompts, max_new_tokens))
+        return self._timed(lambda: self.backend.generate(adapters, prompts, max_new_tokens))
 
     def generate_tensors(self, members, prompts: list[str], max_new_tokens: int, scaling: float | None, centre=None) -> list[list[Completion]]:
-        return self._named(self.backend.generate_tensors(members, prompts, max_new_tokens, scaling=scaling, centre=centre))
+        return self._timed(lambda: self.backend.generate_tensors(members, prompts, max_new_tokens, scaling=scaling, centre=centre))
 
-    def _named(self, result: list[list[Completion]]) -> list[list[Completion]]:
+    def timings(self) -> dict:
+        return self.last_call
+
+    def _timed(self, call: Callable[[], list[list[Completion]]]) -> list[list[Completion]]:
+        # wall clock (time.time), to be set against the driver's on the same host; the arguments
+        # were received and unpickled by Ray before `entered`
+        entered = time.time()
+        result = call()
+        stats = dataclasses.asdict(self.backend.engine.stats)
         # the ledger's `server` column says which engine decoded a member
-        return [[dataclasses.replace(c, server=f"ray:{self.name}") for c in row] for row in result]
+        named = [[dataclasses.replace(c, server=f"ray:{self.name}") for c in row] for row in result]
+        self.last_call = {"entered": entered, "left": time.time(), "engine": stats}
+        return named
+
+
+def engine_info(engine) -> dict:
+    """What decides how a PopulationEngine decodes, and the host threads it runs with."""
+    import torch
+
+    return {"dtype": str(engine.decoder.dtype).removeprefix("torch."), "compiled": engine.compiled, "cuda_graphs": engine.cuda_graphs,
+            "attention": engine.attention, "lora_kernel": engine.lora_kernel, "head": engine.head, "max_batch_rows": engine.max_batch_rows,
+            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 @dataclasses.dataclass
@@ -236,6 +260,7 @@ class RayBackend:
         self.redone: list[Redo] = []
         self._down: set[int] = set()  # engines lost (Ray restarts them) and not seen answering since
         self._lock = threading.Lock()  # one call at a time, as the embedded backend
+        self._shard_times: list[dict] = []  # the last call's shards, as the driver saw them (`call_timings`)
 
     @classmethod
     def from_settings(cls, settings: Settings, model_path: Path, log_dir: Path | None = None, name_prefix: str = "") -> "RayBackend":
@@ -276,15 +301,25 @@ class RayBackend:
                          scaling: float | None = None, on_decode: Callable[[], None] | None = None,
                          centre: LoRATensors | None = None) -> list[list[Completion]]:
         """As EmbeddedBackend.generate_tensors, each engine sent its own members' tensors only (and
-        the centre they share, if any).
+        the centre they share, if any). A list of members that share their keys, shapes and dtypes
+        travels stacked (one tensor per key: pickling one tensor per member and key cost seconds a
+        call, 64 SmolLM2 members being 26,880 tensors); the engine fills its slots from either
+        with the same values, and checks a stacked population's first member only, which with one
+        layout checks them all. Any other list travels as it is.
         `on_decode` is called once every shard is sent: the driver then only waits."""
         prompts = list(prompts)
-        stacked = isinstance(members, StackedLoRA)
-        population = members if stacked else list(members)
+        population = members if isinstance(members, StackedLoRA) else list(members)
+        stacked = isinstance(population, StackedLoRA) or _one_layout(population)
 
         def part(s: Shard):
-            # take(): a copy of these rows only (a view would pickle the whole population's storage)
-            return population.take(s.members) if stacked else [population[m] for m in s.members]
+            if not stacked:
+                return [population[m] for m in s.members]
+            if isinstance(population, StackedLoRA):
+                if s.members == range(len(population)) and all(_owns_storage(v) for v in population.tensors.values()):
+                    return population  # one engine takes them all: pickled as they are, no copy first
+                # take(): a copy of these rows only (a view would pickle the whole population's storage)
+                return population.take(s.members)
+            return _stack([population[m] for m in s.members])
 
         return self._sharded(len(population), len(prompts), lambda actor, s: actor.generate_tensors.remote(
             part(s), [prompts[p] for p in s.prompts], max_new_tokens, scaling, centre), on_decode)
@@ -398,12 +433,17 @@ class RayBackend:
             results: list = [None] * len(shards)
             pending: dict = {}  # ObjectRef -> (shard index, attempt, engine, seconds allowed, deadline)
 
+            self._shard_times = [{} for _ in shards]
+
             def submit(i: int, attempt: int, engine: int) -> None:
                 # an engine runs its calls one after another: a redo queued behind its own shard
                 # has both shards' time
                 queued = sum(1 for (_, _, e, _, _) in pending.values() if e == engine)
                 allowed = self.shard_timeout_s * (1 + queued)
-                pending[send(self.actors[engine], shards[i])] = (i, attempt, engine, allowed, time.monotonic() + allowed)
+                sending = time.time()  # the arguments are pickled (and put in the object store) by .remote()
+                ref = send(self.actors[engine], shards[i])
+                self._shard_times[i] = {"engine": engine, "sending": sending, "sent": time.time()}
+                pending[ref] = (i, attempt, engine, allowed, time.monotonic() + allowed)
 
             def redo_on(lost: int) -> int:
                 self._down.add(lost)
@@ -436,6 +476,7 @@ class RayBackend:
                         i, attempt, engine, _, _ = pending.pop(ref)
                         try:
                             results[i] = ray.get(ref)
+                            self._shard_times[i]["got"] = time.time()
                         except engine_lost as exc:
                             failed(i, attempt, engine, f"{type(exc).__name__}: {one_line(exc, 200)}")
                         except ray.exceptions.RayTaskError as exc:
@@ -456,6 +497,50 @@ class RayBackend:
                         pass
                 raise
             return merge(shards, results, members, prompts)
+
+    def call_timings(self) -> list[dict]:
+        """Where the last call's time went, per shard (seconds; for benchmarks: one more round trip
+        to each engine): `send` (the driver pickles the arguments and puts them in the object
+        store), `to_engine` (until the engine's method starts: scheduled, the arguments fetched and
+        unpickled), `in_engine` (the method: the engine's `phases`, EngineStats, and the rest,
+        `outside_engine`: tokenize, detokenize), `back` (the completions pickled, returned,
+        unpickled). Wall clocks of the driver and the engine: across hosts, `to_engine` and `back`
+        carry their clocks' offset."""
+        import ray
+
+        out = []
+        for i, times in enumerate(self._shard_times):
+            if "got" not in times:
+                continue
+            engine = ray.get(self.actors[times["engine"]].timings.remote())
+            stats = engine.get("engine", {})
+            in_engine = engine["left"] - engine["entered"]
+            out.append({"shard": i, "engine": self.infos[times["engine"]]["name"], "send_s": times["sent"] - times["sending"],
+                        "to_engine_s": engine["entered"] - times["sent"], "in_engine_s": in_engine, "back_s": times["got"] - engine["left"],
+                        "total_s": times["got"] - times["sending"], "phases": stats,
+                        "outside_engine_s": in_engine - sum(stats.get(k, 0.0) for k in ("setup_s", "load_s", "prefill_s", "decode_s"))})
+        return out
+
+
+def _one_layout(members: list) -> bool:
+    """Whether every member is a LoRA (no None) with the first's keys, shapes and dtypes: then they
+    stack into one tensor per key with the values the engine would stack itself."""
+    if not members or any(m is None for m in members):
+        return False
+    layout = {k: (tuple(v.shape), v.dtype) for k, v in members[0].items()}
+    return all(len(m) == len(layout) and all(k in layout and layout[k] == (tuple(v.shape), v.dtype) for k, v in m.items())
+               for m in members[1:])
+
+
+def _owns_storage(t) -> bool:
+    """Whether pickling `t` sends its bytes only (no larger storage it views)."""
+    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def _stack(members: list) -> StackedLoRA:
+    import torch
+
+    return StackedLoRA({k: torch.stack([m[k].detach() for m in members]) for k in members[0]}, len(members))
 
 
 def _engine_lost() -> tuple[type[BaseException], ...]:
