@@ -1,0 +1,111 @@
+"""Is there a direction in a generation's fitness? From a ledger's samples (every member's reward on
+every prompt of a generation), two measures of whether members differ in quality or only in luck:
+
+- split-half reliability: the members' per-prompt normalised fitness on one random half of the
+  prompts against the other half (Pearson r across members, averaged over random splits) and its
+  Spearman-Brown value for the whole set. Near 0: which member ranks first is a matter of which
+  prompts it happened to flip, the update ES takes from that ranking has no direction, and no
+  centre (truncated or exact) can make one; near 1: members really differ.
+- antithetic partners' correlation: members 2k and 2k+1 perturb by +eps and -eps; a reward that
+  changes linearly along eps makes their fitness anti-correlated.
+
+Each is reported beside a null band: the same statistic with every prompt's rewards shuffled across
+members (its mean +- 2 sd over shuffles). Reads the ledger read-only (never migrates it).
+
+    python -m benchmarks.member_signal LEDGER.duckdb [--run RUN ...] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def reward_matrix(con, run_id: str, generation: int) -> np.ndarray:
+    """Rewards [members, prompts] of one generation (members and prompts in the ledger's order)."""
+    rows = con.execute("SELECT member, problem_id, reward FROM samples WHERE run_id = ? AND generation = ? ORDER BY member, problem_id",
+                       [run_id, generation]).fetchall()
+    members = sorted({r[0] for r in rows})
+    prompts = sorted({r[1] for r in rows})
+    mi, pi = {m: i for i, m in enumerate(members)}, {p: i for i, p in enumerate(prompts)}
+    out = np.full((len(members), len(prompts)), np.nan)
+    for m, p, r in rows:
+        out[mi[m], pi[p]] = r
+    return out
+
+
+def normalised(rewards: np.ndarray) -> np.ndarray:
+    """Each prompt's rewards as z-scores across members (the runs' prompt_normalized fitness);
+    a prompt where every member scored the same is all zeros."""
+    sd = rewards.std(0, keepdims=True)
+    return (rewards - rewards.mean(0, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+
+
+def split_half(z: np.ndarray, rng: np.random.Generator, splits: int = 200) -> float:
+    n = z.shape[1]
+    rs = []
+    for _ in range(splits):
+        perm = rng.permutation(n)
+        a, b = z[:, perm[: n // 2]].mean(1), z[:, perm[n // 2:]].mean(1)
+        if a.std() > 0 and b.std() > 0:
+            rs.append(float(np.corrcoef(a, b)[0, 1]))
+    return float(np.mean(rs)) if rs else float("nan")
+
+
+def partners(z: np.ndarray) -> float:
+    f = z.mean(1)
+    if len(f) < 4 or len(f) % 2:
+        return float("nan")
+    return float(np.corrcoef(f[0::2], f[1::2])[0, 1])
+
+
+def signal(rewards: np.ndarray, seed: int = 0, shuffles: int = 50) -> dict:
+    rng = np.random.default_rng(seed)
+    z = normalised(rewards)
+    r_half = split_half(z, rng)
+    null_half, null_pair = [], []
+    for _ in range(shuffles):
+        shuffled = normalised(np.take_along_axis(rewards, rng.permuted(np.tile(np.arange(rewards.shape[0])[:, None], rewards.shape[1]), axis=0), 0))
+        null_half.append(split_half(shuffled, rng, 20))
+        null_pair.append(partners(shuffled))
+    band = lambda xs: [round(float(np.mean(xs) - 2 * np.std(xs)), 3), round(float(np.mean(xs) + 2 * np.std(xs)), 3)]
+    return {"members": rewards.shape[0], "prompts": rewards.shape[1], "split_half_r": round(r_half, 3),
+            "reliability": round(2 * r_half / (1 + r_half), 3) if r_half > -1 else None, "split_half_null": band(null_half),
+            "partners_r": round(partners(z), 3), "partners_null": band(null_pair)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import duckdb
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ledger", type=Path)
+    p.add_argument("--run", action="append", help="runs to read (default: every run with samples)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    con = duckdb.connect(str(args.ledger), read_only=True)
+    try:
+        where = "" if not args.run else f"WHERE run_id IN ({', '.join('?' * len(args.run))})"
+        keys = con.execute(f"SELECT DISTINCT run_id, generation FROM samples {where} ORDER BY 1, 2", args.run or []).fetchall()
+        results = []
+        for run_id, generation in keys:
+            rewards = reward_matrix(con, run_id, generation)
+            if rewards.shape[0] < 4 or rewards.shape[1] < 4:
+                continue
+            results.append({"run_id": run_id, "generation": generation, **signal(rewards)})
+    finally:
+        con.close()
+    print(f"{'run':20} {'gen':>4} {'N':>4} {'prompts':>7} {'split-half r':>12} {'null band':>16} {'reliability':>11} {'partners r':>10} {'null band':>16}")
+    for r in results:
+        print(f"{r['run_id']:20} {r['generation']:>4} {r['members']:>4} {r['prompts']:>7} {r['split_half_r']:>12} {str(r['split_half_null']):>16} "
+              f"{str(r['reliability']):>11} {r['partners_r']:>10} {str(r['partners_null']):>16}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
