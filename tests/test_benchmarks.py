@@ -1,6 +1,7 @@
 """The benchmark scripts' own arithmetic: the GPU ceilings a roofline divides by, and the table
 rebuilt from rows two GPU commands saved (the committed H200 run)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,33 @@ def test_summarize_refuses_a_missing_or_foreign_file_in_one_line(tmp_path, capsy
     # argparse prints its usage, then the error on one line
     assert f": error: --summarize {path}: not a file of --json rows (" in err[-1]
     assert sum(": error:" in line for line in err) == 1
+
+
+def test_member_signal_tells_members_that_differ_in_quality_from_members_that_differ_in_luck(tmp_path):
+    """benchmarks/member_signal.py on a real DuckDB file with the ledger's samples columns: members
+    whose quality differs are reliable across prompt halves; rewards that are coin flips are not."""
+    import duckdb
+    import numpy as np
+
+    from benchmarks.member_signal import main
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "ledger.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE samples (run_id VARCHAR, generation INTEGER, member INTEGER, problem_id VARCHAR, reward DOUBLE)")
+    quality = np.repeat(rng.normal(0, 1, 32), 2) * np.tile([1, -1], 32)  # antithetic partners: +eps, -eps
+    for run_id, skill in (("skill", 1.0), ("luck", 0.0)):
+        for m in range(64):
+            for p in range(64):
+                correct = rng.random() < 1 / (1 + np.exp(-(skill * quality[m] + rng.normal(0, 0.3))))
+                con.execute("INSERT INTO samples VALUES (?, 3, ?, ?, ?)", [run_id, m, f"p{p:03d}", 1.1 if correct else 0.1])
+    con.close()
+    out = tmp_path / "signal.json"
+    assert main([str(path), "--json", str(out)]) == 0
+    rows = {r["run_id"]: r for r in json.loads(out.read_text())}
+    skill, luck = rows["skill"], rows["luck"]
+    assert skill["split_half_r"] > skill["split_half_null"][1] and skill["reliability"] > 0.5
+    assert skill["partners_r"] < skill["partners_null"][0]  # partners move the reward in opposite directions
+    # coin flips: r is chance's (its sd is about 1/sqrt(members) = 0.125), the null band straddles 0
+    assert abs(luck["split_half_r"]) < 0.4 and luck["split_half_null"][0] < 0 < luck["split_half_null"][1]
+    assert duckdb.connect(str(path), read_only=True).execute("SELECT count(*) FROM samples").fetchone()[0] == 2 * 64 * 64
