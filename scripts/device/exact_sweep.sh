@@ -4,7 +4,9 @@
 # the engine's speed at R 576 against the named LoRA baseline, then a fresh 500-step warm start and
 # the `exact` recipes of benchmarks/learning_runs.py side by side until DEADLINE, the members'
 # signal in every generation (benchmarks/member_signal.py, on the full ledger), the slim ledger.
-# The data dir does not outlive the machine: what $OUT holds is the result.
+# The data dir does not outlive the machine: what $OUT holds is the result. The paper's problems
+# travel as .devcarry/data/countdown.json (mkdir -p .devcarry/data && cp ../shared/data/countdown.json
+# .devcarry/data/ here, after scripts/device/pack.sh; carry .devcarry/data with the last chunk).
 set -uo pipefail
 export ES="python3 -m flows.cli" PYTHONUNBUFFERED=1
 data=${DATA:-/root/esdata} paper=${PAPER:-.devcarry/data/countdown.json}
