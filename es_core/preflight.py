@@ -212,6 +212,14 @@ class MemoryEstimate:
         return ", ".join(f"{name} {size / GiB:.1f}" for name, size in sorted(self.parts.items(), key=lambda kv: -kv[1]) if size >= 0.05 * GiB)
 
 
+def factor_bytes_per_rank(settings: Settings, shape: ModelShape) -> int:
+    """Bytes of one rank of LoRA factors over the run's targets, float32: A [r, in] + B [out, r] of
+    every lora.modules Linear of every lora.layers layer (a member's or a centre's file, on the host)."""
+    lora, linears = settings.lora, shape.linears()
+    layers = len(range(shape.layers) if lora.layers == "all" else set(lora.layers))
+    return layers * sum(sum(linears[m]) * 4 for m in lora.modules if m in linears)
+
+
 def chunk_layout(members: int, prompts: int, max_rows: int) -> tuple[int, int]:
     """(rows, member groups) of the largest chunk es_core.engine.generate.plan_chunks makes."""
     if members * prompts <= max_rows:
@@ -256,10 +264,10 @@ def estimate_peak_memory(settings: Settings, shape: ModelShape, model_bytes: int
             per_rank += k * (d_in + d_out) * 4
     slots = groups * layers * rank * per_rank
     # the population on the host: members, their noise and the centre, twice (the look-ahead prepares the next)
-    member = layers * sum(rank * sum(linears[m]) * 4 for m in lora.modules if m in linears)
+    member = rank * factor_bytes_per_rank(settings, shape)
     population = 2 * (2 * settings.es.population + 1) * member
     if settings.es.space == "weights":
-        centre = layers * sum(settings.es.centre_rank * sum(linears[m]) * 4 for m in lora.modules if m in linears)
+        centre = settings.es.centre_rank * factor_bytes_per_rank(settings, shape)
         slots += layers * settings.es.centre_rank * per_rank
         population += 4 * centre  # the centre, its float64 re-factorisation, the next one
 
@@ -328,9 +336,7 @@ def estimate_run_disk(settings: Settings, shape: ModelShape, generations: int) -
     safetensors; weights space: the centre at es.centre_rank, each member its own es.noise_rank
     factors; LoRA space: centre and members at lora.rank)."""
     lora, es = settings.lora, settings.es
-    linears = shape.linears()
-    layers = len(range(shape.layers) if lora.layers == "all" else set(lora.layers))
-    per_rank = layers * sum(sum(linears[m]) * 4 for m in lora.modules if m in linears)  # A [r, in] + B [out, r], float32
+    per_rank = factor_bytes_per_rank(settings, shape)
     centre_rank = es.centre_rank if es.space == "weights" else lora.rank
     completions = es.population * settings.data.prompts_per_generation * (4 * settings.generation.max_new_tokens + 200)
     once = shape.parameters() * 2 * (2 if settings.warm_start.steps else 1)  # the converted base model, the warm start's

@@ -80,7 +80,6 @@ class WeightsLayout:
         return dict(sorted(out.items()))
 
 
-
 def spec_of_rank(spec: AdapterSpec, rank: int) -> AdapterSpec:
     """`spec`'s targets at `rank`, lora_alpha = rank: PEFT's scaling alpha / r is 1, every scale is in B."""
     return AdapterSpec(rank, float(rank), spec.target_modules, spec.layers)

@@ -216,10 +216,8 @@ def check_run_disk(settings: Settings, shape, generations: int) -> None:
 
     from es_core.preflight import check_disk, estimate_run_disk
 
-    folder = Path(settings.data_dir)
-    while not folder.exists() and folder.parent != folder:
-        folder = folder.parent
-    check_disk(estimate_run_disk(settings, shape, generations), shutil.disk_usage(folder).free, f"data dir {settings.data_dir}")
+    free = shutil.disk_usage(_nearest_existing(Path(settings.data_dir))).free
+    check_disk(estimate_run_disk(settings, shape, generations), free, f"data dir {settings.data_dir}")
 
 
 def _temporary_prefect_server() -> bool:
@@ -280,9 +278,7 @@ def _not_writable(folder: Path) -> str | None:
     """Why files cannot be created in `folder` (if missing, it will be made: its nearest existing
     parent decides), or None. A probe file rather than os.access: what counts is whether this
     process can create a file there, whatever its uid, capabilities or mount."""
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = _nearest_existing(folder)
     if not existing.is_dir():
         return f"{existing}: not a folder"
     try:
@@ -291,6 +287,13 @@ def _not_writable(folder: Path) -> str | None:
     except OSError as exc:
         return f"{existing}: {exc.strerror}"
     return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (a folder still to be made is made in it)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def _not_writable_file(path: Path) -> str | None:
