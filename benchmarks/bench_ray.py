@@ -34,15 +34,11 @@ import torch
 
 from benchmarks.bench_engine import make_members
 from es_core.backends.embedded import EmbeddedBackend
-from es_core.backends import ray_engines
-from es_core.backends.ray_engines import RayBackend, engine_info
+from es_core.backends.ray_engines import ENGINE_PHASES, RayBackend, engine_info
 from es_core.countdown.problems import generated_splits
 from es_core.countdown.prompt import render_prompts
 from es_core.models import load_tokenizer, resolve_base_model
 from es_core.settings import ModelSettings, settings_from_dict
-
-
-one_layout = ray_engines._one_layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.old_transfer:
         runs = [(e, True) for e, _ in runs[:1]] + runs
     for engines, old_transfer in runs:
-        # the driver alone decides how members travel: False sends a list as it is
-        ray_engines._one_layout = (lambda members: False) if old_transfer else one_layout
         ray_backend = RayBackend.from_settings(settings(engines), model_path)
+        ray_backend.stack_member_lists = not old_transfer  # the driver alone decides how members travel
         try:
             started = time.perf_counter()
             infos = ray_backend.start_engines()
@@ -151,9 +146,6 @@ def timed(label: str, call, repeats: int, gpus: float, phases):
 def local_phases(local: EmbeddedBackend) -> list[dict]:
     """The local engine's last call, in call_timings' shape (one shard, no transfers)."""
     return [{"shard": 0, "engine": "local", "phases": dataclasses.asdict(local.engine.stats)}]
-
-
-ENGINE_PHASES = ("setup_s", "load_s", "prefill_s", "decode_s")
 
 
 def _phases_line(shards: list[dict] | None, call_s: float) -> str:

@@ -261,6 +261,9 @@ class RayBackend:
         self._down: set[int] = set()  # engines lost (Ray restarts them) and not seen answering since
         self._lock = threading.Lock()  # one call at a time, as the embedded backend
         self._shard_times: list[dict] = []  # the last call's shards, as the driver saw them (`call_timings`)
+        # a list of members with one layout travels stacked (generate_tensors); False sends it as it
+        # is, one pickled tensor per member and key (bench_ray --old-transfer times that way)
+        self.stack_member_lists = True
 
     @classmethod
     def from_settings(cls, settings: Settings, model_path: Path, log_dir: Path | None = None, name_prefix: str = "") -> "RayBackend":
@@ -309,7 +312,7 @@ class RayBackend:
         `on_decode` is called once every shard is sent: the driver then only waits."""
         prompts = list(prompts)
         population = members if isinstance(members, StackedLoRA) else list(members)
-        stacked = isinstance(population, StackedLoRA) or _one_layout(population)
+        stacked = isinstance(population, StackedLoRA) or (self.stack_member_lists and _one_layout(population))
 
         def part(s: Shard):
             if not stacked:
@@ -518,8 +521,11 @@ class RayBackend:
             out.append({"shard": i, "engine": self.infos[times["engine"]]["name"], "send_s": times["sent"] - times["sending"],
                         "to_engine_s": engine["entered"] - times["sent"], "in_engine_s": in_engine, "back_s": times["got"] - engine["left"],
                         "total_s": times["got"] - times["sending"], "phases": stats,
-                        "outside_engine_s": in_engine - sum(stats.get(k, 0.0) for k in ("setup_s", "load_s", "prefill_s", "decode_s"))})
+                        "outside_engine_s": in_engine - sum(stats.get(k, 0.0) for k in ENGINE_PHASES)})
         return out
+
+
+ENGINE_PHASES = ("setup_s", "load_s", "prefill_s", "decode_s")  # EngineStats' timed phases of a call
 
 
 def _one_layout(members: list) -> bool:
