@@ -69,7 +69,7 @@ def signal(rewards: np.ndarray, seed: int = 0, shuffles: int = 50) -> dict:
     r_half = split_half(z, rng)
     null_half, null_pair = [], []
     for _ in range(shuffles):
-        shuffled = normalised(np.take_along_axis(rewards, rng.permuted(np.tile(np.arange(rewards.shape[0])[:, None], rewards.shape[1]), axis=0), 0))
+        shuffled = normalised(rng.permuted(rewards, axis=0))  # each prompt's rewards shuffled across members
         null_half.append(split_half(shuffled, rng, 20))
         null_pair.append(partners(shuffled))
     band = lambda xs: [round(float(np.mean(xs) - 2 * np.std(xs)), 3), round(float(np.mean(xs) + 2 * np.std(xs)), 3)]
