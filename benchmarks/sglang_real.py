@@ -171,7 +171,7 @@ def _embedded(ctx):
 
     a = ctx["args"]
     s = load_settings(None, [f"model.name={a.model}", "model.dtype=bfloat16", f"lora.rank={a.rank}", "lora.layers=all",
-                             f"lora.modules={json.dumps(list(a.modules))}", f"lora.alpha={a.rank}", "generation.compile=false"])
+                             f"lora.modules={json.dumps(list(a.modules))}", f"lora.alpha={a.rank}"])  # compiled on CUDA, as runs decode
     return EmbeddedBackend.from_settings(s, ctx["base"])
 
 
@@ -182,6 +182,7 @@ def step_parity(args, ctx) -> dict:
     refs, ps = ctx["refs"], ctx["prompts"]
     with _sglang_backend(ctx) as sg:
         t0 = time.perf_counter(); got_sg = sg.generate(refs, ps, args.max_new_tokens); t_sg = time.perf_counter() - t0
+    ctx["parity_sg"] = [[x.text for x in row] for row in got_sg]  # the faults step compares its redone shard with these
     emb = _embedded(ctx)
     t0 = time.perf_counter(); got_emb = emb.generate(refs, ps, args.max_new_tokens); t_emb = time.perf_counter() - t0
     ctx["emb"] = emb
