@@ -69,10 +69,13 @@ WEIGHTS: dict[str, list[str]] = {
 # Weights space with an exact centre (R 576 covers every SmolLM2 matrix: no truncation; the rank-64
 # centre of ws-s2e-3 kept 0.10-0.20 of each update's norm): ws-s2e-3's recipe, and sigma x3 (at
 # sigma 0.002 the members' ranking was no more reproducible across prompt halves than chance:
-# benchmarks/member_signal.py).
+# benchmarks/member_signal.py). SmolLM2's projections have an RMS of about 0.19 (v_proj 0.05-0.29), so
+# sigma 0.002 moves an entry by about 1% of its size; Qiu et al.'s 0.001 on Qwen2.5 is a few per cent
+# there: 0.006 is that share here, 0.02 ten per cent.
 EXACT: dict[str, list[str]] = {
     "wsx-s2e-3": ["es.space=weights", "es.centre_rank=576", "es.sigma=0.002", "es.learning_rate=0.004"],
     "wsx-s6e-3": ["es.space=weights", "es.centre_rank=576", "es.sigma=0.006", "es.learning_rate=0.012"],
+    "wsx-s2e-2": ["es.space=weights", "es.centre_rank=576", "es.sigma=0.02", "es.learning_rate=0.04"],
 }
 RECIPE_SETS = {"first": RECIPES, "step-size": STEP_SIZE, "weights": WEIGHTS, "exact": EXACT}
 EVAL_EVERY = 10  # the config's eval.every
