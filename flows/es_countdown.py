@@ -35,7 +35,7 @@ from tasks.common import DataDir, evaluation_key, persisted
 from tasks.ledger import record_problems, record_run, record_warm_start, set_run_status
 from tasks.model import prepare_base_model
 from tasks.members import run_noise_layout
-from tasks.population import generation_plan, init_population, run_space
+from tasks.population import generation_plan, init_population, run_space, search_description
 from tasks.warm_start import warm_start
 
 
@@ -172,6 +172,7 @@ def _run(settings: Settings, run_id: str, resuming: bool, data: DataDir) -> dict
     centre = init_sha if last is None else ledger.generation_row(run_id, last)["center_sha256"]
 
     space = run_space(settings, model["path"])  # the LoRA factors (None) or the weights of this model
+    logger.info(f"run {run_id} searches {search_description(settings, model['path'])}")
     backend = open_backend(settings, Path(model["path"]), data.run_dir(run_id), run_id)
     # the base model itself, when ES runs on a warm start: opened only if its evaluation is not cached
     base_backend = LazyBackend(lambda: open_backend(settings, Path(base["path"]), data.run_dir(run_id), f"{run_id}-base")) if model is not base else backend

@@ -35,6 +35,21 @@ def run_space(settings: Settings, model_path: str | Path) -> WeightsSpace | None
     return weights_space_of(es.noise_rank, es.centre_rank, es.sigma_scale, model_path, targets)
 
 
+def search_description(settings: Settings, model_path: str | Path) -> str:
+    """What a run's ES moves, in words for its log: the space, how many matrices in which layers,
+    the ranks and the population (a config whose lora.layers was meant for LoRA space keeps them in
+    weights space: this line shows it)."""
+    es, lora = settings.es, settings.lora
+    targets = find_targets_in_folder(model_path, lora.layers, lora.modules)
+    layers = sorted({t.layer for t in targets})
+    span = f"layers {layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else f"layers {layers}"
+    if es.space == "lora":
+        what = f"LoRA factors of rank {lora.rank} on {len(targets)} matrices ({span})"
+    else:
+        what = f"the weights of {len(targets)} matrices ({span}): members rank {es.noise_rank}, centre rank {es.centre_rank}"
+    return f"{what}; {es.population} members x {settings.data.prompts_per_generation} problems, sigma {es.sigma:g} ({es.sigma_scale}), alpha {es.learning_rate:g}"
+
+
 def update_rule(es: ESSettings) -> UpdateRule:
     """How the run's settings turn rewards into a step: fitness, shaping, optimiser."""
     optimiser = optimiser_named(es.optimizer, es.learning_rate, (es.adam_beta1, es.adam_beta2), es.adam_eps)

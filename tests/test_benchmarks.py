@@ -88,3 +88,19 @@ def test_member_signal_tells_members_that_differ_in_quality_from_members_that_di
     # coin flips: r is chance's (its sd is about 1/sqrt(members) = 0.125), the null band straddles 0
     assert abs(luck["split_half_r"]) < 0.4 and luck["split_half_null"][0] < 0 < luck["split_half_null"][1]
     assert duckdb.connect(str(path), read_only=True).execute("SELECT count(*) FROM samples").fetchone()[0] == 2 * 64 * 64
+
+
+@pytest.mark.parametrize("recipe_set", sorted(__import__("benchmarks.learning_runs", fromlist=["RECIPE_SETS"]).RECIPE_SETS))
+def test_every_learning_recipe_is_a_valid_run_of_the_learning_config(recipe_set):
+    """A recipe with a misspelt key or an impossible value would only fail on the GPU, minutes into a
+    lease: each one loads here as the run the sweep starts (the config plus its overrides)."""
+    from benchmarks.learning_runs import CONFIG, RECIPE_SETS, eval_sets
+    from es_core.settings import load_settings
+
+    root = Path(__file__).resolve().parents[1]
+    for run_id, overrides in RECIPE_SETS[recipe_set].items():
+        settings = load_settings(root / CONFIG, [eval_sets("../shared/data/countdown.json"), "es.generations=30", *overrides])
+        for kv in overrides:
+            key, value = kv.split("=", 1)
+            section, name = key.split(".")
+            assert str(getattr(getattr(settings, section), name)) == value, (run_id, kv)

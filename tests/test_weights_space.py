@@ -290,3 +290,19 @@ def zero_centre_of(path):
     from es_core.weights_space import zero_centre
 
     return zero_centre(find_targets_in_folder(path, [1], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), 2)
+
+
+def test_a_run_says_which_matrices_its_es_moves(model_cache):
+    """The log line at a run's start: a config that names lora.layers for LoRA space keeps them in
+    weights space (the learning runs of 2026-12-07 moved 77 of SmolLM2's 210 matrices that way)."""
+    from es_core.models import resolve_base_model
+    from es_core.settings import ModelSettings, settings_from_dict
+    from tasks.population import search_description
+
+    path = resolve_base_model(ModelSettings(name="tiny-llama"), model_cache).path
+    given = search_description(settings_from_dict({"es": {"space": "weights", "centre_rank": 8}, "lora": {"layers": [0, 1]}}), path)
+    every = search_description(settings_from_dict({"es": {"space": "weights", "centre_rank": 8}}), path)
+    lora = search_description(settings_from_dict({"lora": {"layers": [1, 3], "rank": 2}}), path)
+    assert given.startswith("the weights of 14 matrices (layers 0-1): members rank 1, centre rank 8;")
+    assert every.startswith("the weights of 84 matrices (layers 0-11)")
+    assert lora.startswith("LoRA factors of rank 2 on 14 matrices (layers [1, 3]);")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, after ../shared/device's carry (`source "$HOME/carry/env.sh"`): issue 27's
-# exact-centre experiment in one 10-minute command, everything it learns under $OUT (at most 8 files):
-# a fresh 500-step warm start and the `exact` recipes of benchmarks/learning_runs.py side by side
-# until DEADLINE seconds after it began, the members' signal in every generation
+# learning sweeps in 10-minute commands, everything they learn under $OUT (at most 8 files): the
+# 500-step warm start (trained by the first command on a fresh machine; later ones find it) and the
+# recipe set RECIPES of benchmarks/learning_runs.py (default `exact`), side by side, or each alone
+# with ALONE=1 (its wall time is then the GPU's), until DEADLINE seconds after the sweep began; the members' signal in every generation
 # (benchmarks/member_signal.py, on the full ledger), the slim ledger, the runs' logs; then, if
 # BENCH_S > 0, the engine's speed at R 576 against the named LoRA baseline.
 # The data dir (DATA) outlives the command only while the machine stays warm: what $OUT holds is the
@@ -11,12 +12,13 @@
 set -uo pipefail
 export ES="python3 -m flows.cli" PYTHONUNBUFFERED=1
 data=${DATA:-/root/esdata} paper=${PAPER:-.devcarry/data/countdown.json}
-python3 -m benchmarks.learning_runs sweep "$data" --recipes exact --generations "${GENERATIONS:-200}" --deadline "${DEADLINE:-480}" --paper "$paper" > "$OUT/sweep.log" 2>&1
+alone=(); [ "${ALONE:-0}" = 1 ] && alone=(--one-at-a-time)
+python3 -m benchmarks.learning_runs sweep "$data" --recipes "${RECIPES:-exact}" --generations "${GENERATIONS:-200}" --deadline "${DEADLINE:-480}" "${alone[@]}" --paper "$paper" > "$OUT/sweep.log" 2>&1
 echo "sweep: rc $?"; tail -5 "$OUT/sweep.log"
 timeout 60 python3 -m benchmarks.member_signal "$data/ledger.duckdb" --json "$OUT/member-signal.json" | tail -12
 python3 -c "import os, sys; from pathlib import Path; from benchmarks.learning_report import slim_copy; slim_copy(Path(sys.argv[1]), Path(os.environ['OUT']) / 'ledger.duckdb')" "$data"
-tar czf "$OUT/logs.tgz" -C "$data" $(cd "$data" && ls sft-500.log wsx-*.log 2>/dev/null)
-grep -h "held-out (centre" "$data"/wsx-*.log | tail -12
+tar czf "$OUT/logs.tgz" -C "$data" $(cd "$data" && ls *.log 2>/dev/null)
+grep -h "held-out (centre" "$data"/w*.log | tail -12
 if [ "${BENCH_S:-0}" -gt 0 ]; then
   timeout "$BENCH_S" python3 -m benchmarks.bench_weights_space --centre-ranks 576 --json "$OUT/bench-576.json" > "$OUT/bench-576.log" 2>&1
   echo "bench: rc $?"; tail -4 "$OUT/bench-576.log"
