@@ -6,15 +6,26 @@ Run from the repo root after the base carry (`source $HOME/carry/env.sh`) and th
     PYTHONUNBUFFERED=1 python3 -m benchmarks.sglang_real --out $OUT [--steps launch,pytest,parity,speed,cli,faults]
 
 Steps (each writes its result into $OUT/sglang_real.json as it finishes; a failing step records
-its error and the next runs; `launch` failing stops the rest, with the server log's tail):
-  launch  start the server with the project's LaunchSpec/SGLangServer (flags below), time it
+its error and the next runs; `launch` failing stops the rest, with the server log's tail). They run
+in the order `--steps` gives (launch always first); each line printed says the seconds since start,
+and a step that would start after `--deadline` seconds is recorded as skipped:
+  launch  start the server with the project's LaunchSpec/SGLangServer (flags below), time it; the
+          server's own view of dtype and deterministic inference (GET /server_info) is recorded
   pytest  tests/test_sglang_backend.py -m sglang against it (ES_SGLANG_URL)
-  parity  N members (rank R, B random) x P prompts, greedy T tokens: SGLang vs the embedded engine,
-          bf16 both: share of identical completions, first differing token index (re-tokenized)
+  parity  N members (rank R, B random) x P prompts, greedy T tokens: SGLang vs the embedded engine
+          in --dtype both: share of identical completions, first differing token (re-tokenized);
+          the same for the base model alone (the control: kernels without adapters); for each
+          differing row, a float32 reference forward (HF, the adapter merged) at the first
+          differing token: the top-2 margin and the gap between the two engines' tokens
   speed   the population batched: tok/s on SGLang and embedded; load/unload seconds per generation
-  cli     `flows.cli run` with backend.kind=sglang attached via ES_SGLANG_URL, killed mid-run, resumed
+  cli     `flows.cli run` with backend.kind=sglang attached via ES_SGLANG_URL, killed once the ledger
+          holds a committed generation, then resumed; checks that every generation is committed
   faults  server killed mid-generation (a backend that launched its own server must restart it and
-          redo the shard), a request naming a never-loaded adapter, more adapters than GPU slots
+          redo the shard), a request naming a never-loaded adapter, more adapters than GPU slots;
+          the main server is stopped for it and started again if steps follow
+Server modes: --deterministic (default; SGLang's --enable-deterministic-inference: batch-invariant
+kernels, so a request's text does not depend on what it was batched with) or --no-deterministic;
+--dtype bfloat16 (default) or float32, for the server and the embedded engine alike.
 Files in $OUT: sglang_real.json, server.log (+ server-faults.log), pytest.log, cli.log (<= 8).
 """
 
@@ -51,9 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampling-backend", default="pytorch")
     p.add_argument("--extra", default="--grammar-backend none --mem-fraction-static 0.6 --log-level info",
                    help="more launch_server flags (shell words), e.g. add --disable-cuda-graph")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the server's and the embedded engine's")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                   help="launch with --enable-deterministic-inference (batch-invariant kernels; triton attention supports it in 0.5.16)")
+    p.add_argument("--cuda-graph-max-bs", type=int, default=0, help="pass --cuda-graph-max-bs N (0: SGLang's default, up to 256 here)")
+    p.add_argument("--speed-members", type=int, default=0, help="members in the speed step (0: --members); the server's slots cover both")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--startup-timeout", type=float, default=300.0)
-    p.add_argument("--cli-kill-after", type=float, default=60.0, help="seconds before the CLI run is killed (cli step)")
+    p.add_argument("--deadline", type=float, default=0.0, help="seconds since start after which no further step starts (0: none)")
+    p.add_argument("--cli-generations", type=int, default=12)
+    p.add_argument("--cli-timeout", type=float, default=240.0, help="seconds the CLI run may take to commit its first generation (cli step)")
     p.add_argument("--python", default="python3")
     args = p.parse_args(argv)
     args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
@@ -74,7 +92,24 @@ def server_python(python: str) -> str:
 
 
 def launch_extra(args) -> tuple[str, ...]:
-    return ("--attention-backend", args.attention_backend, "--sampling-backend", args.sampling_backend, *shlex.split(args.extra))
+    extra = ["--attention-backend", args.attention_backend, "--sampling-backend", args.sampling_backend]
+    if args.deterministic:
+        extra.append("--enable-deterministic-inference")
+    if args.cuda_graph_max_bs:
+        extra += ["--cuda-graph-max-bs", str(args.cuda_graph_max_bs)]
+    return (*extra, *shlex.split(args.extra))
+
+
+def slots(args) -> int:
+    """Adapters the server batches at once: the larger population of the parity and speed steps."""
+    return max(args.members, args.speed_members)
+
+
+T0 = time.perf_counter()
+
+
+def elapsed() -> float:
+    return round(time.perf_counter() - T0, 1)
 
 
 class Results:
@@ -85,7 +120,7 @@ class Results:
     def put(self, step: str, value) -> None:
         self.data[step] = value
         self.path.write_text(json.dumps(self.data, indent=1, default=str))
-        print(f"[{time.strftime('%H:%M:%S')}] {step}: {json.dumps(value, default=str)[:1500]}", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')} +{elapsed():.0f}s] {step}: {json.dumps(value, default=str)[:1500]}", flush=True)
 
 
 def first_diff(a: list[int], b: list[int]) -> int | None:
@@ -93,6 +128,39 @@ def first_diff(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+BINS = (0, 1, 2, 4, 8, 16, 32, 64)
+
+
+def compare(got_a, got_b, tokenize) -> tuple[dict, list]:
+    """Share of identical texts, and for each differing row (m, p, first differing token index of
+    the re-tokenized texts, a's ids, b's ids)."""
+    same, rows = 0, []
+    for m, (ra, rb) in enumerate(zip(got_a, got_b)):
+        for p, (x, y) in enumerate(zip(ra, rb)):
+            if x.text == y.text:
+                same += 1
+                continue
+            ia, ib = tokenize(x.text), tokenize(y.text)
+            rows.append((m, p, first_diff(ia, ib), ia, ib))
+    total = sum(len(r) for r in got_a)
+    idx = sorted(d for _, _, d, _, _ in rows if d is not None)
+    return {"identical": same, "total": total, "share": round(same / total, 4) if total else None,
+            "first_diff_token_min": idx[:1], "first_diff_token_median": idx[len(idx) // 2] if idx else None,
+            "first_diff_hist": {str(b): sum(1 for d in idx if b <= d and (d < max(1, 2 * b) or b == BINS[-1])) for b in BINS},
+            "first_diff_texts_equal_tokens": sum(1 for _, _, d, _, _ in rows if d is None)}, rows
+
+
+def gap_summary(items: list[dict]) -> dict:
+    """How close the two engines' tokens were, at the first difference, by the float32 reference."""
+    gaps = sorted(abs(x["gap"]) for x in items if x.get("gap") is not None)
+    margins = sorted(x["margin"] for x in items if x.get("margin") is not None)
+    edges = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, float("inf"))
+    return {"rows": len(items), "abs_gap_median": gaps[len(gaps) // 2] if gaps else None,
+            "abs_gap_hist": {f"{lo}-{hi}": sum(1 for g in gaps if lo <= g < hi) for lo, hi in zip(edges, edges[1:])},
+            "top2_margin_median": margins[len(margins) // 2] if margins else None,
+            "reference_picks": {k: sum(1 for x in items if x.get("reference_picks") == k) for k in ("embedded", "sglang", "other")}}
 
 
 # --- the pieces the steps share ---------------------------------------------------------------
@@ -135,8 +203,8 @@ def launch(args, base: Path, log: Path, port: int):
     from es_core.backends.sglang_server import LaunchSpec, SGLangServer
 
     spec = LaunchSpec(model_path=str(base), port=port, max_lora_rank=args.rank, lora_target_modules=args.modules,
-                      max_loras_per_batch=args.members + 1, max_loaded_loras=2 * args.members, python=server_python(args.python),
-                      lora_backend=args.lora_backend, dtype="bfloat16", extra_args=launch_extra(args))
+                      max_loras_per_batch=slots(args) + 1, max_loaded_loras=2 * slots(args), python=server_python(args.python),
+                      lora_backend=args.lora_backend, dtype=args.dtype, extra_args=launch_extra(args))
     server = SGLangServer(spec, log, startup_timeout_s=args.startup_timeout)
     t0 = time.perf_counter()
     server.start()
@@ -152,7 +220,8 @@ def step_pytest(args, ctx) -> dict:
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     (ctx["out"] / "pytest.log").write_text(r.stdout + r.stderr)
-    return {"rc": r.returncode, "seconds": round(time.perf_counter() - t0, 1), "tail": (r.stdout + r.stderr)[-1500:]}
+    return {"rc": r.returncode, "seconds": round(time.perf_counter() - t0, 1), "server_deterministic": ctx.get("deterministic"),
+            "tail": (r.stdout + r.stderr)[-1500:]}
 
 
 def _sglang_backend(ctx):
@@ -170,42 +239,98 @@ def _embedded(ctx):
     from es_core.settings import load_settings
 
     a = ctx["args"]
-    s = load_settings(None, [f"model.name={a.model}", "model.dtype=bfloat16", f"lora.rank={a.rank}", "lora.layers=all",
+    s = load_settings(None, [f"model.name={a.model}", f"model.dtype={a.dtype}", f"lora.rank={a.rank}", "lora.layers=all",
                              f"lora.modules={json.dumps(list(a.modules))}", f"lora.alpha={a.rank}"])  # compiled on CUDA, as runs decode
     return EmbeddedBackend.from_settings(s, ctx["base"])
 
 
+def reference_gaps(ctx, refs, rows, dtype: str = "float32") -> list[dict]:
+    """At each differing row's first differing token: the reference model's (HF, `dtype`, the
+    member's LoRA merged into its weights) logits after the prompt and the common prefix. `margin`:
+    its top-1 minus top-2 logit; `gap`: its logit for the embedded engine's token minus SGLang's.
+    A gap near 0 is a near-tie that kernel numerics may tip either way; a large one is not."""
+    import torch
+
+    from es_core.lora import PEFT_PREFIX, load_adapter
+    from es_core.models import load_causal_lm
+
+    if not rows:
+        return []
+    model = load_causal_lm(ctx["base"], dtype, "auto")
+    dev = next(model.parameters()).device
+    modules = dict(model.named_modules())
+    prompt_ids = [ctx["tok"](p, add_special_tokens=False)["input_ids"] for p in ctx["prompts"]]
+    out = []
+    for m in sorted({r[0] for r in rows}):
+        saved = {}
+        if refs[m].path is not None:
+            tensors, spec = load_adapter(refs[m].path)
+            for k, a in tensors.items():
+                if k.endswith(".lora_A.weight"):
+                    w = modules[k[len(PEFT_PREFIX):-len(".lora_A.weight")]].weight
+                    b = tensors[k.replace(".lora_A.", ".lora_B.")]
+                    saved[k] = w.detach().clone()
+                    with torch.no_grad():  # W + (alpha / r) B A, as PEFT merges it
+                        w += (spec.lora_alpha / spec.rank * (b.double() @ a.double())).to(w.dtype).to(dev)
+        for _, p, d, ids_sg, ids_emb in (r for r in rows if r[0] == m):
+            row = {"member": m, "prompt": p, "first_diff": d}
+            if d is None or d >= min(len(ids_sg), len(ids_emb)):
+                out.append({**row, "note": "one completion ends where the other goes on"})
+                continue
+            with torch.inference_mode():
+                logits = model(torch.tensor([prompt_ids[p] + ids_emb[:d]], device=dev)).logits[0, -1].float()
+            top = logits.topk(2)
+            e, g = ids_emb[d], ids_sg[d]
+            pick = int(top.indices[0])
+            out.append({**row, "margin": round(float(top.values[0] - top.values[1]), 4), "gap": round(float(logits[e] - logits[g]), 4),
+                        "reference_picks": "embedded" if pick == e else "sglang" if pick == g else "other"})
+        for k, w0 in saved.items():
+            with torch.no_grad():
+                modules[k[len(PEFT_PREFIX):-len(".lora_A.weight")]].weight.copy_(w0)
+    del model
+    return out
+
+
 def step_parity(args, ctx) -> dict:
+    from es_core.backends.base import AdapterRef
     from es_core.models import load_tokenizer
 
-    tok = load_tokenizer(ctx["base"])
+    tok = ctx["tok"] = load_tokenizer(ctx["base"])
+    tokenize = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     refs, ps = ctx["refs"], ctx["prompts"]
+    base = [AdapterRef("parity_base", None)]
     with _sglang_backend(ctx) as sg:
         t0 = time.perf_counter(); got_sg = sg.generate(refs, ps, args.max_new_tokens); t_sg = time.perf_counter() - t0
+        base_sg = sg.generate(base, ps, args.max_new_tokens)
     ctx["parity_sg"] = [[x.text for x in row] for row in got_sg]  # the faults step compares its redone shard with these
     emb = _embedded(ctx)
     t0 = time.perf_counter(); got_emb = emb.generate(refs, ps, args.max_new_tokens); t_emb = time.perf_counter() - t0
+    base_emb = emb.generate(base, ps, args.max_new_tokens)
     ctx["emb"] = emb
-    same, diffs = 0, []
-    for m, (ra, rb) in enumerate(zip(got_sg, got_emb)):
-        for p, (x, y) in enumerate(zip(ra, rb)):
-            if x.text == y.text:
-                same += 1
-            else:
-                diffs.append(first_diff(tok(x.text, add_special_tokens=False)["input_ids"], tok(y.text, add_special_tokens=False)["input_ids"]))
-    total = len(refs) * len(ps)
-    idx = sorted(d for d in diffs if d is not None)
-    return {"identical": same, "total": total, "share": round(same / total, 4), "first_diff_token_min": idx[:1], "first_diff_token_median": idx[len(idx) // 2] if idx else None,
-            "first_diff_hist": {str(b): sum(1 for d in idx if b <= d < b * 2 or (b == 0 and d == 0)) for b in (0, 1, 2, 4, 8, 16, 32, 64)},
-            "sglang_seconds": round(t_sg, 2), "embedded_seconds": round(t_emb, 2),
-            "kernels": {"attention": args.attention_backend, "lora": args.lora_backend, "sampling": args.sampling_backend, "dtype": "bfloat16", "embedded": "es_core PopulationEngine bf16"},
-            "example": {"sglang": got_sg[0][0].text[:200], "embedded": got_emb[0][0].text[:200]}}
+    adapters, rows = compare(got_sg, got_emb, tokenize)
+    control, base_rows = compare(base_sg, base_emb, tokenize)
+    res = {"adapters": adapters, "base_model": control, "sglang_seconds": round(t_sg, 2), "embedded_seconds": round(t_emb, 2),
+           "kernels": {"attention": args.attention_backend, "lora": args.lora_backend, "sampling": args.sampling_backend, "dtype": args.dtype,
+                       "deterministic": ctx.get("deterministic"), "embedded": f"es_core PopulationEngine {args.dtype}"},
+           "example": {"sglang": got_sg[0][0].text[:200], "embedded": got_emb[0][0].text[:200]}}
+    try:
+        gaps = reference_gaps(ctx, refs, rows)
+        base_gaps = reference_gaps(ctx, base, base_rows)
+        res["near_ties"] = {"reference": "HF forward in float32, the adapter merged, at the first differing token",
+                            "adapters_first_diff_lt8": gap_summary([g for g in gaps if (g["first_diff"] or 0) < 8]),
+                            "adapters_first_diff_ge8": gap_summary([g for g in gaps if (g["first_diff"] or 0) >= 8]),
+                            "base_model": gap_summary(base_gaps), "rows": (gaps + [{**g, "member": "base"} for g in base_gaps])[:600]}
+    except Exception as exc:  # noqa: BLE001  (the shares above stand without it)
+        res["near_ties"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    return res
 
 
 def step_speed(args, ctx) -> dict:
     from es_core.backends.sglang_client import SGLangClient
 
     refs, ps = ctx["refs"], ctx["prompts"]
+    if args.speed_members and args.speed_members != len(refs):
+        refs = make_members(ctx["base"], argparse.Namespace(**{**vars(args), "members": args.speed_members}), ctx["work"] / "speed", seed=3)
     c = SGLangClient(ctx["url"], request_timeout_s=600)
     t0 = time.perf_counter()
     for r in refs:
@@ -215,7 +340,8 @@ def step_speed(args, ctx) -> dict:
     for r in refs:
         c.unload_adapter(r.name)
     t_unload = time.perf_counter() - t0
-    res = {"load_s_per_generation": round(t_load, 3), "unload_s_per_generation": round(t_unload, 3), "adapters": len(refs)}
+    res = {"load_s_per_generation": round(t_load, 3), "unload_s_per_generation": round(t_unload, 3), "adapters": len(refs), "prompts": len(ps),
+           "dtype": args.dtype, "deterministic": ctx.get("deterministic")}
     for name, make in (("sglang", lambda: _sglang_backend(ctx)), ("embedded", lambda: ctx.get("emb") or _embedded(ctx))):
         be = make()
         be.generate(refs[:2], ps[:4], 8)  # warm-up
@@ -227,26 +353,56 @@ def step_speed(args, ctx) -> dict:
     return res
 
 
+def committed(data_dir: Path, run_id: str) -> int | None:
+    """The last generation the run has committed, read as `es-countdown runs` reads it (a short
+    read-only connection; None while there is no ledger, no run row or no generation)."""
+    from artifacts.ledger import Ledger
+
+    try:
+        return Ledger(data_dir, read_timeout_s=5).last_generation(run_id)
+    except Exception:  # noqa: BLE001  (a lock held by the writer, a file being created: ask again)
+        return None
+
+
 def step_cli(args, ctx) -> dict:
-    env = {**os.environ, "ES_SGLANG_URL": ctx["url"], "ES_DATA_DIR": str(ctx["work"] / "cli")}
-    sets = ["backend.kind=sglang", f"lora.rank={min(args.rank, 8)}", "es.generations=4", "es.population=8", "warm_start.steps=0", "eval.every=0"]
+    """The CLI attached to our server (ES_SGLANG_URL), on the converted model the other steps use
+    (ES_MODEL__CACHE_DIR: no second GGUF conversion); killed once the ledger holds a committed
+    generation (not at a fixed time: Prefect's start and the model's preparation come first), then
+    resumed; the resume must commit every generation."""
+    data = ctx["work"] / "cli"
+    env = {**os.environ, "ES_SGLANG_URL": ctx["url"], "ES_DATA_DIR": str(data), "ES_MODEL__CACHE_DIR": str(ctx["work"] / "models")}
+    n = args.cli_generations
+    sets = [f"model.name={args.model}", "backend.kind=sglang", f"lora.rank={min(args.rank, 8)}", f"es.generations={n}", "es.population=8", "warm_start.steps=0", "eval.every=0"]
     cmd = [sys.executable, "-m", "flows.cli", "run", "--config", "configs/experiments/smoke.yaml", "--run-id", "sgcli"] + [x for s in sets for x in ("--set", s)]
     log = open(ctx["out"] / "cli.log", "a")
     log.write(f"$ {shlex.join(cmd)}\n"); log.flush()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        rc1 = p.wait(timeout=args.cli_kill_after); killed = False
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL); p.wait(); rc1, killed = p.returncode, True
-    t_first = time.perf_counter() - t0
+    res: dict = {"generations": n}
+    seen = None
+    while p.poll() is None and time.perf_counter() - t0 < args.cli_timeout:
+        seen = committed(data, "sgcli")
+        if seen is not None:
+            res["first_commit_seconds"] = round(time.perf_counter() - t0, 1)
+            break
+        time.sleep(0.5)
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL); p.wait()
+        res["killed"] = True
+    else:
+        res["killed"] = False
+    res.update(first_rc=p.returncode, first_seconds=round(time.perf_counter() - t0, 1), committed_at_kill=committed(data, "sgcli"))
+    if seen is None:
+        res["error"] = f"no generation committed within {args.cli_timeout:.0f} s" if res["killed"] else "the run ended before committing a generation"
     rcmd = [sys.executable, "-m", "flows.cli", "resume", "sgcli"]
-    log.write(f"\n$ {shlex.join(rcmd)}  (first run killed={killed} after {t_first:.0f}s)\n"); log.flush()
+    log.write(f"\n$ {shlex.join(rcmd)}  (first run killed={res['killed']} after {res['first_seconds']:.0f}s, last committed generation {res['committed_at_kill']})\n"); log.flush()
     t0 = time.perf_counter()
-    r = subprocess.run(rcmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=400)
+    r = subprocess.run(rcmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600)
     log.close()
-    return {"first_rc": rc1, "killed": killed, "first_seconds": round(t_first, 1), "resume_rc": r.returncode, "resume_seconds": round(time.perf_counter() - t0, 1),
-            "tail": (ctx["out"] / "cli.log").read_text()[-1200:]}
+    last = committed(data, "sgcli")
+    res.update(resume_rc=r.returncode, resume_seconds=round(time.perf_counter() - t0, 1), committed_after_resume=last,
+               all_committed=last == n - 1, tail=(ctx["out"] / "cli.log").read_text()[-1200:])
+    return res
 
 
 def step_faults(args, ctx) -> dict:
@@ -277,8 +433,11 @@ def step_faults(args, ctx) -> dict:
                        checker=AdapterChecker(ctx["base"], max_rank=args.rank, target_modules=list(args.modules)), requests_per_server=args.members)
     def killer():
         time.sleep(3.0)
-        res["killed_pid"] = server.pid
-        os.killpg(server.pid, signal.SIGKILL)
+        pid = res["killed_pid"] = server.pid
+        if pid is None or not server.alive():
+            res["killed_pid"] = "none: the generation had ended"
+            return
+        os.killpg(pid, signal.SIGKILL)
     threading.Thread(target=killer, daemon=True).start()
     t0 = time.perf_counter()
     try:
@@ -289,7 +448,46 @@ def step_faults(args, ctx) -> dict:
         res["kill_mid_generation"] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:500]}", "server_starts": server.starts}
     finally:
         be.close(); server.stop()
+    if ctx.get("steps_left"):  # the main server was stopped for this step: bring it back for the rest
+        t0 = time.perf_counter()
+        ctx["server"].start()
+        ctx["url"] = ctx["server"].url
+        res["main_server_restart_seconds"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+def server_view(url: str) -> dict:
+    """What the server says it runs with (GET /server_info), the fields these steps depend on."""
+    from es_core.backends.sglang_client import SGLangClient
+
+    try:
+        info = SGLangClient(url).server_info()
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    keys = ("dtype", "enable_deterministic_inference", "attention_backend", "sampling_backend", "lora_backend", "max_loras_per_batch",
+            "disable_radix_cache", "cuda_graph_max_bs", "cuda_graph_max_bs_decode", "version")
+    return {k: info.get(k) for k in keys if k in info}
+
+
+def launch_phases(log: Path) -> dict:
+    """Seconds between the server log's landmarks: imports and setup until the model loads, the
+    decode CUDA-graph capture (its first batch size includes the Triton kernels' JIT compile)."""
+    import re
+
+    stamps = {}
+    marks = {"server_args": "server_args=", "load_weight": "Load weight begin", "capture_begin": "Capture target decode CUDA graph begin",
+             "capture_end": "Capture target decode CUDA graph end", "ready": "Uvicorn running on"}
+    try:
+        text = log.read_text(errors="replace").split("=== ")[-1]  # the last launch in the file
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        m = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]", line)
+        for key, mark in marks.items():
+            if m and mark in line and key not in stamps:
+                stamps[key] = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+    order = [k for k in marks if k in stamps]
+    return {f"{a}->{b}": stamps[b] - stamps[a] for a, b in zip(order, order[1:])}
 
 
 def main(argv=None) -> int:
@@ -312,12 +510,19 @@ def main(argv=None) -> int:
         print("---- server log tail ----\n" + tail, flush=True)
         return 1
     ctx["server"], ctx["url"] = server, server.url
-    res.put("launch", {"ok": True, "seconds": round(t_launch, 1), "url": server.url, "command": shlex.join(server.spec.command())})
+    info = server_view(server.url)
+    ctx["deterministic"] = info.get("enable_deterministic_inference")
+    res.put("launch", {"ok": True, "seconds": round(t_launch, 1), "url": server.url, "command": shlex.join(server.spec.command()), "server_info": info,
+                       "phases": launch_phases(out / "server.log")})
     funcs = {"pytest": step_pytest, "parity": step_parity, "speed": step_speed, "cli": step_cli, "faults": step_faults}
+    todo = [s for s in args.steps if s != "launch"]
     try:
-        for step in args.steps:
-            if step == "launch":
+        for k, step in enumerate(todo):
+            ctx["steps_left"] = todo[k + 1:]
+            if args.deadline and elapsed() > args.deadline:
+                res.put(step, {"skipped": f"--deadline {args.deadline:.0f} s passed (+{elapsed():.0f} s)"})
                 continue
+            print(f"[{time.strftime('%H:%M:%S')} +{elapsed():.0f}s] {step}: starting", flush=True)
             t0 = time.perf_counter()
             try:
                 value = funcs[step](args, ctx)

@@ -415,12 +415,21 @@ def test_docker_compose_config_validates(tmp_path):
 @pytest.mark.sglang
 @pytest.mark.skipif(not os.environ.get("ES_SGLANG_URL"), reason="set ES_SGLANG_URL to a running SGLang server (and ES_SGLANG_BASE_MODEL if its model path is not readable here)")
 def test_real_server_round_trip(tmp_path):
+    """Adapters load, change the text, and are gone after the call; an adapter with B = 0 and
+    zero-padded layers answer exactly as the base model and the unpadded adapter do.
+
+    Exactly, batched, only on a server with --enable-deterministic-inference (GET /server_info): SGLang's
+    default kernels are not batch-invariant, so the same request prefilled in a batch of 2 or of 6 may
+    end in different text after some tokens (the H100, 2026-12-07: the base and the B = 0 adapter
+    parted at token ~20). Sent one row at a time on an otherwise idle server, every step runs at batch
+    size 1 on both sides, so the exact comparison holds on any server."""
     url = os.environ["ES_SGLANG_URL"].split(",")[0].strip()
     probe = SGLangClient(url)
     base = Path(os.environ.get("ES_SGLANG_BASE_MODEL") or probe.model_info()["model_path"])
     if not (base / "config.json").is_file():
         pytest.skip(f"base model folder {base} is not readable here: set ES_SGLANG_BASE_MODEL")
     info = probe.server_info()
+    deterministic = bool(info.get("enable_deterministic_inference"))
     rank = int(info.get("max_lora_rank") or 1)
     modules = [m for m in (info.get("lora_target_modules") or ["q_proj", "v_proj"]) if m in MODULES] or ["q_proj", "v_proj"]
     targets = find_targets_in_folder(base, [0, 1], modules)
@@ -438,9 +447,32 @@ def test_real_server_round_trip(tmp_path):
     prompts = ["Using the numbers [44 19 35], create an equation that equals 98. Let me solve this step by step.\n<think>", "The capital of France is"]
     with SGLangBackend([SGLangClient(url)], checker=AdapterChecker(base, max_rank=rank, target_modules=modules)) as be:
         out = be.generate(refs, prompts, 32)
+        alone = [[be.generate([ref], [prompt], 32)[0][0].text for prompt in prompts] for ref in refs]  # one row in flight at a time
         loaded_after = SGLangClient(url).loaded_adapters()
     text = [[c.text for c in row] for row in out]
     assert all(c.server == url for row in out for c in row)
-    assert text[1] == text[0], "an adapter with B = 0 must answer exactly like the base model"
-    assert text[3] == text[2], "zero-padded layers must not change the model (SGLang zero-fills missing layers)"
+    assert alone[2] != alone[0] and text[2] != text[0], "an adapter with B != 0 must change the text (else it was not applied)"
+    assert alone[1] == alone[0], "an adapter with B = 0 must answer exactly like the base model (one row at a time)"
+    assert alone[3] == alone[2], "zero-padded layers must not change the model (SGLang zero-fills missing layers; one row at a time)"
+    if deterministic:
+        assert text[1] == text[0], "an adapter with B = 0 must answer exactly like the base model (batched, deterministic inference)"
+        assert text[3] == text[2], "zero-padded layers must not change the model (batched, deterministic inference)"
     assert not any(n.startswith("itest_") for n in loaded_after), "adapters must be unloaded after use"
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_the_real_server_test_passes_against_the_strict_fake(tmp_path, monkeypatch, deterministic):
+    """The test above, run against the fake (which answers from each adapter's actual weights): so a
+    backend that sent the wrong adapter, or none, for a row fails it here too."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "base"
+    LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2).save_pretrained(folder)
+    with FakeSGLang(model_path=str(folder), max_lora_rank=4) as fake:
+        if deterministic:  # as SGLang's /server_info reports --enable-deterministic-inference
+            info = fake.state.server_info
+            monkeypatch.setattr(fake.state, "server_info", lambda body: {**info(body), "enable_deterministic_inference": True})
+        monkeypatch.setenv("ES_SGLANG_URL", fake.url)
+        monkeypatch.delenv("ES_SGLANG_BASE_MODEL", raising=False)
+        (tmp_path / "t").mkdir()
+        test_real_server_round_trip(tmp_path / "t")
