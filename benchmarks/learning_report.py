@@ -9,8 +9,11 @@ ledger says of the ES signal (how much the members and the prompts tell apart).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -180,6 +183,16 @@ def slim_copy(data_dir: Path, out: Path) -> Path:
     return out
 
 
+def private_copy(data_dir: Path) -> Ledger:
+    """The data dir's ledger as a copy of its own to read: opening a ledger of an older schema
+    migrates it in place, and the ledgers this reads are often the committed results under
+    docs/results, which a report must leave as they were recorded."""
+    copy = Path(tempfile.mkdtemp(prefix="es-learning-report-"))
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    shutil.copy2(Path(data_dir) / "ledger.duckdb", copy / "ledger.duckdb")
+    return Ledger(copy)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("data_dir", type=Path)
@@ -190,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, default=None, help="the data dir (or slim ledger's folder) of the supervised runs, if not DATA_DIR")
     args = parser.parse_args(argv)
     recipes = RECIPE_SETS[args.recipes]
-    ledger = Ledger(args.data_dir)
-    baseline = Ledger(args.baseline) if args.baseline else None
+    ledger = private_copy(args.data_dir)
+    baseline = private_copy(args.baseline) if args.baseline else None
     final_file = args.data_dir / FINAL_FILE
     final = json.loads(final_file.read_text()) if final_file.is_file() else None
     markdown, points = table(ledger, final, recipes, args.alone, baseline)

@@ -104,3 +104,22 @@ def test_every_learning_recipe_is_a_valid_run_of_the_learning_config(recipe_set)
             key, value = kv.split("=", 1)
             section, name = key.split(".")
             assert str(getattr(getattr(settings, section), name)) == value, (run_id, kv)
+
+
+def test_the_learning_report_leaves_the_ledgers_it_reads_as_recorded(tmp_path, capsys):
+    """The committed ledgers are of older schemas, which opening with Ledger migrates in place: the
+    report reads its own copies, so docs/results keeps what the GPU recorded, byte for byte."""
+    import hashlib
+    import shutil
+
+    from benchmarks import learning_report
+
+    results = Path(__file__).resolve().parents[1] / "docs" / "results"
+    for name in ("learning-2026-12-03", "h100-2026-12-07-exact"):
+        shutil.copytree(results / name, tmp_path / name, ignore=shutil.ignore_patterns("*.log", "*.json", "*.md"))
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.glob("*/ledger.duckdb")}
+    learning_report.main([str(tmp_path / "h100-2026-12-07-exact"), "--recipes", "exact", "--alone",
+                          "--baseline", str(tmp_path / "learning-2026-12-03"), "--png", str(tmp_path / "exact.png")])
+    out = capsys.readouterr().out
+    assert "| ES `wsx-s6e-3` | 500 | 50 |" in out and "57.2% [54.9, 59.6]" in out and "`sft-matched`" in out
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in digest} == digest
