@@ -80,8 +80,8 @@ EXACT: dict[str, list[str]] = {
 # More members, fewer problems each, the same rows a generation (4,096): the exact centre's 52
 # generations at sigma 0.006 (wsx-s6e-3, N 64 x 64 problems) left held-out accuracy flat, and its
 # members' ranking was chance in every generation (split-half r -0.005 on average) while antithetic
-# partners anti-correlated (-0.10 on average against -0.016 by construction): a first-order signal
-# under noise. The random walk an update adds shrinks as 1/sqrt(N) at equal alpha while its expected
+# partners anti-correlated (-0.10 on average, standard error 0.027, against -0.002 shuffled): a
+# first-order signal under noise. The random walk an update adds shrinks as 1/sqrt(N) at equal alpha while its expected
 # gain does not, so N 512 (EGGROLL's regime: many members, few prompts each) at the same alpha, and
 # at 3x alpha (the same walk as N 64). Those runs perturbed layers 0-10 only (77 matrices: this
 # config's lora.layers, which weights space keeps when a config gives them), so the first two stay

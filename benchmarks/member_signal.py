@@ -12,7 +12,13 @@ every prompt of a generation), two measures of whether members differ in quality
 Each is reported beside a null band: the same statistic with every prompt's rewards shuffled across
 members (its mean +- 2 sd over shuffles). Reads the ledger read-only (never migrates it).
 
+One generation's statistic is noisy (its sd is about 1/sqrt(members)); the summary after the table
+pools each run's generations: the mean of each statistic with its standard error, beside the mean of
+its null bands' centres, and how many generations fell above and below their band (chance puts about
+2.5% on each side).
+
     python -m benchmarks.member_signal LEDGER.duckdb [--run RUN ...] [--json OUT]
+    python -m benchmarks.member_signal --from-json OUT      # the summary of rows saved before
 """
 
 from __future__ import annotations
@@ -78,14 +84,50 @@ def signal(rewards: np.ndarray, seed: int = 0, shuffles: int = 50) -> dict:
             "partners_r": round(partners(z), 3), "partners_null": band(null_pair)}
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """Each run's generations pooled: per statistic its mean, standard error, the mean centre of its
+    null bands, and the generations above and below their band."""
+    out = []
+    for run_id in sorted({r["run_id"] for r in rows}):
+        gens = [r for r in rows if r["run_id"] == run_id]
+        summary = {"run_id": run_id, "generations": len(gens)}
+        for stat, null in (("split_half_r", "split_half_null"), ("partners_r", "partners_null")):
+            pairs = [(r[stat], r[null]) for r in gens if r[stat] == r[stat]]  # NaN: no spread to correlate
+            values = np.array([v for v, _ in pairs])
+            name = stat.removesuffix("_r")
+            summary[name] = {
+                "mean": round(float(values.mean()), 3) if len(values) else None,
+                "se": round(float(values.std(ddof=1) / np.sqrt(len(values))), 3) if len(values) > 1 else None,
+                "null_centre": round(float(np.mean([(lo + hi) / 2 for _, (lo, hi) in pairs])), 3) if pairs else None,
+                "above": sum(v > hi for v, (_, hi) in pairs), "below": sum(v < lo for v, (lo, _) in pairs),
+            }
+        out.append(summary)
+    return out
+
+
+def print_summary(rows: list[dict]) -> None:
+    print(f"\n{'run':20} {'gens':>4}  {'split-half r: mean (se)':>24} {'null':>6} {'above/below':>11}  {'partners r: mean (se)':>22} {'null':>6} {'above/below':>11}")
+    for s in summarise(rows):
+        h, p = s["split_half"], s["partners"]
+        print(f"{s['run_id']:20} {s['generations']:>4}  {h['mean']:>16} ({h['se']}) {h['null_centre']:>6} {h['above']:>5}/{h['below']:<5}  "
+              f"{p['mean']:>14} ({p['se']}) {p['null_centre']:>6} {p['above']:>5}/{p['below']:<5}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import duckdb
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("ledger", type=Path)
+    p.add_argument("ledger", type=Path, nargs="?")
     p.add_argument("--run", action="append", help="runs to read (default: every run with samples)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--from-json", type=Path, help="summarise rows a --json run saved (no ledger read)")
     args = p.parse_args(argv)
+    if args.from_json:
+        rows = [r for r in json.loads(args.from_json.read_text()) if not args.run or r["run_id"] in args.run]
+        print_summary(rows)
+        return 0
+    if args.ledger is None:
+        p.error("give a ledger, or --from-json")
     con = duckdb.connect(str(args.ledger), read_only=True)
     try:
         where = "" if not args.run else f"WHERE run_id IN ({', '.join('?' * len(args.run))})"
@@ -104,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{str(r['reliability']):>11} {r['partners_r']:>10} {str(r['partners_null']):>16}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print_summary(results)
     return 0
 
 

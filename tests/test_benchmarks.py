@@ -66,7 +66,7 @@ def test_member_signal_tells_members_that_differ_in_quality_from_members_that_di
     import duckdb
     import numpy as np
 
-    from benchmarks.member_signal import main
+    from benchmarks.member_signal import main, summarise
 
     rng = np.random.default_rng(1)
     path = tmp_path / "ledger.duckdb"
@@ -88,6 +88,13 @@ def test_member_signal_tells_members_that_differ_in_quality_from_members_that_di
     # coin flips: r is chance's (its sd is about 1/sqrt(members) = 0.125), the null band straddles 0
     assert abs(luck["split_half_r"]) < 0.4 and luck["split_half_null"][0] < 0 < luck["split_half_null"][1]
     assert duckdb.connect(str(path), read_only=True).execute("SELECT count(*) FROM samples").fetchone()[0] == 2 * 64 * 64
+    # the pooled summary, from the saved rows: skill's generation lies above its split-half band and
+    # below its partners' band; luck's lies inside both
+    summary = {s["run_id"]: s for s in summarise(json.loads(out.read_text()))}
+    assert summary["skill"]["split_half"]["above"] == 1 and summary["skill"]["partners"]["below"] == 1
+    assert summary["skill"]["partners"]["mean"] == skill["partners_r"] and summary["skill"]["generations"] == 1
+    assert (summary["luck"]["split_half"]["above"], summary["luck"]["split_half"]["below"]) == (0, 0)
+    assert main(["--from-json", str(out)]) == 0
 
 
 @pytest.mark.parametrize("recipe_set", sorted(__import__("benchmarks.learning_runs", fromlist=["RECIPE_SETS"]).RECIPE_SETS))
