@@ -89,6 +89,10 @@ EXACT: dict[str, list[str]] = {
 POPULATION: dict[str, list[str]] = {
     "wsx-n512": ["es.space=weights", "es.centre_rank=576", "es.population=512", "data.prompts_per_generation=8", "es.sigma=0.006",
                  "es.learning_rate=0.012"],
+    # EGGROLL's layout: the same 512 members in 64 groups of 8 (4 antithetic pairs), each group on
+    # its own 8 problems: 512 problems a generation for the same 4,096 rows
+    "wsx-n512-g8": ["es.space=weights", "es.centre_rank=576", "es.population=512", "es.members_per_prompt=8",
+                    "data.prompts_per_generation=512", "es.sigma=0.006", "es.learning_rate=0.012"],
     "wsx-n512-lr3x": ["es.space=weights", "es.centre_rank=576", "es.population=512", "data.prompts_per_generation=8", "es.sigma=0.006",
                       "es.learning_rate=0.036"],
     "wsx-all-n512": ["es.space=weights", "lora.layers=all", "es.centre_rank=576", "es.population=512", "data.prompts_per_generation=8",

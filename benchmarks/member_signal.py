@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,28 +46,50 @@ def reward_matrix(con, run_id: str, generation: int) -> np.ndarray:
 
 
 def normalised(rewards: np.ndarray) -> np.ndarray:
-    """Each prompt's rewards as z-scores across members (the runs' prompt_normalized fitness);
-    a prompt where every member scored the same is all zeros."""
-    sd = rewards.std(0, keepdims=True)
-    return (rewards - rewards.mean(0, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+    """Each prompt's rewards as z-scores across the members that decoded it (the runs'
+    prompt_normalized fitness; NaN where a member did not: es.members_per_prompt's groups); a
+    prompt where every member scored the same is all zeros."""
+    with np.errstate(invalid="ignore"):
+        sd = np.nanstd(rewards, 0, keepdims=True)
+        return (rewards - np.nanmean(rewards, 0, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float | None:
+    keep = ~(np.isnan(a) | np.isnan(b))  # members with prompts on both sides
+    a, b = a[keep], b[keep]
+    return float(np.corrcoef(a, b)[0, 1]) if len(a) > 2 and a.std() > 0 and b.std() > 0 else None
 
 
 def split_half(z: np.ndarray, rng: np.random.Generator, splits: int = 200) -> float:
     n = z.shape[1]
     rs = []
-    for _ in range(splits):
-        perm = rng.permutation(n)
-        a, b = z[:, perm[: n // 2]].mean(1), z[:, perm[n // 2:]].mean(1)
-        if a.std() > 0 and b.std() > 0:
-            rs.append(float(np.corrcoef(a, b)[0, 1]))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a member with no prompt in a half: NaN, left out
+        for _ in range(splits):
+            perm = rng.permutation(n)
+            r = _correlation(np.nanmean(z[:, perm[: n // 2]], 1), np.nanmean(z[:, perm[n // 2:]], 1))
+            if r is not None:
+                rs.append(r)
     return float(np.mean(rs)) if rs else float("nan")
 
 
 def partners(z: np.ndarray) -> float:
-    f = z.mean(1)
+    f = np.nanmean(z, 1)
     if len(f) < 4 or len(f) % 2:
         return float("nan")
-    return float(np.corrcoef(f[0::2], f[1::2])[0, 1])
+    r = _correlation(f[0::2], f[1::2])
+    return float("nan") if r is None else r
+
+
+def shuffled(rewards: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each prompt's rewards shuffled across the members that decoded it."""
+    if not np.isnan(rewards).any():
+        return rng.permuted(rewards, axis=0)
+    out = rewards.copy()
+    for j in range(out.shape[1]):
+        rows = np.flatnonzero(~np.isnan(out[:, j]))
+        out[rows, j] = rng.permutation(out[rows, j])
+    return out
 
 
 def signal(rewards: np.ndarray, seed: int = 0, shuffles: int = 50) -> dict:
@@ -75,9 +98,9 @@ def signal(rewards: np.ndarray, seed: int = 0, shuffles: int = 50) -> dict:
     r_half = split_half(z, rng)
     null_half, null_pair = [], []
     for _ in range(shuffles):
-        shuffled = normalised(rng.permuted(rewards, axis=0))  # each prompt's rewards shuffled across members
-        null_half.append(split_half(shuffled, rng, 20))
-        null_pair.append(partners(shuffled))
+        null = normalised(shuffled(rewards, rng))
+        null_half.append(split_half(null, rng, 20))
+        null_pair.append(partners(null))
     band = lambda xs: [round(float(np.mean(xs) - 2 * np.std(xs)), 3), round(float(np.mean(xs) + 2 * np.std(xs)), 3)]
     return {"members": rewards.shape[0], "prompts": rewards.shape[1], "split_half_r": round(r_half, 3),
             "reliability": round(2 * r_half / (1 + r_half), 3) if r_half > -1 else None, "split_half_null": band(null_half),

@@ -150,6 +150,25 @@ def draw_population(plan: PopulationPlan, layout: NoiseLayout) -> DrawnPopulatio
     return DrawnPopulation(plan, noise, noise.signed(plan.members, plan.sigma))
 
 
+# --- which problems each member decodes ----------------------------------------------------------
+
+
+def problem_groups(population: int, problems: int, members_per_prompt: int = 0) -> list[range] | None:
+    """The problems (indices into the generation's batch) each member decodes: None when every member
+    decodes every problem (members_per_prompt 0, the paper); else EGGROLL's groups, members
+    [k G, (k + 1) G) on problems [k P/n, (k + 1) P/n) for n = N / G groups (antithetic partners,
+    consecutive, share theirs)."""
+    if not members_per_prompt or members_per_prompt >= population:
+        return None
+    if population % members_per_prompt:
+        raise ValueError(f"{members_per_prompt} members a problem do not divide a population of {population}")
+    groups = population // members_per_prompt
+    if problems % groups:
+        raise ValueError(f"{problems} problems do not split evenly over {groups} groups of members")
+    per = problems // groups
+    return [range((i // members_per_prompt) * per, (i // members_per_prompt + 1) * per) for i in range(population)]
+
+
 # --- fitness shaping: rewards -> weights, one signature -----------------------------------------
 
 
@@ -219,6 +238,17 @@ def _finite_matrix(rewards: Sequence[Sequence[float]]) -> torch.Tensor:
 FITNESS: dict[str, Callable[[Sequence[Sequence[float]]], list[float]]] = {"mean_reward": mean_reward, "prompt_normalized": prompt_normalized}
 
 
+def group_fitness(fitness: str, rewards: Sequence[Sequence[float]], members_per_prompt: int = 0) -> list[float]:
+    """FITNESS[fitness] of each group of members on its own problems (rewards[member] over the
+    member's problems, problem_groups' order), so prompt_normalized z-scores a problem among the
+    members that decoded it; one group of all members when members_per_prompt is 0."""
+    size = members_per_prompt or len(rewards)
+    out: list[float] = []
+    for start in range(0, len(rewards), max(size, 1)):
+        out += FITNESS[fitness](rewards[start:start + size])
+    return out
+
+
 # --- tell: the update ----------------------------------------------------------------------------
 
 
@@ -241,6 +271,7 @@ class UpdateRule:
     optimiser: "Optimiser"
     fitness: str = "mean_reward"
     shaping: str = "zscore"
+    members_per_prompt: int = 0  # members decoding the same problems (es.members_per_prompt; 0: all of them)
 
 
 def es_update(state: ESState, population: DrawnPopulation, rewards: Sequence[float], rule: UpdateRule, space: "SearchSpace",

@@ -70,10 +70,14 @@ def score_member(problems: Sequence[Problem], prompts: Sequence[str], completion
 
 
 def score_population(problems: Sequence[Problem], prompts: Sequence[str], completions: Sequence[Sequence[Completion]],
-                     reward_kind: RewardKind = "paper") -> list[MemberScore]:
-    """score_member for each member's completions, each distinct (prompt, completion) scored once."""
+                     reward_kind: RewardKind = "paper", groups: Sequence[Sequence[int]] | None = None) -> list[MemberScore]:
+    """score_member for each member's completions (with `groups`, of its own problems: indices into
+    `problems`), each distinct (prompt, completion) scored once."""
     memo: dict = {}
-    return [score_member(problems, prompts, member, reward_kind, memo) for member in completions]
+    if groups is None:
+        return [score_member(problems, prompts, member, reward_kind, memo) for member in completions]
+    return [score_member([problems[i] for i in own], [prompts[i] for i in own], member, reward_kind, memo)
+            for own, member in zip(groups, completions, strict=True)]
 
 
 def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:

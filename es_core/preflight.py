@@ -244,7 +244,7 @@ def estimate_peak_memory(settings: Settings, shape: ModelShape, model_bytes: int
 
     prompt = PROMPT_TOKENS[settings.prompt.style] + longest_problem_chars
     cache_len = -(-(prompt + g.max_new_tokens - 1) // CACHE_BUCKET) * CACHE_BUCKET
-    batches = [(settings.es.population, settings.data.prompts_per_generation), (1, settings.data.heldout_size)]
+    batches = [(settings.es.population, settings.problems_per_member), (1, settings.data.heldout_size)]
     batches += [(1, s.size) for s in settings.eval.sets]
     rows = max(chunk_layout(m, p, g.max_batch_rows)[0] for m, p in batches)
     groups = max(chunk_layout(m, p, g.max_batch_rows)[1] for m, p in batches)
@@ -338,7 +338,7 @@ def estimate_run_disk(settings: Settings, shape: ModelShape, generations: int) -
     lora, es = settings.lora, settings.es
     per_rank = factor_bytes_per_rank(settings, shape)
     centre_rank = es.centre_rank if es.space == "weights" else lora.rank
-    completions = es.population * settings.data.prompts_per_generation * (4 * settings.generation.max_new_tokens + 200)
+    completions = settings.rows_per_generation * (4 * settings.generation.max_new_tokens + 200)
     once = shape.parameters() * 2 * (2 if settings.warm_start.steps else 1)  # the converted base model, the warm start's
     return DiskEstimate(centre_rank * per_rank, es.population * settings.member_rank * per_rank, completions, once, max(0, generations))
 

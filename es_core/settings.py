@@ -81,11 +81,21 @@ class ESSettings(_Section):
     sigma_scale: Literal["absolute", "weight_rms"] = Field("absolute", description="Weights space: sigma (and the step) in absolute units, or relative to each matrix's RMS (the base weights').")
     generations: int = Field(500, ge=0, description="ES iterations (0: only the warm start and the evaluations, a supervised baseline).")
     seed: int = Field(0, ge=0, description="Run seed: noise of member i in generation g comes from (seed, g, i).")
+    members_per_prompt: int = Field(0, ge=0, description="0: every member on every problem of the generation (the paper). G > 0: EGGROLL's groups: consecutive members in groups of G (antithetic partners together), each group on its own share of the generation's problems (data.prompts_per_generation x G / population each), so a generation covers more problems for the same rows; prompt_normalized fitness then z-scores each problem within its group.")
 
     @model_validator(mode="after")
     def _even_population(self) -> "ESSettings":
         if self.antithetic and self.population % 2:
             raise ValueError(f"population must be even with antithetic pairs (got {self.population})")
+        return self
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> "ESSettings":
+        g = self.members_per_prompt
+        if g and (g < 2 or self.population % g):
+            raise ValueError(f"es.members_per_prompt {g} must be at least 2 and divide es.population {self.population}")
+        if g and self.antithetic and g % 2:
+            raise ValueError(f"es.members_per_prompt {g} must be even with antithetic pairs (partners see the same problems)")
         return self
 
     @model_validator(mode="after")
@@ -257,6 +267,28 @@ class Settings(BaseSettings):
         if self.es.space == "weights" and "layers" not in self.lora.model_fields_set:
             self.lora = self.lora.model_copy(update={"layers": "all"})
         return self
+
+    @model_validator(mode="after")
+    def _problems_split_into_groups(self) -> "Settings":
+        groups = self.member_groups
+        if groups > 1 and self.data.prompts_per_generation % groups:
+            raise ValueError(f"data.prompts_per_generation {self.data.prompts_per_generation} must split evenly over the "
+                             f"{groups} groups of es.members_per_prompt {self.es.members_per_prompt} (population {self.es.population})")
+        return self
+
+    @property
+    def member_groups(self) -> int:
+        """How many groups of members share out a generation's problems (1: all see all)."""
+        return self.es.population // self.es.members_per_prompt if self.es.members_per_prompt else 1
+
+    @property
+    def problems_per_member(self) -> int:
+        return self.data.prompts_per_generation // self.member_groups
+
+    @property
+    def rows_per_generation(self) -> int:
+        """Completions a generation decodes: every member on its problems."""
+        return self.es.population * self.problems_per_member
 
     @property
     def member_rank(self) -> int:

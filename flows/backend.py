@@ -59,11 +59,11 @@ class LazyBackend:
             self._backend = self._open()
         return self._backend
 
-    def generate(self, adapters, prompts, max_new_tokens):
-        return self._get().generate(adapters, prompts, max_new_tokens)
+    def generate(self, adapters, prompts, max_new_tokens, **grouping):
+        return self._get().generate(adapters, prompts, max_new_tokens, **grouping)
 
-    def generate_population(self, members, prompts, max_new_tokens, on_decode=None):
-        return self._get().generate_population(members, prompts, max_new_tokens, on_decode)
+    def generate_population(self, members, prompts, max_new_tokens, on_decode=None, **grouping):
+        return self._get().generate_population(members, prompts, max_new_tokens, on_decode, **grouping)
 
     def close(self) -> None:
         if self._backend is not None:

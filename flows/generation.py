@@ -104,12 +104,12 @@ class ESRun:
     # --- evaluate -------------------------------------------------------------------------------------
 
     def evaluate(self, pipeline: Pipeline, center_sha256: str, inputs: GenerationInputs, members: GenerationMembers) -> Scored:
-        """Every member on the generation's prompts: scores, and the seconds decoding took now."""
+        """Every member on the generation's prompts (or its group's share): scores, and the seconds decoding took now."""
         generation = self.settings.generation
         state = self._evaluate_population(
             quote(self.backend), self.artifacts, center_sha256, quote(inputs.plan), quote(inputs.problems), quote(inputs.prompts),
             generation.max_new_tokens, self.settings.reward.kind, self.model_key, decoding=pipeline.decoding, members=quote(members),
-            return_state=True,
+            members_per_prompt=self.settings.es.members_per_prompt, return_state=True,
         )
         result = state.result()
         # a cached result carries the seconds of the run that decoded it; this generation decoded nothing

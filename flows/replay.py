@@ -22,7 +22,7 @@ from artifacts.ledger import Ledger
 from artifacts.store import ArtifactError, ArtifactStore
 from es_core.countdown.problems import Problem, experiment_problems, training_batch
 from es_core.countdown.prompt import render_prompts
-from es_core.es import Member
+from es_core.es import Member, problem_groups
 from es_core.settings import ConfigError
 from flows.crashed import mark_unfinished_task_runs_crashed
 from flows.recorded import recorded_settings
@@ -91,6 +91,7 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
     train, _, held_out_ids = experiment_problems(settings.data, settings.eval)
     batch = training_batch(settings.data, train, generation, held_out_ids)
     report = ReplayReport(run_id, generation)
+    groups = problem_groups(len(members), len(batch), settings.es.members_per_prompt)  # each member's problems, as the run decoded them
 
     es_model = store.get(run["warm_start_sha256"]) if run.get("warm_start_sha256") else Path(run["base_model"])  # what its ES perturbed
     plan = generation_plan(settings.es, generation, run_space(settings, es_model) if settings.es.space == "weights" else None)  # as the run planned it
@@ -109,8 +110,8 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
                 report.mismatches.append(f"member {m['member']}: rebuilt adapter {sha[:12]} != ledger {m['adapter_sha256'][:12]}")
             _check_stored(store, m["adapter_sha256"], f"member {m['member']}", report)
         update = _replayed(aggregate)(
-            scratch, parent, quote(plan), quote([float(m["reward_mean"]) for m in members]), quote(_sample_rewards(ledger, run_id, generation, members, batch)),
-            update_rule(settings.es),
+            scratch, parent, quote(plan), quote([float(m["reward_mean"]) for m in members]),
+            quote(_sample_rewards(ledger, run_id, generation, members, batch, groups)), update_rule(settings.es),
         )
     report.centre_ok, report.center_sha256 = update["center_sha256"] == row["center_sha256"], row["center_sha256"]
     _check_stored(store, row["center_sha256"], "new centre", report)
@@ -122,11 +123,13 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
     return {"ok": report.ok, "lines": report.lines()}
 
 
-def _sample_rewards(ledger, run_id: str, generation: int, members: list[dict], batch: list[Problem]) -> list[list[float]]:
-    """The members' recorded rewards on each prompt, in the generation's batch order."""
+def _sample_rewards(ledger, run_id: str, generation: int, members: list[dict], batch: list[Problem], groups=None) -> list[list[float]]:
+    """The members' recorded rewards on each prompt, in the generation's batch order (with `groups`,
+    on each member's own problems)."""
     _, rows = ledger.query("SELECT member, problem_id, reward FROM samples WHERE run_id = ? AND generation = ?", [run_id, generation])
     reward = {(member, pid): r for member, pid, r in rows}
-    return [[reward[m["member"], p.id] for p in batch] for m in members]
+    own = groups or [range(len(batch))] * len(members)
+    return [[reward[m["member"], batch[i].id] for i in mine] for m, mine in zip(members, own)]
 
 
 def _check_stored(store: ArtifactStore, sha256: str, what: str, report: ReplayReport) -> None:
@@ -158,7 +161,8 @@ def _reevaluate(settings, run, members, batch: list[Problem], generation, store,
             served = ArtifactStore(Path(scratch) / "served")
             adapters = [(f"replay_g{generation}_m{m['member']:03d}", served_adapter(store, m["adapter_sha256"], served)) for m in members]
             scores = _replayed(evaluate_adapters)(quote(backend), str(served.root), adapters, quote(batch), quote(prompts),
-                                                 settings.generation.max_new_tokens, settings.reward.kind, evaluation_key(settings, model_sha))
+                                                 settings.generation.max_new_tokens, settings.reward.kind, evaluation_key(settings, model_sha),
+                                                 settings.es.members_per_prompt)
         finally:
             backend.close()
     _, rows = Ledger(Path(settings.data_dir)).query(
@@ -171,7 +175,7 @@ def _reevaluate(settings, run, members, batch: list[Problem], generation, store,
         worst = max(worst, diff)
         if diff > 1e-9:
             report.mismatches.append(f"member {m['member']}: re-evaluated reward {reward:.6f} != ledger {float(m['reward_mean']):.6f}")
-        differ = [p.id for p, s in zip(batch, score.samples) if recorded.get((m["member"], p.id)) != s.completion]
+        differ = [s.problem_id for s in score.samples if recorded.get((m["member"], s.problem_id)) != s.completion]
         report.completions_checked += len(score.samples)
         if differ:
             report.mismatches.append(f"member {m['member']}: re-decoding its stored adapter gives other completions than the ledger's "

@@ -12,18 +12,19 @@ from prefect import task
 from artifacts.store import ArtifactStore
 from es_core.backends.base import AdapterRef, BackendError
 from es_core.countdown.problems import Problem
-from es_core.es import PopulationPlan
+from es_core.es import PopulationPlan, problem_groups
 from es_core.evaluation import MemberScore, heldout_summary, score_population
 from tasks.common import CONTENT_CACHE, retry_on
 from tasks.members import GenerationMembers
 
 
-def _scored(generate, problems: list[Problem], prompts: list[str], reward_kind: str) -> tuple[list[MemberScore], float]:
-    """Each member's scores from `generate()` (completions[member][prompt]) and its seconds."""
+def _scored(generate, problems: list[Problem], prompts: list[str], reward_kind: str, groups=None) -> tuple[list[MemberScore], float]:
+    """Each member's scores from `generate()` (completions[member][prompt], or over its `groups`
+    problems) and its seconds."""
     started = time.perf_counter()
     completions = generate()
     seconds = time.perf_counter() - started
-    return score_population(problems, prompts, completions, reward_kind), seconds
+    return score_population(problems, prompts, completions, reward_kind, groups), seconds
 
 
 # what a backend reports as its failure (a server's) is retried, not a bug or an engine's error
@@ -44,8 +45,10 @@ def evaluate_population(
     model_key: str,
     decoding=None,
     members: GenerationMembers | None = None,
+    members_per_prompt: int = 0,
 ) -> dict:
-    """Greedy completions of every prompt under every member of a generation, scored.
+    """Greedy completions of every prompt under every member of a generation (or, with
+    `members_per_prompt`, of each member's group's share: es_core.es.problem_groups), scored.
 
     The members are the centre checkpoint plus their seeds' noise (`members`: built for this centre
     and plan, shared with the generation's other tasks, tasks/members.py); the backend takes them as
@@ -55,15 +58,20 @@ def evaluate_population(
     Retried with backoff on a backend's (a server's) failure."""
     members = members.check(center_sha256, plan) if members is not None else GenerationMembers(artifacts_dir, center_sha256, plan)
     on_decode = decoding.set if decoding is not None else None
-    scores, seconds = _scored(lambda: backend.generate_population(members, prompts, max_new_tokens, on_decode), problems, prompts, reward_kind)
+    groups = problem_groups(len(plan.members), len(problems), members_per_prompt)
+    grouping = {} if groups is None else {"prompt_groups": groups}  # a backend that predates groups is asked as before
+    scores, seconds = _scored(lambda: backend.generate_population(members, prompts, max_new_tokens, on_decode, **grouping), problems, prompts,
+                              reward_kind, groups)
     return {"scores": scores, "generate_seconds": seconds}
 
 
 def _score_adapters(backend, artifacts_dir: str, adapters: list[tuple[str, str | None]], problems: list[Problem], prompts: list[str],
-                    max_new_tokens: int, reward_kind: str) -> list[MemberScore]:
+                    max_new_tokens: int, reward_kind: str, members_per_prompt: int = 0) -> list[MemberScore]:
     store = ArtifactStore(Path(artifacts_dir))
     refs = [AdapterRef(name, store.get(sha) if sha else None) for name, sha in adapters]
-    return _scored(lambda: backend.generate(refs, prompts, max_new_tokens), problems, prompts, reward_kind)[0]
+    groups = problem_groups(len(refs), len(problems), members_per_prompt)
+    grouping = {} if groups is None else {"prompt_groups": groups}
+    return _scored(lambda: backend.generate(refs, prompts, max_new_tokens, **grouping), problems, prompts, reward_kind, groups)[0]
 
 
 @task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_backend_failed)
@@ -76,10 +84,12 @@ def evaluate_adapters(
     max_new_tokens: int,
     reward_kind: str,
     model_key: str,
+    members_per_prompt: int = 0,
 ) -> list[MemberScore]:
-    """Stored adapter artifacts (name, sha256; sha None: the base model) on these prompts, scored:
-    what replay decodes again, from the files the ledger names."""
-    return _score_adapters(backend, artifacts_dir, adapters, problems, prompts, max_new_tokens, reward_kind)
+    """Stored adapter artifacts (name, sha256; sha None: the base model) on these prompts (with
+    `members_per_prompt`, each on its group's share, as the generation decoded them), scored: what
+    replay decodes again, from the files the ledger names."""
+    return _score_adapters(backend, artifacts_dir, adapters, problems, prompts, max_new_tokens, reward_kind, members_per_prompt)
 
 
 @task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_backend_failed,

@@ -10,7 +10,7 @@ from prefect import task
 
 from artifacts.checkpoints import put_checkpoint
 from artifacts.store import ArtifactStore
-from es_core.es import FITNESS, ESState, PopulationPlan, UpdateRule, ask, es_update
+from es_core.es import ESState, PopulationPlan, UpdateRule, ask, es_update, group_fitness
 from es_core.finite import check_finite_update
 from es_core.lora import find_targets_in_folder, init_centre, spec_from_tensors
 from es_core.optimisers import optimiser_named
@@ -47,13 +47,15 @@ def search_description(settings: Settings, model_path: str | Path) -> str:
         what = f"LoRA factors of rank {lora.rank} on {len(targets)} matrices ({span})"
     else:
         what = f"the weights of {len(targets)} matrices ({span}): members rank {es.noise_rank}, centre rank {es.centre_rank}"
-    return f"{what}; {es.population} members x {settings.data.prompts_per_generation} problems, sigma {es.sigma:g} ({es.sigma_scale}), alpha {es.learning_rate:g}"
+    groups = (f" ({settings.data.prompts_per_generation} in all, {settings.member_groups} groups of {es.members_per_prompt} members)"
+              if settings.member_groups > 1 else "")
+    return f"{what}; {es.population} members x {settings.problems_per_member} problems{groups}, sigma {es.sigma:g} ({es.sigma_scale}), alpha {es.learning_rate:g}"
 
 
 def update_rule(es: ESSettings) -> UpdateRule:
     """How the run's settings turn rewards into a step: fitness, shaping, optimiser."""
     optimiser = optimiser_named(es.optimizer, es.learning_rate, (es.adam_beta1, es.adam_beta2), es.adam_eps)
-    return UpdateRule(optimiser, es.fitness, es.shaping)
+    return UpdateRule(optimiser, es.fitness, es.shaping, es.members_per_prompt)
 
 
 @task(cache_policy=CONTENT_CACHE)
@@ -78,11 +80,12 @@ def write_members(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, 
 def aggregate(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, rewards: list[float], sample_rewards: list[list[float]], rule: UpdateRule,
               members: GenerationMembers | None = None) -> dict:
     """theta_{g+1} = theta_g + alpha * (1/N) * sum_i w_i eps_i, w shaped from the members' fitness
-    (es_core.es.FITNESS[rule.fitness] of their rewards on each prompt, `sample_rewards[member][prompt]`;
+    (es_core.es.FITNESS[rule.fitness] of their rewards on each prompt, `sample_rewards[member][prompt]`
+    over the member's own problems, per group of members that decoded the same ones;
     the paper's, mean_reward, is the mean rewards `rewards` as recorded on the members); returns
     the new centre's sha256, the metrics and the fitness."""
     members = members.check(center_sha256, plan) if members is not None else GenerationMembers(artifacts_dir, center_sha256, plan)
-    values = FITNESS[rule.fitness](sample_rewards)
+    values = group_fitness(rule.fitness, sample_rewards, rule.members_per_prompt)
     new_state, metrics = es_update(members.state, members.population, rewards, rule, members.space, None if rule.fitness == "mean_reward" else values)
     check_finite_update(plan.generation, rewards, values, metrics, new_state)  # a NaN centre is never stored
     ref = put_checkpoint(members.store, new_state, members.spec)

@@ -130,3 +130,30 @@ def test_the_learning_report_leaves_the_ledgers_it_reads_as_recorded(tmp_path, c
     out = capsys.readouterr().out
     assert "| ES `wsx-s6e-3` | 500 | 50 |" in out and "57.2% [54.9, 59.6]" in out and "`sft-matched`" in out
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in digest} == digest
+
+
+def test_member_signal_reads_a_grouped_generation_where_each_member_decoded_its_own_problems(tmp_path):
+    """es.members_per_prompt: each group of members decoded its own problems, so the ledger's
+    (member, problem) grid is mostly empty: each problem is normalised among those who decoded it,
+    and members that differ in quality still show it."""
+    import duckdb
+    import numpy as np
+
+    from benchmarks.member_signal import main
+    from es_core.es import problem_groups
+
+    rng = np.random.default_rng(2)
+    path = tmp_path / "ledger.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE samples (run_id VARCHAR, generation INTEGER, member INTEGER, problem_id VARCHAR, reward DOUBLE)")
+    quality = np.repeat(rng.normal(0, 1, 32), 2) * np.tile([1, -1], 32)
+    for m, own in enumerate(problem_groups(64, 64, 16)):
+        for p in own:
+            correct = rng.random() < 1 / (1 + np.exp(-(1.5 * quality[m] + rng.normal(0, 0.3))))
+            con.execute("INSERT INTO samples VALUES ('grouped', 0, ?, ?, ?)", [m, f"p{p:03d}", 1.1 if correct else 0.1])
+    con.close()
+    out = tmp_path / "signal.json"
+    assert main([str(path), "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert (row["members"], row["prompts"]) == (64, 64)
+    assert row["split_half_r"] > row["split_half_null"][1] and row["partners_r"] < row["partners_null"][0]

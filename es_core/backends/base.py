@@ -57,8 +57,11 @@ class InferenceBackend(Protocol):
         ...
 
     def generate_population(self, members: Members, prompts: Sequence[str], max_new_tokens: int,
-                            on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
-        """Greedy completion of every prompt under every member of a generation: result[m][p].
+                            on_decode: Callable[[], None] | None = None,
+                            prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
+        """Greedy completion of every prompt under every member of a generation: result[m][p]; with
+        `prompt_groups`, of member m's own prompts only (indices into `prompts`, as many for every
+        member; es.members_per_prompt): result[m][j] is prompt prompt_groups[m][j]'s.
         `on_decode` is called once decoding is under way and the host has nothing to do until it
         ends (work waiting for it may start)."""
         ...

@@ -57,8 +57,10 @@ class EmbeddedBackend:
         return {"device": _device_name(device), "dtype": str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch."),
                 "lora_dtype": settings.generation.lora_dtype}
 
-    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
-        """Greedy completion of every prompt under every adapter (path None: the base model): result[a][p].
+    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int,
+                 prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
+        """Greedy completion of every prompt under every adapter (path None: the base model): result[a][p]
+        (with `prompt_groups`, of adapter a's own prompts: result[a][j] is prompt_groups[a][j]'s).
         An engine with a centre slot (weights space) takes an adapter of the centre's rank R in that
         slot, and one of rank R + r (a member: the centre's factors, then its own) split between the
         two; adapters that share a centre are decoded together."""
@@ -69,11 +71,12 @@ class EmbeddedBackend:
                 if tensors is not None:
                     check_adapter_matches(tensors, self.engine.targets, self.engine.rank)
                 members.append(tensors)
-            return self._complete(members, [s for _, s in loaded], prompts, max_new_tokens)
+            return self._complete(members, [s for _, s in loaded], prompts, max_new_tokens, prompt_groups=prompt_groups)
         parts = [self._centre_and_own(tensors, scaling, ref) for (tensors, scaling), ref in zip(loaded, adapters)]
         result: list[list[Completion]] = [None] * len(adapters)  # type: ignore[list-item]
         for indices in _groups_by_centre([centre for centre, _ in parts]):
-            out = self._complete([parts[i][1] for i in indices], [1.0] * len(indices), prompts, max_new_tokens, centre=parts[indices[0]][0])
+            out = self._complete([parts[i][1] for i in indices], [1.0] * len(indices), prompts, max_new_tokens, centre=parts[indices[0]][0],
+                                 prompt_groups=None if prompt_groups is None else [prompt_groups[i] for i in indices])
             for i, completions in zip(indices, out):
                 result[i] = completions
         return result
@@ -99,30 +102,34 @@ class EmbeddedBackend:
         return centre, own
 
     def generate_population(self, members: Members, prompts: Sequence[str], max_new_tokens: int,
-                            on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
-        """Every member x every prompt in one batched pass, the members built in memory (their
-        adapter files are not needed). `on_decode`: see PopulationEngine.generate."""
-        return self._complete(members.stacked(), [members.scaling] * len(members), prompts, max_new_tokens, on_decode, members.centre())
+                            on_decode: Callable[[], None] | None = None,
+                            prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
+        """Every member x every prompt (or its `prompt_groups` ones) in one batched pass, the members
+        built in memory (their adapter files are not needed). `on_decode`: see PopulationEngine.generate."""
+        return self._complete(members.stacked(), [members.scaling] * len(members), prompts, max_new_tokens, on_decode, members.centre(),
+                              prompt_groups)
 
     def generate_tensors(self, members: Sequence[LoRATensors | None] | StackedLoRA, prompts: Sequence[str], max_new_tokens: int,
                          scaling: float | None = None, on_decode: Callable[[], None] | None = None,
-                         centre: LoRATensors | None = None) -> list[list[Completion]]:
+                         centre: LoRATensors | None = None, prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         """As generate, from LoRA tensors in memory (no file I/O): a list of members, or a population
         stacked per key (a search space's `members`); scaling defaults to settings.lora's. `on_decode`:
-        see PopulationEngine.generate. `centre`: what every member shares, in the centre slot."""
+        see PopulationEngine.generate. `centre`: what every member shares, in the centre slot.
+        `prompt_groups`: each member's own prompts (generate_population)."""
         s = self.scaling if scaling is None else float(scaling)
         # the engine checks every member against its targets when it fills the slots
         population = members if isinstance(members, StackedLoRA) else list(members)
-        return self._complete(population, [s] * len(members), prompts, max_new_tokens, on_decode, centre)
+        return self._complete(population, [s] * len(members), prompts, max_new_tokens, on_decode, centre, prompt_groups)
 
     def close(self) -> None:
         self.engine.close()
 
     def _complete(self, members, scalings, prompts: Sequence[str], max_new_tokens: int, on_decode=None,
-                  centre: LoRATensors | None = None) -> list[list[Completion]]:
+                  centre: LoRATensors | None = None, prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         with self._lock:
-            out: GenerationOutput = self.engine.generate(ids, members, max_new_tokens, scalings, on_decode=on_decode, centre=centre)
+            out: GenerationOutput = self.engine.generate(ids, members, max_new_tokens, scalings, on_decode=on_decode, centre=centre,
+                                                         prompt_groups=prompt_groups)
         texts = self.tokenizer.batch_decode([t for row in out.tokens for t in row], skip_special_tokens=True)
         result, k = [], 0
         for row, stops in zip(out.tokens, out.stopped):

@@ -207,11 +207,13 @@ class EngineActor:
         driver's, so a benchmark can see both."""
         return {"name": self.name, "pid": os.getpid(), "device": str(self.backend.engine.decoder.device), **engine_info(self.backend.engine)}
 
-    def generate(self, adapters: list[AdapterRef], prompts: list[str], max_new_tokens: int) -> list[list[Completion]]:
-        return self._timed(lambda: self.backend.generate(adapters, prompts, max_new_tokens))
+    def generate(self, adapters: list[AdapterRef], prompts: list[str], max_new_tokens: int, prompt_groups=None) -> list[list[Completion]]:
+        return self._timed(lambda: self.backend.generate(adapters, prompts, max_new_tokens, prompt_groups=prompt_groups))
 
-    def generate_tensors(self, members, prompts: list[str], max_new_tokens: int, scaling: float | None, centre=None) -> list[list[Completion]]:
-        return self._timed(lambda: self.backend.generate_tensors(members, prompts, max_new_tokens, scaling=scaling, centre=centre))
+    def generate_tensors(self, members, prompts: list[str], max_new_tokens: int, scaling: float | None, centre=None,
+                         prompt_groups=None) -> list[list[Completion]]:
+        return self._timed(lambda: self.backend.generate_tensors(members, prompts, max_new_tokens, scaling=scaling, centre=centre,
+                                                                 prompt_groups=prompt_groups))
 
     def timings(self) -> dict:
         return self.last_call
@@ -226,6 +228,16 @@ class EngineActor:
         named = [[dataclasses.replace(c, server=f"ray:{self.name}") for c in row] for row in result]
         self.last_call = {"entered": entered, "left": time.time(), "engine": stats}
         return named
+
+
+def _shard_prompts(prompts: Sequence[str], prompt_groups: Sequence[Sequence[int]] | None, s: "Shard") -> tuple[list[str], list[list[int]] | None]:
+    """A shard's prompts, and with prompt_groups its members' positions in them (a shard's prompt
+    range is then over each member's own prompts)."""
+    if prompt_groups is None:
+        return [prompts[p] for p in s.prompts], None
+    needed = sorted({prompt_groups[m][j] for m in s.members for j in s.prompts})
+    at = {p: i for i, p in enumerate(needed)}
+    return [prompts[p] for p in needed], [[at[prompt_groups[m][j]] for j in s.prompts] for m in s.members]
 
 
 def engine_info(engine) -> dict:
@@ -293,18 +305,23 @@ class RayBackend:
 
     # --- InferenceBackend -------------------------------------------------------------------------
 
-    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
+    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int,
+                 prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         """Greedy completion of every prompt under every adapter (path None: the base model):
-        result[a][p]. The engines read the adapter folders by their path."""
+        result[a][p] (result[a][j]: prompt_groups[a][j]'s). The engines read the adapter folders by their path."""
         adapters, prompts = list(adapters), list(prompts)
-        return self._sharded(len(adapters), len(prompts), lambda actor, s: actor.generate.remote(
-            [adapters[m] for m in s.members], [prompts[p] for p in s.prompts], max_new_tokens))
+
+        def send(actor, s: Shard):
+            own_prompts, groups = _shard_prompts(prompts, prompt_groups, s)
+            return actor.generate.remote([adapters[m] for m in s.members], own_prompts, max_new_tokens, groups)
+
+        return self._sharded(len(adapters), len(prompts) if prompt_groups is None else len(prompt_groups[0]), send)
 
     def generate_tensors(self, members: Sequence[LoRATensors | None] | StackedLoRA, prompts: Sequence[str], max_new_tokens: int,
                          scaling: float | None = None, on_decode: Callable[[], None] | None = None,
-                         centre: LoRATensors | None = None) -> list[list[Completion]]:
+                         centre: LoRATensors | None = None, prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         """As EmbeddedBackend.generate_tensors, each engine sent its own members' tensors only (and
-        the centre they share, if any). A list of members that share their keys, shapes and dtypes
+        the centre they share, if any; with `prompt_groups`, the prompts its members decode only). A list of members that share their keys, shapes and dtypes
         travels stacked (one tensor per key: pickling one tensor per member and key cost seconds a
         call, 64 SmolLM2 members being 26,880 tensors); the engine fills its slots from either
         with the same values, and checks a stacked population's first member only, which with one
@@ -324,15 +341,20 @@ class RayBackend:
                 return population.take(s.members)
             return _stack([population[m] for m in s.members])
 
-        return self._sharded(len(population), len(prompts), lambda actor, s: actor.generate_tensors.remote(
-            part(s), [prompts[p] for p in s.prompts], max_new_tokens, scaling, centre), on_decode)
+        def send(actor, s: Shard):
+            own_prompts, groups = _shard_prompts(prompts, prompt_groups, s)
+            return actor.generate_tensors.remote(part(s), own_prompts, max_new_tokens, scaling, centre, groups)
+
+        per = len(prompts) if prompt_groups is None else len(prompt_groups[0])
+        return self._sharded(len(population), per, send, on_decode)
 
     def generate_population(self, members, prompts: Sequence[str], max_new_tokens: int,
-                            on_decode: Callable[[], None] | None = None) -> list[list[Completion]]:
+                            on_decode: Callable[[], None] | None = None,
+                            prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         """A generation's members (`Members`: `.stacked()`, `.scaling`) as stacked tensors, sharded
-        over the engines: result[m][p]."""
+        over the engines: result[m][p] (result[m][j]: prompt_groups[m][j]'s)."""
         return self.generate_tensors(members.stacked(), prompts, max_new_tokens, scaling=members.scaling, on_decode=on_decode,
-                                     centre=members.centre())
+                                     centre=members.centre(), prompt_groups=prompt_groups)
 
     def close(self) -> None:
         import ray

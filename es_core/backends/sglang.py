@@ -277,17 +277,22 @@ class SGLangBackend:
 
     # --- the InferenceBackend call -------------------------------------------------------------
 
-    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
+    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int,
+                 prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         """Greedy completion of every prompt under every adapter: result[a][p], each Completion
-        naming the server that produced it."""
+        naming the server that produced it; with `prompt_groups`, of adapter a's own prompts only
+        (indices into `prompts`): result[a][j] is prompt prompt_groups[a][j]'s."""
         adapters, prompts = list(adapters), list(prompts)
         if not adapters or not prompts:
             return [[] for _ in adapters]
+        if prompt_groups is not None and len(prompt_groups) != len(adapters):
+            raise ValueError(f"{len(prompt_groups)} prompt groups for {len(adapters)} adapters")
         shards = self.assign(adapters)
         results: list[list[Completion] | None] = [None] * len(adapters)
 
         def run(server: int, positions: list[int]) -> None:
-            out = self._generate_on(self._slots[server], [adapters[i] for i in positions], prompts, max_new_tokens)
+            groups = None if prompt_groups is None else [prompt_groups[i] for i in positions]
+            out = self._generate_on(self._slots[server], [adapters[i] for i in positions], prompts, max_new_tokens, groups)
             for i, completions in zip(positions, out):
                 results[i] = completions
 
@@ -301,14 +306,15 @@ class SGLangBackend:
                     f.result()
         return results  # type: ignore[return-value]
 
-    def generate_population(self, members: Members, prompts: Sequence[str], max_new_tokens: int, on_decode=None) -> list[list[Completion]]:
+    def generate_population(self, members: Members, prompts: Sequence[str], max_new_tokens: int, on_decode=None,
+                            prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         """A generation's members from their adapter folders (the servers load files), sharded as
         `generate` does. `on_decode` is called before the requests go out: the host has nothing to
         do while the servers decode."""
         adapters = members.adapters()
         if on_decode is not None:
             on_decode()
-        return self.generate(adapters, prompts, max_new_tokens)
+        return self.generate(adapters, prompts, max_new_tokens, prompt_groups)
 
     def close(self) -> None:
         """Unload what we still hold on attached servers (best effort), stop launched servers."""
@@ -458,24 +464,26 @@ class SGLangBackend:
 
     # --- internals: generation and recovery ----------------------------------------------------
 
-    def _generate_on(self, slot: _Slot, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
+    def _generate_on(self, slot: _Slot, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int,
+                     prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         names = [self._name(a) for a in adapters]
         encoded = self._encode(prompts)
+        own = [range(len(prompts))] * len(adapters) if prompt_groups is None else [list(g) for g in prompt_groups]
         self._acquire(slot, adapters)
         try:
-            rows = [(a, p) for a in range(len(adapters)) for p in range(len(prompts))]
+            rows = [(a, j, p) for a in range(len(adapters)) for j, p in enumerate(own[a])]  # adapter, its j-th prompt, which
             n_chunks = max(1, math.ceil(len(rows) / self.max_rows_per_request))
             size = math.ceil(len(rows) / n_chunks)
             chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
             futures = [
-                slot.pool.submit(self._request, slot, [encoded[p] for _, p in chunk], [names[a] for a, _ in chunk], max_new_tokens)
+                slot.pool.submit(self._request, slot, [encoded[p] for _, _, p in chunk], [names[a] for a, _, _ in chunk], max_new_tokens)
                 for chunk in chunks
             ]
-            out: list[list[Completion | None]] = [[None] * len(prompts) for _ in adapters]
+            out: list[list[Completion | None]] = [[None] * len(own[a]) for a in range(len(adapters))]
             try:
                 for chunk, future in zip(chunks, futures):
-                    for (a, p), completion in zip(chunk, future.result()):
-                        out[a][p] = completion
+                    for (a, j, _), completion in zip(chunk, future.result()):
+                        out[a][j] = completion
             except BaseException:
                 # Let running requests end before the adapters are unloaded under them (an
                 # unload waits for them on the server and would time out into a restart).

@@ -57,6 +57,18 @@ class EngineStats:
     padded_prompt_len: list[int] = field(default_factory=list)
 
 
+def _check_groups(prompt_groups: Sequence[Sequence[int]], n_members: int, n_prompts: int) -> int:
+    """How many prompts each member decodes, after checking that prompt_groups gives every member as many, in range."""
+    if len(prompt_groups) != n_members:
+        raise ValueError(f"{len(prompt_groups)} prompt groups for {n_members} members")
+    sizes = {len(g) for g in prompt_groups}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"every member needs as many prompts, at least one (got {sorted(sizes)})")
+    if any(not 0 <= p < n_prompts for g in prompt_groups for p in g):
+        raise ValueError(f"a prompt group names a prompt outside the {n_prompts} given")
+    return sizes.pop()
+
+
 def plan_chunks(n_members: int, n_prompts: int, max_rows: int) -> list[tuple[range, range]]:
     """Rectangular (members, prompts) chunks of at most max_rows rows, member-major."""
     if n_members * n_prompts <= max_rows:
@@ -210,8 +222,11 @@ class PopulationEngine:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], members: Sequence[LoRATensors | None] | StackedLoRA, max_new_tokens: int,
                  scalings: Sequence[float] | float = 1.0, eos_ids: Sequence[int] | None = None,
-                 on_decode: Callable[[], None] | None = None, centre: LoRATensors | None = None) -> GenerationOutput:
-        """Greedy completion of every prompt under every member (None: the base model). `on_decode`
+                 on_decode: Callable[[], None] | None = None, centre: LoRATensors | None = None,
+                 prompt_groups: Sequence[Sequence[int]] | None = None) -> GenerationOutput:
+        """Greedy completion of every prompt under every member (None: the base model), or with
+        `prompt_groups` of member m's prompts only (indices into `prompts`, as many for every member:
+        EGGROLL's groups; result[m][j] is prompt prompt_groups[m][j]'s). `on_decode`
         is called once the first chunk's decoding is under way: on CUDA this thread then mostly waits
         on the GPU, so it is when other CPU work of the caller costs decoding least. `centre` (an
         engine built with centre_rank): a LoRA of that rank under every member, in one shared slot,
@@ -226,12 +241,16 @@ class PopulationEngine:
             raise ValueError("every prompt needs at least one token")
         scalings = [float(scalings)] * len(members) if isinstance(scalings, (int, float)) else [float(s) for s in scalings]
         eos = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
+        per = len(prompts) if prompt_groups is None else _check_groups(prompt_groups, len(members), len(prompts))
         self.stats = EngineStats()
-        tokens = [[[] for _ in prompts] for _ in range(len(members))]
-        stopped = [[False for _ in prompts] for _ in range(len(members))]
-        for mems, prs in plan_chunks(len(members), len(prompts), self.max_batch_rows):
+        tokens = [[[] for _ in range(per)] for _ in range(len(members))]
+        stopped = [[False for _ in range(per)] for _ in range(len(members))]
+        for mems, prs in plan_chunks(len(members), per, self.max_batch_rows):
             chunk = members.take(mems) if isinstance(members, StackedLoRA) else [members[m] for m in mems]
-            rows = self._run_chunk([prompts[p] for p in prs], chunk, [scalings[m] for m in mems], max_new_tokens, eos, on_decode, centre)
+            chunk_prompts = ([prompts[p] for p in prs] if prompt_groups is None
+                             else [[prompts[prompt_groups[m][p]] for p in prs] for m in mems])
+            rows = self._run_chunk(chunk_prompts, chunk, [scalings[m] for m in mems], max_new_tokens, eos, on_decode, centre,
+                                   per_member=prompt_groups is not None)
             on_decode = None
             for i, m in enumerate(mems):
                 for j, p in enumerate(prs):
@@ -247,11 +266,13 @@ class PopulationEngine:
     # --- one chunk ------------------------------------------------------------------------
 
     def _run_chunk(self, prompts, members, scalings, max_new: int, eos: tuple[int, ...], on_decode=None,
-                   centre: LoRATensors | None = None) -> list[tuple[list[int], bool]]:
+                   centre: LoRATensors | None = None, per_member: bool = False) -> list[tuple[list[int], bool]]:
+        """`prompts`: the prompts every member decodes, or (`per_member`) each member's own, as many each."""
         dev = self.decoder.device
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        groups, per = len(members), len(prompts)
-        rows, t_pad = groups * per, max(len(p) for p in prompts)
+        groups, per = len(members), len(prompts[0]) if per_member else len(prompts)
+        flat = [p for own in prompts for p in own] if per_member else list(prompts)  # the rows' prompts (shared: one member's)
+        rows, t_pad = groups * per, max(len(p) for p in flat)
         cache_len = _round_up(t_pad + max_new - 1, self.bucket)
 
         t0 = time.perf_counter()
@@ -264,14 +285,15 @@ class PopulationEngine:
         sync()
         t2 = time.perf_counter()
 
-        # left-padded prompts, repeated for every member (rows are member-major)
-        ids = torch.full((per, t_pad), self.pad_id, dtype=torch.long)
-        real = torch.zeros(per, t_pad, dtype=torch.bool)
-        for j, p in enumerate(prompts):
+        # left-padded prompts, rows member-major: shared prompts padded once and repeated for every member
+        ids = torch.full((len(flat), t_pad), self.pad_id, dtype=torch.long)
+        real = torch.zeros(len(flat), t_pad, dtype=torch.bool)
+        for j, p in enumerate(flat):
             ids[j, t_pad - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
             real[j, t_pad - len(p):] = True
-        ids, real = ids.to(dev).repeat(groups, 1), real.to(dev).repeat(groups, 1)  # [N, T]
-        s.start.copy_(torch.tensor([t_pad - len(p) for p in prompts] * groups, dtype=torch.int32))
+        repeat = 1 if per_member else groups
+        ids, real = ids.to(dev).repeat(repeat, 1), real.to(dev).repeat(repeat, 1)  # [N, T]
+        s.start.copy_(torch.tensor([t_pad - len(p) for p in flat] * repeat, dtype=torch.int32))
         self._prefill(s, ids, real, per)
         sync()
         t3 = time.perf_counter()
@@ -302,7 +324,7 @@ class PopulationEngine:
         st.rows += rows
         st.chunks += 1
         st.row_steps += rows * steps
-        st.prompt_tokens += groups * sum(len(p) for p in prompts)
+        st.prompt_tokens += repeat * sum(len(p) for p in flat)
         st.padded_prompt_len.append(t_pad)
 
         eos_set = set(eos)
