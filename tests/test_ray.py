@@ -228,6 +228,22 @@ def test_a_list_of_members_travels_stacked_when_it_can_and_decodes_as_the_local_
 
 
 @pytest.mark.slow
+def test_groups_of_members_decode_their_own_prompts_on_the_engines_as_locally(ray_backend, local_engine, tmp_path):
+    """es.members_per_prompt: each engine is sent its members' own prompts only, and the results come
+    back in each member's order, stacked members and adapter files alike."""
+    from es_core.es import problem_groups
+
+    members = population(local_engine, 4, seed=5)
+    groups = problem_groups(4, len(PROMPTS) - len(PROMPTS) % 2, 2)
+    local = texts(local_engine.generate_tensors(members, PROMPTS, 8, prompt_groups=groups))
+    assert [len(row) for row in local] == [len(groups[0])] * 4
+    assert texts(ray_backend.generate_tensors(members, PROMPTS, 8, prompt_groups=groups)) == local
+    refs = [AdapterRef(f"m{i}", save_adapter({k: v.clone() for k, v in members.member(i).items()}, tmp_path / f"m{i}",
+                                             spec_from_tensors(members.member(i), 4.0))) for i in range(4)]
+    assert texts(ray_backend.generate(refs, PROMPTS, 8, prompt_groups=groups)) == texts(local_engine.generate(refs, PROMPTS, 8, prompt_groups=groups))
+
+
+@pytest.mark.slow
 def test_one_adapter_on_many_prompts_is_split_by_prompts_and_read_from_its_folder(ray_backend, local_engine, tmp_path):
     members = population(local_engine, 1, seed=1)
     tensors = members.member(0)
