@@ -321,11 +321,12 @@ class RayBackend:
                          scaling: float | None = None, on_decode: Callable[[], None] | None = None,
                          centre: LoRATensors | None = None, prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         """As EmbeddedBackend.generate_tensors, each engine sent its own members' tensors only (and
-        the centre they share, if any; with `prompt_groups`, the prompts its members decode only). A list of members that share their keys, shapes and dtypes
-        travels stacked (one tensor per key: pickling one tensor per member and key cost seconds a
-        call, 64 SmolLM2 members being 26,880 tensors); the engine fills its slots from either
-        with the same values, and checks a stacked population's first member only, which with one
-        layout checks them all. Any other list travels as it is.
+        the centre they share, if any; with `prompt_groups`, only the prompts its members decode).
+        A list of members that share their keys, shapes and dtypes travels stacked (one tensor per
+        key: pickling one tensor per member and key cost seconds a call, 64 SmolLM2 members being
+        26,880 tensors); the engine fills its slots from either with the same values, and checks a
+        stacked population's first member only, which with one layout checks them all. Any other
+        list travels as it is.
         `on_decode` is called once every shard is sent: the driver then only waits."""
         prompts = list(prompts)
         population = members if isinstance(members, StackedLoRA) else list(members)
