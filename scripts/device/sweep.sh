@@ -15,7 +15,7 @@ data=${DATA:-/root/esdata} paper=${PAPER:-.devcarry/data/countdown.json}
 alone=(); [ "${ALONE:-0}" = 1 ] && alone=(--one-at-a-time)
 python3 -m benchmarks.learning_runs sweep "$data" --recipes "${RECIPES:-exact}" --generations "${GENERATIONS:-200}" --deadline "${DEADLINE:-480}" "${alone[@]}" --paper "$paper" > "$OUT/sweep.log" 2>&1
 echo "sweep: rc $?"; tail -5 "$OUT/sweep.log"
-timeout 60 python3 -m benchmarks.member_signal "$data/ledger.duckdb" --json "$OUT/member-signal.json" | tail -12
+timeout "${SIGNAL_S:-150}" python3 -m benchmarks.member_signal "$data/ledger.duckdb" --json "$OUT/member-signal.json" | tail -12
 python3 -c "import os, sys; from pathlib import Path; from benchmarks.learning_report import slim_copy; slim_copy(Path(sys.argv[1]), Path(os.environ['OUT']) / 'ledger.duckdb')" "$data"
 tar czf "$OUT/logs.tgz" -C "$data" $(cd "$data" && ls *.log 2>/dev/null)
 grep -h "held-out (centre" "$data"/w*.log | tail -12
