@@ -176,7 +176,7 @@ def test_an_engine_killed_mid_generation_of_a_run_loses_no_sample_and_records_no
     backends, calls = [], []
     generate_tensors = RayBackend.generate_tensors
 
-    def killing_engine_0_in_generation_1(self, members, prompts, max_new_tokens, scaling=None, on_decode=None, centre=None):
+    def killing_engine_0_in_generation_1(self, members, prompts, max_new_tokens, scaling=None, on_decode=None, centre=None, prompt_groups=None):
         calls.append(self)
         if self not in backends:
             backends.append(self)
@@ -189,7 +189,8 @@ def test_an_engine_killed_mid_generation_of_a_run_loses_no_sample_and_records_no
                 if gate is not None:
                     gate()
 
-        return generate_tensors(self, members, prompts, max_new_tokens, scaling=scaling, on_decode=on_decode, centre=centre)
+        return generate_tensors(self, members, prompts, max_new_tokens, scaling=scaling, on_decode=on_decode, centre=centre,
+                                prompt_groups=prompt_groups)
 
     monkeypatch.setattr(RayBackend, "generate_tensors", killing_engine_0_in_generation_1)
     data_dir = run_tiny(tmp_path, "ray-killed", ["runner.kind=ray", f"runner.address={ray_head}", "runner.gpus_per_engine=0", "runner.engines=2"])
