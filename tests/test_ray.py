@@ -234,14 +234,16 @@ def test_groups_of_members_decode_their_own_prompts_on_the_engines_as_locally(ra
     back in each member's order, stacked members and adapter files alike."""
     from es_core.es import problem_groups
 
-    members = population(local_engine, 4, seed=5)
-    groups = problem_groups(4, len(PROMPTS) - len(PROMPTS) % 2, 2)
-    local = texts(local_engine.generate_tensors(members, PROMPTS, 8, prompt_groups=groups))
-    assert [len(row) for row in local] == [len(groups[0])] * 4
-    assert texts(ray_backend.generate_tensors(members, PROMPTS, 8, prompt_groups=groups)) == local
+    # 6 members in 3 groups over 2 engines: each engine's 3 members span two groups' prompts
+    members = population(local_engine, 6, seed=5)
+    prompts = [*PROMPTS, "12 + 30 =", "Once upon a time", "def f(x):"]
+    groups = problem_groups(6, 6, 2)
+    local = texts(local_engine.generate_tensors(members, prompts, 8, prompt_groups=groups))
+    assert [len(row) for row in local] == [2] * 6
+    assert texts(ray_backend.generate_tensors(members, prompts, 8, prompt_groups=groups)) == local
     refs = [AdapterRef(f"m{i}", save_adapter({k: v.clone() for k, v in members.member(i).items()}, tmp_path / f"m{i}",
-                                             spec_from_tensors(members.member(i), 4.0))) for i in range(4)]
-    assert texts(ray_backend.generate(refs, PROMPTS, 8, prompt_groups=groups)) == texts(local_engine.generate(refs, PROMPTS, 8, prompt_groups=groups))
+                                             spec_from_tensors(members.member(i), 4.0))) for i in range(6)]
+    assert texts(ray_backend.generate(refs, prompts, 8, prompt_groups=groups)) == texts(local_engine.generate(refs, prompts, 8, prompt_groups=groups))
 
 
 @pytest.mark.slow
