@@ -28,16 +28,16 @@ class SleepingBackend:
     def __init__(self, seconds: float, tokens: int):
         self.seconds, self.tokens = seconds, tokens
 
-    def generate_population(self, members, prompts, max_new_tokens, on_decode=None):
+    def generate_population(self, members, prompts, max_new_tokens, on_decode=None, prompt_groups=None):
         members.stacked()  # what the engine does before it decodes
         if on_decode is not None:
             on_decode()
-        time.sleep(self.seconds)
-        return [[Completion(f"{TEXT}{m}{p}{ANSWER}", self.tokens, "length", SERVER) for p in range(len(prompts))] for m in range(len(members))]
+        return self.generate([None] * len(members), prompts, max_new_tokens, prompt_groups)
 
-    def generate(self, adapters, prompts, max_new_tokens):
+    def generate(self, adapters, prompts, max_new_tokens, prompt_groups=None):
         time.sleep(self.seconds)
-        return [[Completion(f"{TEXT}{m}{p}{ANSWER}", self.tokens, "length", SERVER) for p in range(len(prompts))] for m in range(len(adapters))]
+        own = prompt_groups or [range(len(prompts))] * len(adapters)
+        return [[Completion(f"{TEXT}{m}{p}{ANSWER}", self.tokens, "length", SERVER) for p in own[m]] for m in range(len(adapters))]
 
     def close(self):
         pass

@@ -59,11 +59,11 @@ class LazyBackend:
             self._backend = self._open()
         return self._backend
 
-    def generate(self, adapters, prompts, max_new_tokens, **grouping):
-        return self._get().generate(adapters, prompts, max_new_tokens, **grouping)
+    def generate(self, adapters, prompts, max_new_tokens, prompt_groups=None):
+        return self._get().generate(adapters, prompts, max_new_tokens, prompt_groups)
 
-    def generate_population(self, members, prompts, max_new_tokens, on_decode=None, **grouping):
-        return self._get().generate_population(members, prompts, max_new_tokens, on_decode, **grouping)
+    def generate_population(self, members, prompts, max_new_tokens, on_decode=None, prompt_groups=None):
+        return self._get().generate_population(members, prompts, max_new_tokens, on_decode, prompt_groups)
 
     def close(self) -> None:
         if self._backend is not None:

@@ -59,8 +59,7 @@ def evaluate_population(
     members = members.check(center_sha256, plan) if members is not None else GenerationMembers(artifacts_dir, center_sha256, plan)
     on_decode = decoding.set if decoding is not None else None
     groups = problem_groups(len(plan.members), len(problems), members_per_prompt)
-    grouping = {} if groups is None else {"prompt_groups": groups}  # a backend that predates groups is asked as before
-    scores, seconds = _scored(lambda: backend.generate_population(members, prompts, max_new_tokens, on_decode, **grouping), problems, prompts,
+    scores, seconds = _scored(lambda: backend.generate_population(members, prompts, max_new_tokens, on_decode, groups), problems, prompts,
                               reward_kind, groups)
     return {"scores": scores, "generate_seconds": seconds}
 
@@ -70,8 +69,7 @@ def _score_adapters(backend, artifacts_dir: str, adapters: list[tuple[str, str |
     store = ArtifactStore(Path(artifacts_dir))
     refs = [AdapterRef(name, store.get(sha) if sha else None) for name, sha in adapters]
     groups = problem_groups(len(refs), len(problems), members_per_prompt)
-    grouping = {} if groups is None else {"prompt_groups": groups}
-    return _scored(lambda: backend.generate(refs, prompts, max_new_tokens, **grouping), problems, prompts, reward_kind, groups)[0]
+    return _scored(lambda: backend.generate(refs, prompts, max_new_tokens, groups), problems, prompts, reward_kind, groups)[0]
 
 
 @task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_backend_failed)

@@ -52,8 +52,10 @@ class Members(Protocol):
 
 
 class InferenceBackend(Protocol):
-    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int) -> list[list[Completion]]:
-        """Greedy completion of every prompt under every adapter: result[a][p]."""
+    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int,
+                 prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
+        """Greedy completion of every prompt under every adapter: result[a][p] (with `prompt_groups`,
+        of adapter a's own prompts: result[a][j] is prompt prompt_groups[a][j]'s)."""
         ...
 
     def generate_population(self, members: Members, prompts: Sequence[str], max_new_tokens: int,
