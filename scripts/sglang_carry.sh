@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs the wheels a GPU machine (Python 3.12, torch 2.11 cu130, triton 3.6, no internet) lacks to
 # run `python -m sglang.launch_server` for a Llama model with dynamic LoRA, the triton attention
-# and LoRA backends and the pytorch sampler, into numbered chunks of at most 48 MiB under
+# and LoRA backends and the pytorch sampler, into numbered chunks of at most 40 MiB (CHUNK_MB) under
 # .devcarry-sglang/ (1..K plus tools/), one folder per transfer (64 MiB a transfer, tree included).
 #
 # The list is the evidence of a static scan of module-level imports reachable from launch_server,
@@ -64,7 +64,7 @@
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
-CHUNK_MB=${CHUNK_MB:-48}
+CHUNK_MB=${CHUNK_MB:-40}
 # The device image, as KINDS.md lists it (2026-11-17); ==VERSION where its pip-list row gives one.
 IMAGE="absl-py accelerate==1.15.0 aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
  certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
