@@ -25,7 +25,12 @@ and a step that would start after `--deadline` seconds is recorded as skipped:
           the main server is stopped for it and started again if steps follow
 Server modes: --deterministic (default; SGLang's --enable-deterministic-inference: batch-invariant
 kernels, so a request's text does not depend on what it was batched with) or --no-deterministic;
---dtype bfloat16 (default) or float32, for the server and the embedded engine alike.
+--dtype bfloat16 (default) or float32, for the server and the embedded engine alike. In float32,
+SGLang's Triton kernels (attention, LoRA) call tl.dot without a precision, which Triton runs in TF32
+(10-bit mantissa inputs) unless TRITON_F32_DEFAULT says otherwise; --triton-f32 sets it on the
+server (default: ieee in float32, the embedded engine's and the reference's precision; tf32 was the
+H100 run of 2026-12-07: 93.0% identical, the float32 reference siding with the embedded engine in
+33 of 34 differing rows). cuBLAS matmuls stay IEEE float32 (SGLang's --enable-tf32-matmul is off).
 Files in $OUT: sglang_real.json, server.log (+ server-faults.log), pytest.log, cli.log (<= 8).
 """
 
@@ -43,6 +48,7 @@ import time
 import traceback
 from pathlib import Path
 
+SMOKE = "configs/experiments/smoke.yaml"
 STEPS = ("launch", "pytest", "parity", "speed", "cli", "faults")
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -63,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra", default="--grammar-backend none --mem-fraction-static 0.6 --log-level info",
                    help="more launch_server flags (shell words), e.g. add --disable-cuda-graph")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the server's and the embedded engine's")
+    p.add_argument("--triton-f32", choices=["ieee", "tf32", "tf32x3"], default=None,
+                   help="the server's TRITON_F32_DEFAULT: float32 tl.dot precision (default: ieee in float32, Triton's own in bfloat16)")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
                    help="launch with --enable-deterministic-inference (batch-invariant kernels; triton attention supports it in 0.5.16)")
     p.add_argument("--cuda-graph-max-bs", type=int, default=0, help="pass --cuda-graph-max-bs N (0: SGLang's default, up to 256 here)")
@@ -71,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--deadline", type=float, default=0.0, help="seconds since start after which no further step starts (0: none)")
     p.add_argument("--cli-generations", type=int, default=12)
+    p.add_argument("--cli-config", default=SMOKE, help="the config the cli step runs (the smoke one, shrunk to the server's slots and rank, or e.g. "
+                   "configs/experiments/smollm2_gpu.yaml as it is, its generations and evaluations cut)")
     p.add_argument("--cli-timeout", type=float, default=240.0, help="seconds the CLI run may take to commit its first generation (cli step)")
     p.add_argument("--python", default="python3")
     args = p.parse_args(argv)
@@ -82,13 +92,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def server_python(python: str) -> str:
-    """The interpreter command for the server: SGLANG_PYTHONPATH first on its PYTHONPATH (via env)."""
+def server_python(python: str, env: dict[str, str] | None = None) -> str:
+    """The interpreter command for the server: SGLANG_PYTHONPATH first on its PYTHONPATH and `env`
+    set (via env)."""
     sg = os.environ.get("SGLANG_PYTHONPATH")
-    if not sg:
+    assigned = dict(env or {})
+    if sg:
+        assigned = {"PYTHONPATH": ":".join(x for x in (sg, os.environ.get("PYTHONPATH", "")) if x), **assigned}
+    if not assigned:
         return python
-    pp = ":".join(x for x in (sg, os.environ.get("PYTHONPATH", "")) if x)
-    return f"env PYTHONPATH={shlex.quote(pp)} {python}"
+    return "env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in assigned.items()) + f" {python}"
+
+
+def server_env(args) -> dict[str, str]:
+    """What the server's environment adds: Triton's float32 dot precision (module docstring)."""
+    precision = args.triton_f32 or ("ieee" if args.dtype == "float32" else None)
+    return {"TRITON_F32_DEFAULT": precision} if precision else {}
 
 
 def launch_extra(args) -> tuple[str, ...]:
@@ -101,8 +120,17 @@ def launch_extra(args) -> tuple[str, ...]:
 
 
 def slots(args) -> int:
-    """Adapters the server batches at once: the larger population of the parity and speed steps."""
-    return max(args.members, args.speed_members)
+    """Adapters the server batches at once: the largest population of the parity, speed and cli steps."""
+    return max(args.members, args.speed_members, cli_population(args) if "cli" in args.steps else 0)
+
+
+def cli_population(args) -> int:
+    """The cli step's population: 8 in the smoke config as the step shrinks it, else its config's."""
+    if args.cli_config == SMOKE:
+        return 8
+    import yaml
+
+    return int((yaml.safe_load(Path(args.cli_config).read_text()).get("es") or {}).get("population", 0))
 
 
 T0 = time.perf_counter()
@@ -203,7 +231,7 @@ def launch(args, base: Path, log: Path, port: int):
     from es_core.backends.sglang_server import LaunchSpec, SGLangServer
 
     spec = LaunchSpec(model_path=str(base), port=port, max_lora_rank=args.rank, lora_target_modules=args.modules,
-                      max_loras_per_batch=slots(args) + 1, max_loaded_loras=2 * slots(args), python=server_python(args.python),
+                      max_loras_per_batch=slots(args) + 1, max_loaded_loras=2 * slots(args), python=server_python(args.python, server_env(args)),
                       lora_backend=args.lora_backend, dtype=args.dtype, extra_args=launch_extra(args))
     server = SGLangServer(spec, log, startup_timeout_s=args.startup_timeout)
     t0 = time.perf_counter()
@@ -364,6 +392,11 @@ def committed(data_dir: Path, run_id: str) -> int | None:
         return None
 
 
+def cli_run_id(config: str) -> str:
+    """The cli step's run id: one per config, so two configs share the step's data dir."""
+    return "sgcli" if config == SMOKE else f"sgcli-{Path(config).stem.replace('_', '-')}"
+
+
 def step_cli(args, ctx) -> dict:
     """The CLI attached to our server (ES_SGLANG_URL), on the converted model the other steps use
     (ES_MODEL__CACHE_DIR: no second GGUF conversion); killed once the ledger holds a committed
@@ -371,17 +404,19 @@ def step_cli(args, ctx) -> dict:
     resumed; the resume must commit every generation."""
     data = ctx["work"] / "cli"
     env = {**os.environ, "ES_SGLANG_URL": ctx["url"], "ES_DATA_DIR": str(data), "ES_MODEL__CACHE_DIR": str(ctx["work"] / "models")}
-    n = args.cli_generations
-    sets = [f"model.name={args.model}", "backend.kind=sglang", f"lora.rank={min(args.rank, 8)}", f"es.generations={n}", "es.population=8", "warm_start.steps=0", "eval.every=0"]
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", "configs/experiments/smoke.yaml", "--run-id", "sgcli"] + [x for s in sets for x in ("--set", s)]
+    n, run_id = args.cli_generations, cli_run_id(args.cli_config)
+    sets = [f"model.name={args.model}", "backend.kind=sglang", f"es.generations={n}", "warm_start.steps=0", "eval.every=0"]
+    if args.cli_config == SMOKE:
+        sets += [f"lora.rank={min(args.rank, 8)}", "es.population=8"]
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", args.cli_config, "--run-id", run_id] + [x for s in sets for x in ("--set", s)]
     log = open(ctx["out"] / "cli.log", "a")
     log.write(f"$ {shlex.join(cmd)}\n"); log.flush()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    res: dict = {"generations": n}
+    res: dict = {"config": args.cli_config, "run_id": run_id, "generations": n}
     seen = None
     while p.poll() is None and time.perf_counter() - t0 < args.cli_timeout:
-        seen = committed(data, "sgcli")
+        seen = committed(data, run_id)
         if seen is not None:
             res["first_commit_seconds"] = round(time.perf_counter() - t0, 1)
             break
@@ -391,15 +426,15 @@ def step_cli(args, ctx) -> dict:
         res["killed"] = True
     else:
         res["killed"] = False
-    res.update(first_rc=p.returncode, first_seconds=round(time.perf_counter() - t0, 1), committed_at_kill=committed(data, "sgcli"))
+    res.update(first_rc=p.returncode, first_seconds=round(time.perf_counter() - t0, 1), committed_at_kill=committed(data, run_id))
     if seen is None:
         res["error"] = f"no generation committed within {args.cli_timeout:.0f} s" if res["killed"] else "the run ended before committing a generation"
-    rcmd = [sys.executable, "-m", "flows.cli", "resume", "sgcli"]
+    rcmd = [sys.executable, "-m", "flows.cli", "resume", run_id]
     log.write(f"\n$ {shlex.join(rcmd)}  (first run killed={res['killed']} after {res['first_seconds']:.0f}s, last committed generation {res['committed_at_kill']})\n"); log.flush()
     t0 = time.perf_counter()
     r = subprocess.run(rcmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600)
     log.close()
-    last = committed(data, "sgcli")
+    last = committed(data, run_id)
     res.update(resume_rc=r.returncode, resume_seconds=round(time.perf_counter() - t0, 1), committed_after_resume=last,
                all_committed=last == n - 1, tail=(ctx["out"] / "cli.log").read_text()[-1200:])
     return res
@@ -495,7 +530,7 @@ def main(argv=None) -> int:
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("SGREAL_WORK", "/tmp/sglang_real")); work.mkdir(parents=True, exist_ok=True)
     res = Results(out)
-    res.put("config", {"argv": sys.argv[1:], "server_python": server_python(args.python), "extra": launch_extra(args), "steps": args.steps})
+    res.put("config", {"argv": sys.argv[1:], "server_python": server_python(args.python, server_env(args)), "extra": launch_extra(args), "steps": args.steps})
     t0 = time.perf_counter()
     base = base_model(args, work)
     ctx = {"args": args, "out": out, "work": work, "base": base}

@@ -20,6 +20,20 @@ def test_server_python_puts_sglang_site_first(monkeypatch):
     assert server_python("python3") == "python3"
 
 
+def test_float32_servers_run_tritons_dots_in_ieee_float32(monkeypatch):
+    """Triton runs a float32 tl.dot in TF32 unless told: the float32 parity run of 2026-12-07 had
+    SGLang's attention and LoRA kernels in TF32 against an IEEE embedded engine."""
+    from benchmarks.sglang_real import server_env
+
+    monkeypatch.setenv("SGLANG_PYTHONPATH", "/root/sgsite")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert server_env(parse_args(["--dtype", "float32"])) == {"TRITON_F32_DEFAULT": "ieee"}
+    assert server_env(parse_args([])) == {}
+    assert server_env(parse_args(["--dtype", "float32", "--triton-f32", "tf32"])) == {"TRITON_F32_DEFAULT": "tf32"}
+    command = server_python("python3", server_env(parse_args(["--dtype", "float32"])))
+    assert command == "env PYTHONPATH=/root/sgsite TRITON_F32_DEFAULT=ieee python3"
+
+
 def test_first_diff():
     assert first_diff([1, 2, 3], [1, 2, 4]) == 2
     assert first_diff([1, 2], [1, 2]) is None
@@ -145,3 +159,15 @@ def test_gap_summary_bins_are_disjoint_and_no_ledger_reads_as_nothing_committed(
     assert sum(g["abs_gap_hist"].values()) == 2 and g["abs_gap_hist"]["0.0-0.05"] == 1 and g["abs_gap_hist"]["0.25-0.5"] == 1
     assert g["reference_picks"] == {"embedded": 1, "sglang": 1, "other": 0} and g["rows"] == 3
     assert committed(tmp_path, "sgcli") is None
+
+
+def test_the_cli_step_runs_a_named_config_on_a_server_with_slots_for_its_population():
+    """smollm2_gpu.yaml's 32 members must fit the launched server's adapter slots, and its run may
+    share the step's data dir with the smoke run."""
+    from benchmarks.sglang_real import cli_run_id, slots
+
+    gpu = "configs/experiments/smollm2_gpu.yaml"
+    assert slots(parse_args(["--steps", "launch,cli", "--cli-config", gpu])) == 32
+    assert slots(parse_args(["--steps", "launch,parity", "--cli-config", gpu])) == 8  # no cli step: the parity members only
+    assert slots(parse_args(["--steps", "launch,cli"])) == 8
+    assert cli_run_id(gpu) == "sgcli-smollm2-gpu" and cli_run_id(parse_args([]).cli_config) == "sgcli"
