@@ -4,6 +4,7 @@ centre slot decodes what a rank R + r adapter does."""
 
 import json
 import math
+from dataclasses import replace
 
 from artifacts.ledger import Ledger
 
@@ -137,6 +138,77 @@ def test_equal_weights_move_nothing_and_an_empty_core_stays_zero():
     assert b.shape == (5, 2) and a.shape == (2, 3) and float(dropped) == 0.0
 
 
+# --- a member's record: a few hundred bytes, the member drawn again from it ------------------------
+
+
+def stored_generation(tmp_path, scales=None, population=4):
+    """A weights-space centre checkpoint (rank 4, random) in a store, and generation 1's members of it."""
+    from artifacts.checkpoints import put_checkpoint
+    from artifacts.store import ArtifactStore
+    from es_core.es import ESState
+    from es_core.lora import spec_from_tensors
+    from es_core.weights_space import WeightsSpace
+    from tasks.members import GenerationMembers
+
+    space = WeightsSpace(1, 4, () if scales is None else tuple(zip((t.key_a for t in TARGETS), scales)))
+    g = torch.Generator().manual_seed(2)
+    centre = {k: torch.randn(v.shape, generator=g) for k, v in weights_layout(TARGETS, 1, 4).template(4).items()}
+    store = ArtifactStore(tmp_path / "artifacts")
+    sha = put_checkpoint(store, ESState(centre, 1), spec_from_tensors(centre, 4.0)).sha256
+    return store, GenerationMembers(str(store.root), sha, ask(7, 1, population, 0.05, space=space))
+
+
+@pytest.mark.parametrize("scales", [None, [0.5, 1.0, 2.0]], ids=["absolute", "weight_rms"])
+def test_a_members_record_is_a_few_hundred_bytes_and_serves_the_member_its_factor_files_did(tmp_path, scales):
+    """The artifact the ledger names for a weights-space member holds no tensors: its centre's id,
+    seed, sign, sigma, r and the sigma scales. Served, it is bit for bit the member its generation
+    decoded, and the member its factor files (how members were stored before) serve."""
+    from artifacts.store import ArtifactStore
+    from es_core.lora import load_adapter
+    from es_core.weights_space import MemberRecord, factor_record_files
+    from tasks.members import served_adapter
+
+    store, members = stored_generation(tmp_path, scales)
+    stacked, decoded = members.stacked(), []
+    scratch = ArtifactStore(tmp_path / "scratch")
+    for i, ref in enumerate(members.adapter_files()):
+        files = sorted(p.name for p in ref.path.iterdir())
+        record = MemberRecord.from_bytes((ref.path / "es_member.json").read_bytes(), "record")
+        assert files == ["es_member.json"] and store.size(ref.sha256) < (600 if scales is None else 900)
+        assert (record.centre_sha256, record.seed, record.sign, record.sigma) == (members.center_sha256, members.plan.members[i].seed, members.plan.members[i].sign, 0.05)
+        old = store.put_files(factor_record_files(stacked.member(i), members.spec, 1, members.center_sha256))
+        assert members.factor_record_sha256s()[i] == old.sha256
+        joined, spec = members.space.adapter(members.state.centre, members.spec, stacked, i)  # what the run served
+        for sha in (ref.sha256, old.sha256):
+            served, served_spec = load_adapter(scratch.get(served_adapter(store, sha, scratch)))
+            assert served_spec == spec and served.keys() == joined.keys() and all(torch.equal(served[k], joined[k]) for k in joined)
+        decoded.append(served)
+    assert not torch.equal(decoded[0][TARGETS[0].key_b], decoded[1][TARGETS[0].key_b])  # partners differ: the sign is kept
+
+
+def test_a_member_record_that_cannot_be_served_is_one_line_naming_it(tmp_path):
+    from artifacts.store import ArtifactError, ArtifactStore
+    from es_core.weights_space import MemberRecord
+    from tasks.members import served_adapter
+
+    store, members = stored_generation(tmp_path)
+    scratch = ArtifactStore(tmp_path / "scratch")
+    record = MemberRecord.from_bytes((members.adapter_files()[0].path / "es_member.json").read_bytes(), "record")
+    cases = {
+        "missing centre": (replace(record, centre_sha256="ab" * 32).to_bytes(), f"the member's centre {'ab' * 32} is not in {store.root}"),
+        "other noise scheme": (replace(record, noise_scheme="torch-randn").to_bytes(), "draws its noise by torch-randn"),
+        "scales of other targets": (replace(record, sigma_scales=(1.0, 2.0)).to_bytes(), "has 2 sigma scales, its centre 3 targets"),
+        "no seed": (b'{"centre_sha256": "%s", "space": "weights"}' % record.centre_sha256.encode(), "a weights-space member record needs 'seed'"),
+        "not JSON": (b"{", "not valid JSON"),
+    }
+    for what, (data, message) in cases.items():
+        ref = store.put_files({"es_member.json": data})
+        with pytest.raises(ArtifactError) as caught:
+            served_adapter(store, ref.sha256, scratch)
+        error = str(caught.value)
+        assert "\n" not in error and error.startswith(f"{ref.path / 'es_member.json'}: ") and message in error, (what, error)
+
+
 # --- the engine: the centre in one shared slot ------------------------------------------------
 
 
@@ -221,6 +293,7 @@ def test_a_weights_space_run_moves_its_centre_and_replays_and_resumes_bit_identi
     from flows.es_countdown import es_countdown
     from flows.replay import replay
     from es_core.lora import load_adapter
+    from es_core.weights_space import MemberRecord, own_factors
     from tests.fake_sglang import FakeSGLang
     from tasks.members import served_adapter
     from tests.test_pipeline import generation_hashes
@@ -245,18 +318,74 @@ def test_a_weights_space_run_moves_its_centre_and_replays_and_resumes_bit_identi
     assert all(0 < kept <= 1 and norm > 0 for kept, norm in rows), rows
     state, spec = load_checkpoint(ArtifactStore(tmp_path / "clean" / "artifacts"), clean[-1][2])
     assert spec.rank == 3 and spec.lora_alpha == 3.0 and len(state.centre) == 2 * 2 * 7  # 2 layers x 7 projections
-    # a member's file is its own rank-1 factors and the centre it perturbs (generation 3's parent);
-    # the server got the two joined (rank 3 + 1), whose first 3 factors are that centre's
+    # a member's file is its record: the centre it perturbs (generation 3's parent) and its seed; the
+    # server got the two joined (rank 3 + 1), whose first 3 factors are that centre's
     store = ArtifactStore(tmp_path / "clean" / "artifacts")
     member = ledger.member_rows("w", 3)[0]
     folder = store.get(member["adapter_sha256"])
-    own, own_spec = load_adapter(folder)
-    assert own_spec.rank == 1 and json.loads((folder / "es_member.json").read_text())["centre_sha256"] == clean[3][1]
+    record = MemberRecord.from_bytes((folder / "es_member.json").read_bytes(), str(folder))
+    assert [p.name for p in folder.iterdir()] == ["es_member.json"] and record.noise_rank == 1 and record.centre_sha256 == clean[3][1]
+    assert (record.seed, record.sign) == (member["seed"], member["sign"])
     parent, _ = load_checkpoint(store, clean[3][1])
+    own = own_factors(record, parent.centre)
     joined, joined_spec = load_adapter(ArtifactStore(tmp_path / "scratch").get(served_adapter(store, member["adapter_sha256"], ArtifactStore(tmp_path / "scratch"))))
     assert joined_spec.rank == 4
     assert all(torch.equal(joined[k][:3] if "lora_A" in k else joined[k][:, :3], parent.centre[k]) for k in parent.centre)
     assert all(torch.equal(joined[k][3:] if "lora_A" in k else joined[k][:, 3:], own[k]) for k in own)
+
+
+def stored_as_before_records(data_dir) -> None:
+    """Rewrite a weights-space data dir as it was stored before member records: each member its own
+    rank-r factors beside es_member.json naming its centre (weights_space.factor_record_files),
+    the ledger's members naming those; the records are gone."""
+    import duckdb
+
+    from artifacts.checkpoints import load_checkpoint
+    from artifacts.store import ArtifactStore
+    from es_core.weights_space import MemberRecord, factor_record_files, own_factors
+
+    store = ArtifactStore(data_dir / "artifacts")
+    con = duckdb.connect(str(data_dir / "ledger.duckdb"))
+    try:
+        for run_id, generation, member, sha in con.execute("SELECT run_id, generation, member, adapter_sha256 FROM members").fetchall():
+            folder = store.get(sha)
+            record = MemberRecord.from_bytes((folder / "es_member.json").read_bytes(), str(folder))
+            state, spec = load_checkpoint(store, record.centre_sha256)
+            old = store.put_files(factor_record_files(own_factors(record, state.centre), spec, record.noise_rank, record.centre_sha256))
+            con.execute("UPDATE members SET adapter_sha256 = ?, adapter_path = ? WHERE run_id = ? AND generation = ? AND member = ?",
+                        [old.sha256, str(old.path), run_id, generation, member])
+            store.remove(sha)
+    finally:
+        con.close()
+
+
+def test_a_data_dir_stored_before_member_records_still_verifies_and_replays(tmp_path, prefect_harness, model_cache, monkeypatch,
+                                                                             smollm2_tokenizer):
+    """Ledgers written before member records name each weights-space member's factor files: verify
+    finds them intact, gc keeps them, and replay rebuilds them in that form and decodes them again."""
+    from artifacts.commands import gc, verify
+    from artifacts.store import ArtifactStore
+    from flows.es_countdown import es_countdown
+    from flows.replay import replay
+    from tests.fake_sglang import FakeSGLang
+
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    config = tmp_path / "weights.yaml"
+    config.write_text(WEIGHTS_RUN.format(generations=2))
+    data = tmp_path / "data"
+    with FakeSGLang(max_lora_rank=4, decode=smollm2_tokenizer.decode) as fake:
+        monkeypatch.setenv("ES_SGLANG_URL", fake.url)
+        es_countdown(config_path=str(config), run_id="w", data_dir=str(data))
+        stored_as_before_records(data)
+        result = replay("w", 1, str(data), reevaluate=True)
+    assert result["ok"], result["lines"]
+    store = ArtifactStore(data / "artifacts")
+    member = Ledger(data).member_rows("w", 1)[0]
+    assert sorted(p.name for p in store.get(member["adapter_sha256"]).iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "es_member.json"]
+    text, ok = verify(data)
+    assert ok and text.endswith(" 0 missing, 0 corrupt\n"), text
+    gc(data, yes=True, min_age_s=0)  # the joined members served to SGLang, which nothing names, go
+    assert verify(data) == (text, True)
 
 
 def test_sigma_relative_to_the_weights_rms_scales_each_matrix_by_its_own(model_cache):
