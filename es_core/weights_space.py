@@ -225,7 +225,8 @@ def exact(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     the change itself on its wider side and an identity on the other (B = change, A = [I; 0] when
     in <= out; A = change, B = [I, 0] otherwise), zero-padded to `rank`, in float32. With R at least
     every target's min(out, in) the centre is the accumulated change in float32, the paper's
-    master-weights precision, kept as an ordinary adapter (rank 576 at SmolLM2-135M)."""
+    master-weights precision, kept as an ordinary adapter (rank 576 at SmolLM2-135M); stored as the
+    change alone (`stored_centre`), the identity and the padding being ~40% of these factors."""
     *batch, out_f, in_f = change.shape
     b_new = torch.zeros(*batch, out_f, rank, dtype=torch.float32)
     a_new = torch.zeros(*batch, rank, in_f, dtype=torch.float32)
@@ -249,6 +250,52 @@ def dense_of(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     if out_f < in_f and torch.equal(b[..., :out_f], torch.eye(out_f).expand_as(b[..., :out_f])) and not b[..., out_f:].any():
         return a[..., :out_f, :].double()
     return b.double() @ a.double()
+
+
+def exact_change(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+    """The change [out, in] that `exact` made these factors of (b [out, R], a [R, in], float32), when
+    exact(change, R) gives back these very bits; None for any other factors."""
+    out_f, rank, in_f = b.shape[0], b.shape[1], a.shape[1]
+    if rank < min(out_f, in_f) or b.dtype != torch.float32 or a.dtype != torch.float32:
+        return None
+    change = b[:, :in_f] if in_f <= out_f else a[:out_f]
+    b_back, a_back = exact(change, rank)
+    same = lambda x, y: torch.equal(x.view(torch.int32), y.contiguous().view(torch.int32))  # noqa: E731 - bits, so -0.0 is not 0.0
+    return change if same(b_back, b) and same(a_back, a) else None
+
+
+CHANGE_SUFFIX = ".change"  # a stored centre's key for an exact target's change: `<PEFT prefix><module path>.change`
+
+
+def stored_centre(centre: LoRATensors) -> LoRATensors:
+    """A centre as it is stored: each exact target (`exact`'s factors) as its change alone [out, in],
+    without the identity and zero padding (about 40% of an exact centre's factors at SmolLM2, R 576),
+    every other target's factors as they are. `centre_of_stored` gives back the same tensors."""
+    out: LoRATensors = {}
+    for key_a, a in centre.items():
+        if not key_a.endswith("lora_A.weight"):
+            continue
+        key_b = key_a.replace("lora_A.weight", "lora_B.weight")
+        change = exact_change(centre[key_b], a)
+        if change is None:
+            out[key_a], out[key_b] = a, centre[key_b]
+        else:
+            out[key_a.removesuffix(".lora_A.weight") + CHANGE_SUFFIX] = change
+    return dict(sorted(out.items()))
+
+
+def centre_of_stored(stored: LoRATensors, rank: int) -> LoRATensors:
+    """`stored_centre`'s inverse at the centre's rank: each change as `exact`'s factors again."""
+    out: LoRATensors = {}
+    for key, value in stored.items():
+        if not key.endswith(CHANGE_SUFFIX):
+            out[key] = value
+            continue
+        if value.dim() != 2 or value.dtype != torch.float32 or min(value.shape) > rank:
+            raise ValueError(f"{key}: a change of shape {tuple(value.shape)} ({value.dtype}) is not an exact target of a rank-{rank} centre")
+        path = key.removesuffix(CHANGE_SUFFIX)
+        out[f"{path}.lora_B.weight"], out[f"{path}.lora_A.weight"] = exact(value, rank)
+    return dict(sorted(out.items()))
 
 
 def truncate(u: torch.Tensor, v: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -426,7 +473,7 @@ def own_factors(record: MemberRecord, centre: LoRATensors) -> LoRATensors:
 def factor_record_files(own: LoRATensors, centre_spec: AdapterSpec, noise_rank: int, centre_sha256: str) -> dict[str, bytes]:
     """A member's artifact as it was before `MemberRecord`: its own rank-r factors as a PEFT folder
     and es_member.json naming its centre (1.2 MB at every layer of SmolLM2). Ledgers of that time
-    name these: replay rebuilds them to compare, tasks.members.served_adapter still serves them."""
+    name these: replay rebuilds them to compare, artifacts.checkpoints.adapter_folder still serves them."""
     note = (json.dumps({"space": "weights", "centre_sha256": centre_sha256}, sort_keys=True) + "\n").encode()
     return {**adapter_files(own, spec_of_rank(centre_spec, noise_rank)), MEMBER_FILE: note}
 

@@ -18,11 +18,11 @@ from functools import cached_property
 from pathlib import Path
 
 from artifacts.checkpoints import load_checkpoint, put_adapter_folder
-from artifacts.store import ArtifactError, ArtifactRef, ArtifactStore, files_sha256
+from artifacts.store import ArtifactRef, ArtifactStore, files_sha256
 from es_core.backends.base import AdapterRef
 from es_core.es import DrawnPopulation, ESState, NoiseLayout, PopulationPlan
-from es_core.lora import ADAPTER_WEIGHTS, AdapterSpec, StackedLoRA, load_adapter
-from es_core.weights_space import MEMBER_FILE, MemberRecord, factor_record_files, member_adapter, own_factors, record_centre_sha256, spec_of_rank
+from es_core.lora import AdapterSpec, StackedLoRA
+from es_core.weights_space import factor_record_files
 from es_core.search_space import SearchSpace, search_space
 
 
@@ -113,32 +113,6 @@ class GenerationMembers:
     def _served_files(self) -> list[ArtifactRef]:
         stacked, centre = self._stacked, self.state.centre
         return [put_adapter_folder(self.store, *self.space.adapter(centre, self.spec, stacked, i)) for i in range(len(stacked))]
-
-
-def served_adapter(store: ArtifactStore, sha256: str, scratch: ArtifactStore) -> str:
-    """The artifact a backend loads for a member the ledger names, put into `scratch`: itself, or for
-    a weights-space member the whole member, its centre joined to its own factors (drawn again from
-    its record, or read from its factor files as members were stored before records); its sha256."""
-    folder = store.get(sha256)
-    if not (folder / MEMBER_FILE).is_file():
-        return scratch.put_dir(folder).sha256
-    where = folder / MEMBER_FILE
-    data = where.read_bytes()
-    try:
-        centre_sha = record_centre_sha256(data, str(where))
-        if not store.exists(centre_sha):
-            raise ValueError(f"{where}: the member's centre {centre_sha} is not in {store.root}")
-        state, spec = load_checkpoint(store, centre_sha)
-        if (folder / ADAPTER_WEIGHTS).is_file():  # a member stored before records: its own factors
-            own, own_spec = load_adapter(folder)
-            rank = own_spec.rank
-        else:
-            record = MemberRecord.from_bytes(data, str(where))
-            own, rank = own_factors(record, state.centre), record.noise_rank
-    except ValueError as exc:  # a malformed record or a missing centre: one line, naming the file
-        message = str(exc) if str(where) in str(exc) else f"{where}: {exc}"
-        raise ArtifactError(message) from None
-    return put_adapter_folder(scratch, member_adapter(state.centre, own), spec_of_rank(spec, spec.rank + rank)).sha256
 
 
 def run_noise_layout(artifacts_dir: str, center_sha256: str, plan: PopulationPlan) -> NoiseLayout:
