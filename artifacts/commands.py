@@ -252,13 +252,31 @@ def cached_results_naming(task_results: Path, shas: set[str]) -> list[Path]:
     return found
 
 
+def centres_named_by_members(store: ArtifactStore, shas) -> dict[str, str]:
+    """{centre sha256: a member naming it} for the weights-space members among `shas`: a member's
+    record (es_member.json) is that centre plus what its seed draws, nothing without it, so what
+    the ledger names keeps (gc) and checks (verify) the centres its members name too."""
+    from es_core.weights_space import MEMBER_FILE, record_centre_sha256  # torch: sql and runs do without it
+
+    named = {}
+    for sha in sorted(shas):
+        note = store.path(sha) / MEMBER_FILE
+        if note.is_file():
+            try:
+                named.setdefault(record_centre_sha256(note.read_bytes(), str(note)), sha)
+            except (OSError, ValueError):
+                continue  # not a record of ours: verify judges its bytes, not its meaning
+    return named
+
+
 def gc_plan(data_dir, min_age_s: float = 86400.0) -> GcPlan:
-    """Artifacts no ledger row references (any column named *_sha256), older than min_age_s, and
-    the cached task results that name them."""
+    """Artifacts no ledger row references (any column named *_sha256), nor a member it references
+    (its centre), older than min_age_s, and the cached task results that name them."""
     check_min_age(min_age_s)
     ledger = open_ledger(data_dir)
     store = ArtifactStore(ledger.data_dir / ARTIFACTS_DIR)
     referenced = ledger.referenced_sha256()
+    referenced |= set(centres_named_by_members(store, referenced))
     plan = GcPlan()
     for sha, _ in store.iter_artifacts():
         if sha in referenced:
@@ -315,7 +333,8 @@ def _gc(root: Path, yes: bool, min_age_s: float, note: str) -> str:
 
 
 def verify(data_dir, run_id: str | None = None) -> tuple[str, bool]:
-    """Rehash every artifact the ledger references (of one run, or all): (text, all intact). The
+    """Rehash every artifact the ledger references (of one run, or all), and the centres its
+    weights-space members name: (text, all intact). The
     text has one line per missing artifact (its folder) and per corrupt one (the file whose bytes
     differ, from the artifact's manifest), each with the ledger columns that reference it, then a
     summary line."""
@@ -326,6 +345,8 @@ def verify(data_dir, run_id: str | None = None) -> tuple[str, bool]:
     referenced: dict[str, list[str]] = {}
     for sha, table, column in ledger.artifact_references(run_id):
         referenced.setdefault(sha, []).append(f"{table}.{column}")
+    for centre, member in centres_named_by_members(store, list(referenced)).items():
+        referenced.setdefault(centre, []).append(f"the member {member[:12]}")
     lines, missing, corrupt = [], 0, 0
     for sha, where in sorted(referenced.items()):
         try:

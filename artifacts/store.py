@@ -116,6 +116,11 @@ def hash_dir(folder: str | Path) -> str:
     return hashlib.sha256(manifest.encode()).hexdigest()
 
 
+def files_sha256(files: dict[str, bytes]) -> str:
+    """The id `ArtifactStore.put_files(files)` gives, computed without writing."""
+    return hashlib.sha256(manifest_text((rel, hashlib.sha256(data).hexdigest()) for rel, data in files.items()).encode()).hexdigest()
+
+
 def _parse_manifest(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():

@@ -190,8 +190,13 @@ def adapter_files(tensors: LoRATensors, spec: AdapterSpec) -> dict[str, bytes]:
     """A PEFT adapter folder's files (adapter_config.json, adapter_model.safetensors) as bytes."""
     return {
         ADAPTER_WEIGHTS: safetensors_bytes({k: v.to(torch.float32) for k, v in tensors.items()}),
-        ADAPTER_CONFIG: (json.dumps(spec.peft_config(), indent=2, sort_keys=True) + "\n").encode(),
+        ADAPTER_CONFIG: adapter_config_bytes(spec),
     }
+
+
+def adapter_config_bytes(spec: AdapterSpec) -> bytes:
+    """adapter_config.json's bytes."""
+    return (json.dumps(spec.peft_config(), indent=2, sort_keys=True) + "\n").encode()
 
 
 def save_adapter(tensors: LoRATensors, folder: str | Path, spec: AdapterSpec) -> Path:
@@ -210,21 +215,39 @@ def load_adapter(folder: str | Path) -> tuple[LoRATensors, AdapterSpec]:
     for p in (config_path, weights_path):
         if not p.is_file():
             raise AdapterError(f"adapter file missing: {p}")
+    config = read_adapter_config(config_path)
+    tensors = read_tensors(weights_path)
+    return tensors, checked_spec(tensors, config, weights_path, config_path)
+
+
+def read_adapter_config(config_path: Path) -> dict:
+    """An adapter_config.json that names a LoRA adapter (peft_type, r, lora_alpha), or one AdapterError."""
     try:
         config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"adapter file missing: {config_path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
-    if config.get("peft_type") != "LORA" or "r" not in config or "lora_alpha" not in config:
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or "r" not in config or "lora_alpha" not in config:
         raise AdapterError(f"{config_path}: not a LoRA adapter config (needs peft_type LORA, r, lora_alpha)")
+    return config
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, by sorted key, or one AdapterError naming it."""
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in sorted(f.keys())}
-    except Exception as exc:  # safetensors raises several types for a truncated or garbled file
-        raise AdapterError(f"{weights_path}: unreadable safetensors ({exc})") from None
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in sorted(f.keys())}
+    except Exception as exc:  # safetensors raises several types for a missing, truncated or garbled file
+        raise AdapterError(f"{path}: unreadable safetensors ({exc})") from None
+
+
+def checked_spec(tensors: LoRATensors, config: dict, weights_path: Path, config_path: Path) -> AdapterSpec:
+    """The spec of an adapter's tensors, at its config's lora_alpha; its rank must be the config's r."""
     spec = spec_from_tensors(tensors, config["lora_alpha"])
     if spec.rank != int(config["r"]):
         raise AdapterError(f"{weights_path}: tensors have rank {spec.rank}, {config_path} says r={config['r']}")
-    return tensors, spec
+    return spec
 
 
 def check_adapter_matches(tensors: LoRATensors, targets: list[LoRATarget], rank: int) -> None:

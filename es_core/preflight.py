@@ -6,7 +6,7 @@ the model's config alone (no weights loaded, no CUDA touched): the CLI calls the
 - lora.layers and lora.modules must exist in the model.
 - The estimated peak memory of the run must fit what the device has free.
 - What its generations write (centres, members, completions) must fit the data dir's free disk
-  (an exact weights-space centre of SmolLM2 is 703 MB a generation).
+  (an exact weights-space centre of SmolLM2 is 425 MB a generation, its 512 members' records 6 MB).
 
 The estimate follows the engine's own allocations (es_core/engine/generate.py `_Session`,
 population_lora.py, model.py `Decoder.from_hf`) and the warm start's (es_core/warm_start.py); it
@@ -212,11 +212,16 @@ class MemoryEstimate:
         return ", ".join(f"{name} {size / GiB:.1f}" for name, size in sorted(self.parts.items(), key=lambda kv: -kv[1]) if size >= 0.05 * GiB)
 
 
+def _layers(settings: Settings, shape: ModelShape):
+    """The layers lora.layers names in a model of this shape."""
+    return range(shape.layers) if settings.lora.layers == "all" else set(settings.lora.layers)
+
+
 def factor_bytes_per_rank(settings: Settings, shape: ModelShape) -> int:
     """Bytes of one rank of LoRA factors over the run's targets, float32: A [r, in] + B [out, r] of
     every lora.modules Linear of every lora.layers layer (a member's or a centre's file, on the host)."""
     lora, linears = settings.lora, shape.linears()
-    layers = len(range(shape.layers) if lora.layers == "all" else set(lora.layers))
+    layers = len(_layers(settings, shape))
     return layers * sum(sum(linears[m]) * 4 for m in lora.modules if m in linears)
 
 
@@ -255,7 +260,7 @@ def estimate_peak_memory(settings: Settings, shape: ModelShape, model_bytes: int
     linears = shape.linears()
     fused = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
     # (weights space: each member's own rank es.noise_rank, and one slot of the centre's rank for all rows)
-    rank, layers = settings.member_rank, len(range(shape.layers) if lora.layers == "all" else set(lora.layers))
+    rank, layers = settings.member_rank, len(_layers(settings, shape))
     per_rank = 0
     for parts in fused.values():
         k = sum(1 for m in parts if m in lora.modules)
@@ -313,8 +318,9 @@ def estimate_peak_memory(settings: Settings, shape: ModelShape, model_bytes: int
 
 @dataclass(frozen=True)
 class DiskEstimate:
-    """What a run writes to its data dir, in bytes: per generation (its centre, its members' files,
-    their completions in the ledger) and once (the base and warm-start models)."""
+    """What a run writes to its data dir, in bytes on disk: per generation (its centre, its members'
+    files, their completions in the ledger) and once (the base and warm-start models, and the PEFT
+    folder a held-out evaluation builds of a centre stored without its padding, while it lasts)."""
 
     centre: int
     members: int
@@ -331,16 +337,64 @@ class DiskEstimate:
         return self.once + self.generations * self.per_generation
 
 
+BLOCK = 4096  # the file system's allocation unit (ext4's): a small file, a folder, a manifest each take one
+SAFETENSORS_ENTRY_BYTES = 256  # a tensor's entry in a safetensors header: its key (~70 characters at SmolLM2), dtype, shape, offsets
+CONFIG_BYTES = 1024  # adapter_config.json (~550 bytes), es_state.json (~20)
+# a weights-space member's record (weights_space.MemberRecord): ~220 bytes of ids, seed, sign and
+# sigma, and with es.sigma_scale weight_rms a float of at most 24 characters per target
+RECORD_BYTES, RECORD_BYTES_PER_SCALE = 320, 25
+
+
+def artifact_disk_bytes(*file_bytes: int) -> int:
+    """What an artifact of files of these sizes takes on disk: each file in whole blocks, its folder
+    and its manifest (a line a file) a block each."""
+    return sum(-(-n // BLOCK) * BLOCK for n in file_bytes) + 2 * BLOCK
+
+
+def safetensors_file_bytes(data: int, tensors: int) -> int:
+    """A safetensors file of `tensors` tensors holding `data` bytes: the data and its header."""
+    return data + (tensors + 1) * SAFETENSORS_ENTRY_BYTES
+
+
+def centre_tensor_bytes(settings: Settings, shape: ModelShape, rank: int, exact: bool) -> tuple[int, int]:
+    """(bytes, tensors) of a centre at `rank` over the run's targets, float32: a target whose
+    min(out, in) is at most `rank` as its change alone [out, in] when `exact` (a weights-space centre
+    as artifacts/checkpoints.py stores it), else its factors A [r, in] and B [out, r]."""
+    lora, linears, layers = settings.lora, shape.linears(), len(_layers(settings, shape))
+    size = tensors = 0
+    for module in lora.modules:
+        if module in linears:
+            d_in, d_out = linears[module]
+            whole = exact and min(d_in, d_out) <= rank
+            size += layers * 4 * (d_in * d_out if whole else rank * (d_in + d_out))
+            tensors += layers * (1 if whole else 2)
+    return size, tensors
+
+
 def estimate_run_disk(settings: Settings, shape: ModelShape, generations: int) -> DiskEstimate:
-    """An estimate of what `generations` more generations of the run write (artifacts are float32
-    safetensors; weights space: the centre at es.centre_rank, each member its own es.noise_rank
-    factors; LoRA space: centre and members at lora.rank)."""
+    """An upper bound of what `generations` more generations of the run write, on disk (artifacts are
+    float32 safetensors; weights space: the centre at es.centre_rank, its exact targets as their
+    change alone, each member a record; LoRA space: centre and members adapters at lora.rank, the
+    centre with Adam's two moments)."""
     lora, es = settings.lora, settings.es
-    per_rank = factor_bytes_per_rank(settings, shape)
-    centre_rank = es.centre_rank if es.space == "weights" else lora.rank
-    completions = settings.rows_per_generation * (4 * settings.generation.max_new_tokens + 200)
     once = shape.parameters() * 2 * (2 if settings.warm_start.steps else 1)  # the converted base model, the warm start's
-    return DiskEstimate(centre_rank * per_rank, es.population * settings.member_rank * per_rank, completions, once, max(0, generations))
+    completions = settings.rows_per_generation * (4 * settings.generation.max_new_tokens + 200)
+    if es.space == "weights":
+        stored, tensors = centre_tensor_bytes(settings, shape, es.centre_rank, exact=True)
+        centre = artifact_disk_bytes(safetensors_file_bytes(stored, tensors), CONFIG_BYTES, CONFIG_BYTES)
+        scales = len(_layers(settings, shape)) * sum(1 for m in lora.modules if m in shape.linears())  # one a target
+        record = RECORD_BYTES + (RECORD_BYTES_PER_SCALE * scales if es.sigma_scale != "absolute" else 0)
+        members = es.population * artifact_disk_bytes(record)
+        peft, peft_tensors = centre_tensor_bytes(settings, shape, es.centre_rank, exact=False)
+        if (peft, peft_tensors) != (stored, tensors):  # a held-out evaluation's PEFT folder of the centre, while it decodes
+            once += artifact_disk_bytes(safetensors_file_bytes(peft, peft_tensors), CONFIG_BYTES)
+    else:
+        data, tensors = centre_tensor_bytes(settings, shape, lora.rank, exact=False)
+        adapter = safetensors_file_bytes(data, tensors)
+        moments = [safetensors_file_bytes(2 * data + 8, 2 * tensors + 1)] if es.optimizer == "adam" else []
+        centre = artifact_disk_bytes(adapter, CONFIG_BYTES, CONFIG_BYTES, *moments)
+        members = es.population * artifact_disk_bytes(adapter, CONFIG_BYTES)
+    return DiskEstimate(centre, members, completions, once, max(0, generations))
 
 
 def check_disk(estimate: DiskEstimate, free: int, where: str) -> None:

@@ -8,12 +8,12 @@ of the weights, the centre a rank-R adapter) implement it; a plan names its spac
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from es_core.es import DrawnPopulation, ESState, Member, NoiseLayout, PopulationNoise, PopulationPlan, draw_population
-from es_core.lora import AdapterSpec, LoRATensors, StackedLoRA
+from es_core.lora import AdapterSpec, LoRATensors, StackedLoRA, adapter_files
 from es_core.optimisers import Optimiser, flat, split
 
 
@@ -35,9 +35,10 @@ class SearchSpace(Protocol):
         """What every member shares and a backend may apply once for all rows; None if nothing is."""
         ...
 
-    def record(self, centre: LoRATensors, centre_spec: AdapterSpec, centre_sha256: str, members: StackedLoRA,
-               index: int) -> tuple[LoRATensors, AdapterSpec, dict[str, bytes]]:
-        """Member `index` as the ledger keeps it: tensors, adapter config and extra files."""
+    def record(self, centre: LoRATensors, centre_spec: AdapterSpec, centre_sha256: str, plan: PopulationPlan, index: int,
+               members: Callable[[], StackedLoRA]) -> dict[str, bytes]:
+        """Member `index` as the ledger keeps it: its artifact's files ({name: bytes}). `members()`
+        gives the plan's members stacked (built on first call; a record that needs no tensors skips it)."""
         ...
 
     records_are_served: bool  # a member's record is the adapter a backend loads (else `adapter` builds that)
@@ -95,8 +96,8 @@ class LoRASpace:
 
     records_are_served = True  # a member's file is the whole member
 
-    def record(self, centre, centre_spec, centre_sha256, members, index):
-        return members.member(index), centre_spec, {}
+    def record(self, centre, centre_spec, centre_sha256, plan, index, members):
+        return adapter_files(members().member(index), centre_spec)
 
     def adapter(self, centre: LoRATensors, centre_spec: AdapterSpec, members: StackedLoRA, index: int) -> tuple[LoRATensors, AdapterSpec]:
         return members.member(index), centre_spec

@@ -26,7 +26,9 @@ shared slot under every member's rank-r slot.
 
 The noise is the run's Philox scheme (seeding.py), one stream per member seed cut into the targets'
 a and b in sorted key order (`noise_layout` of a rank-r template): bit-identical on every machine,
-drawn once per generation (es.draw_population_noise). The re-factorisation is LAPACK's: identical on
+drawn once per generation (es.draw_population_noise); so a member's artifact is a record of a few
+hundred bytes (`MemberRecord`: its centre's id, seed, sign, sigma, r, the sigma scales) from which
+its factors are drawn again bit for bit. The re-factorisation is LAPACK's: identical on
 one machine; another CPU may differ in the last bits of a float64, which the cast to float32 almost
 always absorbs (a centre's hash can then differ where a resume moves machines; its values do not).
 """
@@ -41,7 +43,8 @@ from typing import Sequence
 import torch
 
 from es_core.es import DrawnPopulation, ESState, Member, NoiseLayout, PopulationNoise, PopulationPlan, draw_population_noise
-from es_core.lora import _KEY_RE, AdapterSpec, LoRATarget, LoRATensors, StackedLoRA
+from es_core.lora import _KEY_RE, AdapterSpec, LoRATarget, LoRATensors, StackedLoRA, adapter_files
+from es_core.seeding import NOISE_SCHEME
 
 # singular values below this fraction of the largest are dropped (their directions would be LAPACK's
 # arbitrary choice, so a centre's bytes would depend on the library; their share of the norm is nil)
@@ -222,7 +225,8 @@ def exact(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     the change itself on its wider side and an identity on the other (B = change, A = [I; 0] when
     in <= out; A = change, B = [I, 0] otherwise), zero-padded to `rank`, in float32. With R at least
     every target's min(out, in) the centre is the accumulated change in float32, the paper's
-    master-weights precision, kept as an ordinary adapter (rank 576 at SmolLM2-135M)."""
+    master-weights precision, kept as an ordinary adapter (rank 576 at SmolLM2-135M); stored as the
+    change alone (`stored_centre`), the identity and the padding being ~40% of these factors."""
     *batch, out_f, in_f = change.shape
     b_new = torch.zeros(*batch, out_f, rank, dtype=torch.float32)
     a_new = torch.zeros(*batch, rank, in_f, dtype=torch.float32)
@@ -246,6 +250,52 @@ def dense_of(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     if out_f < in_f and torch.equal(b[..., :out_f], torch.eye(out_f).expand_as(b[..., :out_f])) and not b[..., out_f:].any():
         return a[..., :out_f, :].double()
     return b.double() @ a.double()
+
+
+def exact_change(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+    """The change [out, in] that `exact` made these factors of (b [out, R], a [R, in], float32), when
+    exact(change, R) gives back these very bits; None for any other factors."""
+    out_f, rank, in_f = b.shape[0], b.shape[1], a.shape[1]
+    if rank < min(out_f, in_f) or b.dtype != torch.float32 or a.dtype != torch.float32:
+        return None
+    change = b[:, :in_f] if in_f <= out_f else a[:out_f]
+    b_back, a_back = exact(change, rank)
+    same = lambda x, y: torch.equal(x.view(torch.int32), y.contiguous().view(torch.int32))  # noqa: E731 - bits, so -0.0 is not 0.0
+    return change if same(b_back, b) and same(a_back, a) else None
+
+
+CHANGE_SUFFIX = ".change"  # a stored centre's key for an exact target's change: `<PEFT prefix><module path>.change`
+
+
+def stored_centre(centre: LoRATensors) -> LoRATensors:
+    """A centre as it is stored: each exact target (`exact`'s factors) as its change alone [out, in],
+    without the identity and zero padding (about 40% of an exact centre's factors at SmolLM2, R 576),
+    every other target's factors as they are. `centre_of_stored` gives back the same tensors."""
+    out: LoRATensors = {}
+    for key_a, a in centre.items():
+        if not key_a.endswith("lora_A.weight"):
+            continue
+        key_b = key_a.replace("lora_A.weight", "lora_B.weight")
+        change = exact_change(centre[key_b], a)
+        if change is None:
+            out[key_a], out[key_b] = a, centre[key_b]
+        else:
+            out[key_a.removesuffix(".lora_A.weight") + CHANGE_SUFFIX] = change
+    return dict(sorted(out.items()))
+
+
+def centre_of_stored(stored: LoRATensors, rank: int) -> LoRATensors:
+    """`stored_centre`'s inverse at the centre's rank: each change as `exact`'s factors again."""
+    out: LoRATensors = {}
+    for key, value in stored.items():
+        if not key.endswith(CHANGE_SUFFIX):
+            out[key] = value
+            continue
+        if value.dim() != 2 or value.dtype != torch.float32 or min(value.shape) > rank:
+            raise ValueError(f"{key}: a change of shape {tuple(value.shape)} ({value.dtype}) is not an exact target of a rank-{rank} centre")
+        path = key.removesuffix(CHANGE_SUFFIX)
+        out[f"{path}.lora_B.weight"], out[f"{path}.lora_A.weight"] = exact(value, rank)
+    return dict(sorted(out.items()))
 
 
 def truncate(u: torch.Tensor, v: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -318,12 +368,15 @@ class WeightsSpace:
     def shared(self, centre: LoRATensors) -> LoRATensors:
         return centre
 
-    # a member's record is its own rank-r factors and its centre's id: the whole member (rank R + r)
-    # would repeat the centre in every file (79 MB a member at SmolLM2, R 64: 5 GB a generation)
+    # a member's record names its centre and what regenerates its own factors from the run's noise (a
+    # few hundred bytes): the whole member (rank R + r) repeated the centre in every file (79 MB a
+    # member at SmolLM2, R 64), its own factors alone were still 1.2 MB at every layer
     records_are_served = False
 
-    def record(self, centre, centre_spec, centre_sha256, members, index):
-        return members.member(index), spec_of_rank(centre_spec, self.noise_rank), {MEMBER_FILE: member_file(centre_sha256)}
+    def record(self, centre, centre_spec, centre_sha256, plan, index, members):
+        scales = tuple(s for _, s in sorted(self.scales))  # the layout's order: its targets sorted by key
+        member = plan.members[index]
+        return {MEMBER_FILE: MemberRecord(centre_sha256, member.seed, member.sign, plan.sigma, self.noise_rank, scales).to_bytes()}
 
     def adapter(self, centre: LoRATensors, centre_spec: AdapterSpec, members: StackedLoRA, index: int) -> tuple[LoRATensors, AdapterSpec]:
         return member_adapter(centre, members.member(index)), spec_of_rank(centre_spec, centre_spec.rank + self.noise_rank)
@@ -346,13 +399,83 @@ class WeightsSpace:
         return layout
 
 
-MEMBER_FILE = "es_member.json"  # in a weights-space member's artifact: the centre it perturbs
+MEMBER_FILE = "es_member.json"  # a weights-space member's artifact: its record (MemberRecord)
 
 
-def member_file(centre_sha256: str) -> bytes:
-    """What a weights-space member's artifact says beside its own factors: the member is that centre
-    plus this adapter (PEFT loads both as two adapters and sums them; `member_adapter` joins them)."""
-    return (json.dumps({"space": "weights", "centre_sha256": centre_sha256}, sort_keys=True) + "\n").encode()
+@dataclass(frozen=True)
+class MemberRecord:
+    """What a weights-space member's artifact holds: no tensors, only what regenerates its own factors
+    bit for bit (`own_factors`) from the run's counter-based noise (seeding.py): the centre it
+    perturbs (its targets lay the noise out), its seed and sign, sigma, the noise rank r and the
+    sigma scales s_W of the centre's targets in sorted key order (none when sigma is absolute). The
+    member is that centre plus these factors (`member_adapter` joins them, rank R + r)."""
+
+    centre_sha256: str
+    seed: int
+    sign: int
+    sigma: float
+    noise_rank: int
+    sigma_scales: tuple[float, ...] = ()
+    noise_scheme: str = NOISE_SCHEME
+
+    def to_bytes(self) -> bytes:
+        # floats as Python writes them (shortest repr): they read back as the same doubles
+        fields = {"space": "weights", "centre_sha256": self.centre_sha256, "seed": self.seed, "sign": self.sign, "sigma": self.sigma,
+                  "noise_rank": self.noise_rank, "sigma_scales": list(self.sigma_scales), "noise_scheme": self.noise_scheme}
+        return (json.dumps(fields, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> "MemberRecord":
+        """A record as `to_bytes` wrote it; anything else is a ValueError naming `where`."""
+        fields = _member_json(data, where)
+        try:
+            return cls(str(fields["centre_sha256"]), int(fields["seed"]), int(fields["sign"]), float(fields["sigma"]), int(fields["noise_rank"]),
+                       tuple(float(s) for s in fields["sigma_scales"]), str(fields["noise_scheme"]))
+        except KeyError as exc:
+            raise ValueError(f"{where}: a weights-space member record needs {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: not a weights-space member record ({exc})") from None
+
+
+def record_centre_sha256(data: bytes, where: str) -> str:
+    """The centre a member's es_member.json names (a record, or the factor files' note before it)."""
+    centre = _member_json(data, where).get("centre_sha256")
+    if not isinstance(centre, str):
+        raise ValueError(f"{where}: names no centre_sha256")
+    return centre
+
+
+def _member_json(data: bytes, where: str) -> dict:
+    try:
+        fields = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(fields, dict) or fields.get("space") != "weights":
+        raise ValueError(f"{where}: not a weights-space member record (no \"space\": \"weights\")")
+    return fields
+
+
+def own_factors(record: MemberRecord, centre: LoRATensors) -> LoRATensors:
+    """A member's own rank-r factors from its record and its centre (the record's `centre_sha256`):
+    its seed's noise stream laid out over the centre's targets, as `member_factors` built it in its
+    generation (one seed's stream does not depend on the others drawn beside it), so bit for bit."""
+    if record.noise_scheme != NOISE_SCHEME:
+        raise ValueError(f"the member record draws its noise by {record.noise_scheme}, this code by {NOISE_SCHEME}: it cannot be regenerated here")
+    targets = sorted(targets_of(centre), key=lambda t: t.key_a)
+    if record.sigma_scales and len(record.sigma_scales) != len(targets):
+        raise ValueError(f"the member record has {len(record.sigma_scales)} sigma scales, its centre {len(targets)} targets")
+    centre_rank = next(v.shape[0] for k, v in centre.items() if k.endswith("lora_A.weight"))
+    layout = weights_layout(targets, record.noise_rank, centre_rank, list(record.sigma_scales) or None)
+    member = Member(0, record.seed, record.sign)
+    return member_factors(layout, draw_population_noise(layout.noise, [member]), [member], record.sigma).member(0)
+
+
+def factor_record_files(own: LoRATensors, centre_spec: AdapterSpec, noise_rank: int, centre_sha256: str) -> dict[str, bytes]:
+    """A member's artifact as it was before `MemberRecord`: its own rank-r factors as a PEFT folder
+    and es_member.json naming its centre (1.2 MB at every layer of SmolLM2). Ledgers of that time
+    name these: replay rebuilds them to compare, artifacts.checkpoints.adapter_folder still serves them."""
+    note = (json.dumps({"space": "weights", "centre_sha256": centre_sha256}, sort_keys=True) + "\n").encode()
+    return {**adapter_files(own, spec_of_rank(centre_spec, noise_rank)), MEMBER_FILE: note}
 
 
 def zero_centre(targets: Sequence[LoRATarget], centre_rank: int) -> LoRATensors:

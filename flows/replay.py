@@ -18,8 +18,9 @@ from pathlib import Path
 from prefect import flow
 from prefect.utilities.annotations import quote
 
+from artifacts.checkpoints import checkpoint_files, load_checkpoint, served_adapter
 from artifacts.ledger import Ledger
-from artifacts.store import ArtifactError, ArtifactStore
+from artifacts.store import ArtifactError, ArtifactStore, files_sha256
 from es_core.countdown.problems import Problem, experiment_problems, training_batch
 from es_core.countdown.prompt import render_prompts
 from es_core.es import Member, problem_groups
@@ -28,7 +29,7 @@ from flows.crashed import mark_unfinished_task_runs_crashed
 from flows.recorded import recorded_settings
 from tasks.common import NO_CACHE, evaluation_key
 from tasks.evaluate import evaluate_adapters
-from tasks.members import served_adapter
+from tasks.members import GenerationMembers
 from tasks.population import aggregate, generation_plan, run_space, update_rule, write_members
 
 
@@ -104,8 +105,12 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
         parent = row["parent_center_sha256"]
         ArtifactStore(Path(scratch)).put_dir(store.get(parent))  # its files checked against its hash on the way
         rebuilt = _replayed(write_members)(scratch, parent, quote(plan))
-        for m, (sha, _) in zip(members, rebuilt):
+        factor_records = None
+        for i, (m, (sha, _)) in enumerate(zip(members, rebuilt)):
             report.members_checked += 1
+            if sha != m["adapter_sha256"] and plan.space is not None:  # a ledger from before member records names factor files
+                factor_records = factor_records or GenerationMembers(scratch, parent, plan).factor_record_sha256s()
+                sha = factor_records[i]
             if sha != m["adapter_sha256"]:
                 report.mismatches.append(f"member {m['member']}: rebuilt adapter {sha[:12]} != ledger {m['adapter_sha256'][:12]}")
             _check_stored(store, m["adapter_sha256"], f"member {m['member']}", report)
@@ -113,7 +118,10 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
             scratch, parent, quote(plan), quote([float(m["reward_mean"]) for m in members]),
             quote(_sample_rewards(ledger, run_id, generation, members, batch, groups)), update_rule(settings.es),
         )
-    report.centre_ok, report.center_sha256 = update["center_sha256"] == row["center_sha256"], row["center_sha256"]
+        report.centre_ok, report.center_sha256 = update["center_sha256"] == row["center_sha256"], row["center_sha256"]
+        if not report.centre_ok and plan.space is not None:  # a ledger from before compact centres names the PEFT folder
+            state, spec = load_checkpoint(ArtifactStore(Path(scratch)), update["center_sha256"])
+            report.centre_ok = files_sha256(checkpoint_files(state, spec, compact=False)) == row["center_sha256"]
     _check_stored(store, row["center_sha256"], "new centre", report)
 
     if reevaluate:
@@ -157,7 +165,7 @@ def _reevaluate(settings, run, members, batch: list[Problem], generation, store,
     with tempfile.TemporaryDirectory(prefix="es-replay-") as scratch:
         backend = open_backend(settings, base_path, Path(scratch) / "backend")
         try:
-            # a weights-space member's file holds its own factors: the backend gets it joined to its centre
+            # a weights-space member's file is its record (or its own factors): the backend gets the whole member
             served = ArtifactStore(Path(scratch) / "served")
             adapters = [(f"replay_g{generation}_m{m['member']:03d}", served_adapter(store, m["adapter_sha256"], served)) for m in members]
             scores = _replayed(evaluate_adapters)(quote(backend), str(served.root), adapters, quote(batch), quote(prompts),

@@ -4,11 +4,13 @@ adapters, such as the centre or a base model on a held-out set (through `generat
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
 from prefect import task
 
+from artifacts.checkpoints import adapter_folder
 from artifacts.store import ArtifactStore
 from es_core.backends.base import AdapterRef, BackendError
 from es_core.countdown.problems import Problem
@@ -67,9 +69,13 @@ def evaluate_population(
 def _score_adapters(backend, artifacts_dir: str, adapters: list[tuple[str, str | None]], problems: list[Problem], prompts: list[str],
                     max_new_tokens: int, reward_kind: str, members_per_prompt: int = 0) -> list[MemberScore]:
     store = ArtifactStore(Path(artifacts_dir))
-    refs = [AdapterRef(name, store.get(sha) if sha else None) for name, sha in adapters]
-    groups = problem_groups(len(refs), len(problems), members_per_prompt)
-    return _scored(lambda: backend.generate(refs, prompts, max_new_tokens, groups), problems, prompts, reward_kind, groups)[0]
+    store.tmp.mkdir(parents=True, exist_ok=True)
+    # a centre stored without its padding is served as a PEFT folder built for this call, beside the
+    # store (a backend on another host of a Ray cluster reads the same data dir); gone after it
+    with tempfile.TemporaryDirectory(prefix="served-", dir=store.tmp) as scratch:
+        refs = [AdapterRef(name, adapter_folder(store, sha, ArtifactStore(scratch)) if sha else None) for name, sha in adapters]
+        groups = problem_groups(len(refs), len(problems), members_per_prompt)
+        return _scored(lambda: backend.generate(refs, prompts, max_new_tokens, groups), problems, prompts, reward_kind, groups)[0]
 
 
 @task(cache_policy=CONTENT_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_backend_failed)

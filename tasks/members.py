@@ -13,17 +13,16 @@ the plan it was drawn from are.
 
 from __future__ import annotations
 
-import json
 import threading
 from functools import cached_property
 from pathlib import Path
 
 from artifacts.checkpoints import load_checkpoint, put_adapter_folder
-from artifacts.store import ArtifactRef, ArtifactStore
+from artifacts.store import ArtifactRef, ArtifactStore, files_sha256
 from es_core.backends.base import AdapterRef
 from es_core.es import DrawnPopulation, ESState, NoiseLayout, PopulationPlan
-from es_core.lora import AdapterSpec, StackedLoRA, load_adapter
-from es_core.weights_space import MEMBER_FILE, member_adapter, spec_of_rank
+from es_core.lora import AdapterSpec, StackedLoRA
+from es_core.weights_space import factor_record_files
 from es_core.search_space import SearchSpace, search_space
 
 
@@ -93,8 +92,15 @@ class GenerationMembers:
 
     @cached_property
     def _adapter_files(self) -> list[ArtifactRef]:
-        stacked, centre = self._stacked, self.state.centre
-        return [put_adapter_folder(self.store, *self.space.record(centre, self.spec, self.center_sha256, stacked, i)) for i in range(len(stacked))]
+        centre = self.state.centre
+        return [self.store.put_files(self.space.record(centre, self.spec, self.center_sha256, self.plan, i, self.stacked)) for i in range(len(self))]
+
+    def factor_record_sha256s(self) -> list[str]:
+        """Weights space: the ids its members' artifacts had before their records (own factors and
+        the centre's id: weights_space.factor_record_files), computed, not stored: what a ledger of
+        that time names, for replay to compare."""
+        stacked = self.stacked()
+        return [files_sha256(factor_record_files(stacked.member(i), self.spec, self.space.noise_rank, self.center_sha256)) for i in range(len(self))]
 
     def adapters(self) -> list[AdapterRef]:
         """The members as whole adapter folders (a backend that loads files): the ledger's files, or
@@ -107,18 +113,6 @@ class GenerationMembers:
     def _served_files(self) -> list[ArtifactRef]:
         stacked, centre = self._stacked, self.state.centre
         return [put_adapter_folder(self.store, *self.space.adapter(centre, self.spec, stacked, i)) for i in range(len(stacked))]
-
-
-def served_adapter(store: ArtifactStore, sha256: str, scratch: ArtifactStore) -> str:
-    """The artifact a backend loads for a member the ledger names, put into `scratch`: itself, or for
-    a weights-space member (its own factors and its centre's id) the whole member joined; its sha256."""
-    folder = store.get(sha256)
-    if not (folder / MEMBER_FILE).is_file():
-        return scratch.put_dir(folder).sha256
-    centre_sha = json.loads((folder / MEMBER_FILE).read_text())["centre_sha256"]
-    state, spec = load_checkpoint(store, centre_sha)
-    own, own_spec = load_adapter(folder)
-    return put_adapter_folder(scratch, member_adapter(state.centre, own), spec_of_rank(spec, spec.rank + own_spec.rank)).sha256
 
 
 def run_noise_layout(artifacts_dir: str, center_sha256: str, plan: PopulationPlan) -> NoiseLayout:

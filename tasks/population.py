@@ -70,7 +70,8 @@ def init_population(artifacts_dir: str, base_model_path: str, base_model_sha256:
 
 @task(cache_policy=CONTENT_CACHE, task_run_name="members-g{plan.generation}")
 def write_members(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, decoding=None, members: GenerationMembers | None = None) -> list[tuple[str, str]]:
-    """A generation's member adapters as artifacts (centre + sigma * sign * eps(seed)); returns (sha256, path) each."""
+    """A generation's members as the ledger names them: LoRA space, adapters (centre + sigma * sign * eps(seed));
+    weights space, records (weights_space.MemberRecord). Returns (sha256, path) each."""
     wait_for_decoding(decoding)
     members = members.check(center_sha256, plan) if members is not None else GenerationMembers(artifacts_dir, center_sha256, plan)
     return [(ref.sha256, str(ref.path)) for ref in members.adapter_files()]

@@ -239,6 +239,26 @@ def test_gc_is_a_dry_run_until_yes_and_removes_only_unreferenced_artifacts(data_
     assert "removed 0 unreferenced artifact(s), 0 cached task result(s) naming them and 0 leftover(s), 0 B" in out
 
 
+def test_gc_keeps_and_verify_checks_the_centre_a_weights_space_member_names(data_dir, capsys):
+    """A weights-space member's artifact is a record naming its centre: without that centre it is
+    nothing, so the centre is kept and checked with the member even where no ledger row names it."""
+    from es_core.weights_space import MemberRecord
+
+    store = ArtifactStore(data_dir / "artifacts")
+    centre = store.put_bytes(b"a centre only a member names", "centre").sha256
+    record = store.put_files({"es_member.json": MemberRecord(centre, 11, -1, 0.05, 1).to_bytes()}).sha256
+    con = duckdb.connect(str(data_dir / "ledger.duckdb"))
+    con.execute("UPDATE members SET adapter_sha256 = ? WHERE run_id = 'other-run' AND member = 0", [record])
+    con.close()
+    code, out, _ = run_cli(capsys, "gc", "--yes", "--min-age-hours", "0", "--data-dir", data_dir)
+    assert code == 0 and "removed 3 unreferenced" in out and store.exists(centre) and store.exists(record)  # two orphans, the replaced member
+    code, out, _ = run_cli(capsys, "verify", "--data-dir", data_dir)
+    assert code == 0 and out.endswith(" 0 missing, 0 corrupt\n"), out
+    store.remove(centre)
+    code, out, _ = run_cli(capsys, "verify", "--data-dir", data_dir)
+    assert code != 0 and f"MISSING artifact {centre} is missing" in out and f"(referenced by the member {record[:12]})" in out, out
+
+
 @pytest.mark.parametrize("age", ["nan", "inf", "-1", "-inf"])
 def test_gc_refuses_an_age_that_is_not_a_finite_number_of_hours(data_dir, capsys, age):
     # NaN compares false: every unreferenced artifact counted as old, a live run's centre included

@@ -166,20 +166,76 @@ def test_a_run_whose_generations_cannot_fit_the_disk_is_refused_naming_what_fill
     assert error.endswith("lower es.generations (resume continues a run), es.centre_rank or lora.rank, or free space (es-countdown gc)")
 
 
-def test_the_disk_estimate_is_the_size_of_the_artifacts_a_generation_writes():
+def shape_targets(shape: ModelShape, modules) -> list:
+    """Every `modules` Linear of every layer of a model of this shape, as find_targets names them."""
     from es_core.lora import LoRATarget
-    from es_core.preflight import estimate_run_disk
-    from es_core.weights_space import member_factors, weights_layout
+
+    return [LoRATarget(f"model.layers.{layer}.{'mlp' if m in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{m}", layer, m, i, o)
+            for layer in range(shape.layers) for m, (i, o) in shape.linears().items() if m in modules]
+
+
+def on_disk(store, sha: str) -> int:
+    """The blocks an artifact takes: its folder, its files and its manifest."""
+    folder = store.path(sha)
+    paths = [folder, *folder.iterdir(), folder.with_name(sha + ".manifest")]
+    return sum(os.stat(p).st_blocks * 512 for p in paths)
+
+
+def test_the_disk_estimate_is_the_size_of_the_artifacts_a_generation_writes():
+    """At SmolLM2's shapes, every layer, R 576, the centre is the change of every matrix in float32
+    (425 MB; as exact factors it was 703 MB) and a member a block-sized record."""
+    from es_core.preflight import BLOCK, estimate_run_disk
 
     settings = load_settings(None, ["es.space=weights", "es.centre_rank=576", "es.population=4", "lora.layers=all"])
     shape = smollm2_shape()
-    targets = [LoRATarget(f"model.layers.{layer}.mlp.{m}", layer, m, i, o) for layer in range(shape.layers)
-               for m, (i, o) in shape.linears().items() if m in settings.lora.modules]
-    layout = weights_layout(targets, 1, 576)
     estimate = estimate_run_disk(settings, shape, 10)
-    assert estimate.centre == sum(v.numel() * 4 for v in layout.template(576).values()) == 703_365_120  # R 576: 703 MB a generation
-    assert estimate.members == 4 * sum(v.numel() * 4 for v in layout.template(1).values())
+    dense = sum(t.in_features * t.out_features * 4 for t in shape_targets(shape, settings.lora.modules))
+    assert dense == 424_673_280 and dense < estimate.centre < dense + 2**20
+    assert estimate.members == 4 * 3 * BLOCK  # a record, its folder, its manifest
+    relative = estimate_run_disk(load_settings(None, ["es.space=weights", "es.centre_rank=576", "es.population=4", "lora.layers=all",
+                                                      "es.sigma_scale=weight_rms"]), shape, 10)
+    assert relative.members == 4 * 4 * BLOCK  # 210 sigma scales: a record of 4.3 kB, two blocks
     assert estimate.total == estimate.once + 10 * (estimate.centre + estimate.members + estimate.completions)
+
+
+@pytest.mark.parametrize("space", ["weights", "weights_rms", "lora_adam"])
+def test_the_disk_estimate_bounds_what_a_generation_stores(tmp_path, space):
+    """Real artifacts of a generation (its centre and its members' files, written by the run's code)
+    at a small shape take at most what the estimate says, and not much less: weights space at R 32
+    (k_proj and v_proj exact, the other matrices truncated), with absolute and relative sigma;
+    LoRA space at rank 4 with Adam's moments beside the centre."""
+    from artifacts.checkpoints import put_checkpoint
+    from artifacts.store import ArtifactStore
+    from es_core.es import ESState, ask
+    from es_core.lora import init_centre, spec_from_tensors
+    from es_core.preflight import BLOCK, estimate_run_disk
+    from es_core.weights_space import WeightsSpace, tell, zero_centre
+    from tasks.members import GenerationMembers
+
+    if os.statvfs(tmp_path).f_frsize > BLOCK:
+        pytest.skip(f"{tmp_path} allocates {os.statvfs(tmp_path).f_frsize} bytes a block; the estimate assumes {BLOCK}")
+    shape = ModelShape("llama", 2, 64, 128, 4, 2, 16, 1000, True, False)  # tiny-llama's matrices: k_proj, v_proj 64 -> 32
+    sets = {"weights": ["es.space=weights", "es.centre_rank=32"], "weights_rms": ["es.space=weights", "es.centre_rank=32", "es.sigma_scale=weight_rms"],
+            "lora_adam": ["lora.rank=4", "es.optimizer=adam"]}[space]
+    settings = load_settings(None, [*sets, "es.population=4", "lora.layers=all"])
+    targets = shape_targets(shape, settings.lora.modules)
+    store = ArtifactStore(tmp_path / "artifacts")
+    if space == "lora_adam":
+        centre = init_centre(targets, 4, seed=0)
+        moments = {k: torch.ones_like(v) for k, v in centre.items()}
+        state, plan = ESState(centre, 1, moments, moments, 1), ask(0, 1, 4, 0.05)
+    else:
+        scales = tuple((t.key_a, 0.1 + i / 100) for i, t in enumerate(sorted(targets, key=lambda t: t.key_a))) if space == "weights_rms" else ()
+        weights_space = WeightsSpace(1, 32, scales)
+        zero = zero_centre(targets, 32)
+        drawn = weights_space.draw(ask(0, 0, 4, 0.05, space=weights_space), weights_space.noise_layout(zero))
+        centre = tell(zero, weights_space.layout(zero), drawn.noise, drawn.plan.members, [1.0, -1.0, 0.5, -0.5], 0.1).centre
+        state, plan = ESState(centre, 1), ask(0, 1, 4, 0.05, space=weights_space)
+    sha = put_checkpoint(store, state, spec_from_tensors(centre, 32.0 if space != "lora_adam" else 8.0)).sha256
+    members = sum(on_disk(store, ref.sha256) for ref in GenerationMembers(str(store.root), sha, plan).adapter_files())
+    estimate = estimate_run_disk(settings, shape, 1)
+    assert on_disk(store, sha) <= estimate.centre <= on_disk(store, sha) + 4 * BLOCK, (on_disk(store, sha), estimate.centre)
+    assert members <= estimate.members <= members + 4 * 2 * BLOCK, (members, estimate.members)
 
 
 # --- the flow: a run that fails is recorded failed, with why ----------------------------------------

@@ -4,6 +4,7 @@ centre slot decodes what a rank R + r adapter does."""
 
 import json
 import math
+from dataclasses import replace
 
 from artifacts.ledger import Ledger
 
@@ -137,6 +138,135 @@ def test_equal_weights_move_nothing_and_an_empty_core_stays_zero():
     assert b.shape == (5, 2) and a.shape == (2, 3) and float(dropped) == 0.0
 
 
+# --- the centre as it is stored: exact targets without their padding ------------------------------
+
+
+def test_an_exact_centre_is_stored_as_its_change_and_loads_back_bit_for_bit(tmp_path):
+    """Where R covers a target, its centre is the change beside an identity, zero-padded to R: the
+    checkpoint keeps the change alone (k_proj here; at R 12 every target) and gives back the same
+    tensors, and the PEFT folder a backend loads is built from it, as the checkpoint was before."""
+    from artifacts import checkpoints
+    from artifacts.checkpoints import adapter_folder, checkpoint_files, load_checkpoint, put_checkpoint
+    from artifacts.store import ArtifactStore
+    from es_core.es import ESState
+    from es_core.lora import adapter_files, load_adapter, spec_from_tensors
+    from safetensors.torch import load_file
+
+    k_proj = LoRATarget("model.layers.1.self_attn.k_proj", 1, "k_proj", 12, 4)
+    store, scratch = ArtifactStore(tmp_path / "artifacts"), ArtifactStore(tmp_path / "scratch")
+    for rank, exact_keys in ((4, [k_proj.path]), (12, sorted(t.path for t in TARGETS + [k_proj]))):
+        layout = weights_layout(TARGETS + [k_proj], noise_rank=1, centre_rank=rank)
+        centre = layout.template(rank)
+        for g in range(2):
+            plan, noise = generation(layout, population=8, g=g)
+            centre = tell(centre, layout, noise, plan.members, torch.linspace(-1, 1, 8).tolist(), 0.1).centre
+        state, spec = ESState(centre, 2), spec_from_tensors(centre, float(rank))
+        files = checkpoint_files(state, spec)
+        before = checkpoint_files(state, spec, compact=False)  # the PEFT folder every checkpoint was
+        assert sorted(files) == ["adapter_config.json", "es_centre.safetensors", "es_state.json"] and "adapter_model.safetensors" in before
+        assert sum(map(len, files.values())) < sum(map(len, before.values()))
+        ref = put_checkpoint(store, state, spec)
+        checkpoints._RECENT.clear()  # read back from the files, not this process's memory
+        loaded, loaded_spec = load_checkpoint(store, ref.sha256)
+        assert loaded_spec == spec and loaded.generation == 2 and loaded.centre.keys() == centre.keys()
+        assert all(torch.equal(loaded.centre[k].view(torch.int32), centre[k].view(torch.int32)) for k in centre), rank  # the bits
+        stored = load_file(str(ref.path / "es_centre.safetensors"))
+        assert sorted(k.removeprefix("base_model.model.").removesuffix(".change") for k in stored if k.endswith(".change")) == exact_keys
+        served = adapter_folder(store, ref.sha256, scratch)
+        assert {p.name: p.read_bytes() for p in served.iterdir()} == adapter_files(centre, spec)
+        assert all(torch.equal(load_adapter(served)[0][k], centre[k]) for k in centre)
+    zero = weights_layout(TARGETS, 1, 12).template(12)  # generation 0 (A = 0, not an identity) and LoRA centres: as before
+    assert checkpoint_files(ESState(zero), spec_from_tensors(zero, 12.0)) == checkpoint_files(ESState(zero), spec_from_tensors(zero, 12.0), compact=False)
+
+
+def test_a_stored_centre_that_does_not_fit_its_rank_is_one_line_naming_its_file(tmp_path):
+    from artifacts.checkpoints import CENTRE_FILE, load_checkpoint
+    from artifacts.store import ArtifactStore
+    from es_core.lora import AdapterError, AdapterSpec, adapter_config_bytes, safetensors_bytes
+
+    store = ArtifactStore(tmp_path)
+    key = "base_model.model.model.layers.1.self_attn.k_proj.change"
+    change = safetensors_bytes({key: torch.ones(4, 12)})  # min(out, in) 4: a centre of rank 3 cannot hold it exactly
+    ref = store.put_files({"adapter_config.json": adapter_config_bytes(AdapterSpec(3, 3.0, ("k_proj",), (1,))), CENTRE_FILE: change})
+    with pytest.raises(AdapterError) as caught:
+        load_checkpoint(store, ref.sha256)
+    assert str(caught.value) == f"{ref.path / CENTRE_FILE}: {key}: a change of shape (4, 12) (torch.float32) is not an exact target of a rank-3 centre"
+    ref = store.put_files({CENTRE_FILE: change})
+    with pytest.raises(AdapterError, match="^adapter file missing: .*adapter_config.json$"):
+        load_checkpoint(store, ref.sha256)
+
+
+# --- a member's record: a few hundred bytes, the member drawn again from it ------------------------
+
+
+def stored_generation(tmp_path, scales=None, population=4):
+    """A weights-space centre checkpoint (rank 4, random) in a store, and generation 1's members of it."""
+    from artifacts.checkpoints import put_checkpoint
+    from artifacts.store import ArtifactStore
+    from es_core.es import ESState
+    from es_core.lora import spec_from_tensors
+    from es_core.weights_space import WeightsSpace
+    from tasks.members import GenerationMembers
+
+    space = WeightsSpace(1, 4, () if scales is None else tuple(zip((t.key_a for t in TARGETS), scales)))
+    g = torch.Generator().manual_seed(2)
+    centre = {k: torch.randn(v.shape, generator=g) for k, v in weights_layout(TARGETS, 1, 4).template(4).items()}
+    store = ArtifactStore(tmp_path / "artifacts")
+    sha = put_checkpoint(store, ESState(centre, 1), spec_from_tensors(centre, 4.0)).sha256
+    return store, GenerationMembers(str(store.root), sha, ask(7, 1, population, 0.05, space=space))
+
+
+@pytest.mark.parametrize("scales", [None, [0.5, 1.0, 2.0]], ids=["absolute", "weight_rms"])
+def test_a_members_record_is_a_few_hundred_bytes_and_serves_the_member_its_factor_files_did(tmp_path, scales):
+    """The artifact the ledger names for a weights-space member holds no tensors: its centre's id,
+    seed, sign, sigma, r and the sigma scales. Served, it is bit for bit the member its generation
+    decoded, and the member its factor files (how members were stored before) serve."""
+    from artifacts.store import ArtifactStore
+    from es_core.lora import load_adapter
+    from es_core.weights_space import MemberRecord, factor_record_files
+    from artifacts.checkpoints import served_adapter
+
+    store, members = stored_generation(tmp_path, scales)
+    stacked, decoded = members.stacked(), []
+    scratch = ArtifactStore(tmp_path / "scratch")
+    for i, ref in enumerate(members.adapter_files()):
+        files = sorted(p.name for p in ref.path.iterdir())
+        record = MemberRecord.from_bytes((ref.path / "es_member.json").read_bytes(), "record")
+        assert files == ["es_member.json"] and store.size(ref.sha256) < (600 if scales is None else 900)
+        assert (record.centre_sha256, record.seed, record.sign, record.sigma) == (members.center_sha256, members.plan.members[i].seed, members.plan.members[i].sign, 0.05)
+        old = store.put_files(factor_record_files(stacked.member(i), members.spec, 1, members.center_sha256))
+        assert members.factor_record_sha256s()[i] == old.sha256
+        joined, spec = members.space.adapter(members.state.centre, members.spec, stacked, i)  # what the run served
+        for sha in (ref.sha256, old.sha256):
+            served, served_spec = load_adapter(scratch.get(served_adapter(store, sha, scratch)))
+            assert served_spec == spec and served.keys() == joined.keys() and all(torch.equal(served[k], joined[k]) for k in joined)
+        decoded.append(served)
+    assert not torch.equal(decoded[0][TARGETS[0].key_b], decoded[1][TARGETS[0].key_b])  # partners differ: the sign is kept
+
+
+def test_a_member_record_that_cannot_be_served_is_one_line_naming_it(tmp_path):
+    from artifacts.store import ArtifactError, ArtifactStore
+    from es_core.weights_space import MemberRecord
+    from artifacts.checkpoints import served_adapter
+
+    store, members = stored_generation(tmp_path)
+    scratch = ArtifactStore(tmp_path / "scratch")
+    record = MemberRecord.from_bytes((members.adapter_files()[0].path / "es_member.json").read_bytes(), "record")
+    cases = {
+        "missing centre": (replace(record, centre_sha256="ab" * 32).to_bytes(), f"the member's centre {'ab' * 32} is not in {store.root}"),
+        "other noise scheme": (replace(record, noise_scheme="torch-randn").to_bytes(), "draws its noise by torch-randn"),
+        "scales of other targets": (replace(record, sigma_scales=(1.0, 2.0)).to_bytes(), "has 2 sigma scales, its centre 3 targets"),
+        "no seed": (b'{"centre_sha256": "%s", "space": "weights"}' % record.centre_sha256.encode(), "a weights-space member record needs 'seed'"),
+        "not JSON": (b"{", "not valid JSON"),
+    }
+    for what, (data, message) in cases.items():
+        ref = store.put_files({"es_member.json": data})
+        with pytest.raises(ArtifactError) as caught:
+            served_adapter(store, ref.sha256, scratch)
+        error = str(caught.value)
+        assert "\n" not in error and error.startswith(f"{ref.path / 'es_member.json'}: ") and message in error, (what, error)
+
+
 # --- the engine: the centre in one shared slot ------------------------------------------------
 
 
@@ -221,8 +351,9 @@ def test_a_weights_space_run_moves_its_centre_and_replays_and_resumes_bit_identi
     from flows.es_countdown import es_countdown
     from flows.replay import replay
     from es_core.lora import load_adapter
+    from es_core.weights_space import MemberRecord, own_factors
     from tests.fake_sglang import FakeSGLang
-    from tasks.members import served_adapter
+    from artifacts.checkpoints import served_adapter
     from tests.test_pipeline import generation_hashes
 
     monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
@@ -245,18 +376,109 @@ def test_a_weights_space_run_moves_its_centre_and_replays_and_resumes_bit_identi
     assert all(0 < kept <= 1 and norm > 0 for kept, norm in rows), rows
     state, spec = load_checkpoint(ArtifactStore(tmp_path / "clean" / "artifacts"), clean[-1][2])
     assert spec.rank == 3 and spec.lora_alpha == 3.0 and len(state.centre) == 2 * 2 * 7  # 2 layers x 7 projections
-    # a member's file is its own rank-1 factors and the centre it perturbs (generation 3's parent);
-    # the server got the two joined (rank 3 + 1), whose first 3 factors are that centre's
+    # a member's file is its record: the centre it perturbs (generation 3's parent) and its seed; the
+    # server got the two joined (rank 3 + 1), whose first 3 factors are that centre's
     store = ArtifactStore(tmp_path / "clean" / "artifacts")
     member = ledger.member_rows("w", 3)[0]
     folder = store.get(member["adapter_sha256"])
-    own, own_spec = load_adapter(folder)
-    assert own_spec.rank == 1 and json.loads((folder / "es_member.json").read_text())["centre_sha256"] == clean[3][1]
+    record = MemberRecord.from_bytes((folder / "es_member.json").read_bytes(), str(folder))
+    assert [p.name for p in folder.iterdir()] == ["es_member.json"] and record.noise_rank == 1 and record.centre_sha256 == clean[3][1]
+    assert (record.seed, record.sign) == (member["seed"], member["sign"])
     parent, _ = load_checkpoint(store, clean[3][1])
+    own = own_factors(record, parent.centre)
     joined, joined_spec = load_adapter(ArtifactStore(tmp_path / "scratch").get(served_adapter(store, member["adapter_sha256"], ArtifactStore(tmp_path / "scratch"))))
     assert joined_spec.rank == 4
     assert all(torch.equal(joined[k][:3] if "lora_A" in k else joined[k][:, :3], parent.centre[k]) for k in parent.centre)
     assert all(torch.equal(joined[k][3:] if "lora_A" in k else joined[k][:, 3:], own[k]) for k in own)
+
+
+def stored_as_before(data_dir) -> None:
+    """Rewrite a weights-space data dir as it was stored before member records and compact centres:
+    every centre a PEFT folder (checkpoint_files(compact=False)), every member its own rank-r
+    factors beside es_member.json naming its centre (weights_space.factor_record_files), the
+    ledger naming those; what is stored now is gone."""
+    import duckdb
+
+    from artifacts.checkpoints import CENTRE_FILE, checkpoint_files, load_checkpoint
+    from artifacts.store import ArtifactStore
+    from es_core.weights_space import MemberRecord, factor_record_files, own_factors
+
+    store = ArtifactStore(data_dir / "artifacts")
+    con = duckdb.connect(str(data_dir / "ledger.duckdb"))
+    try:
+        centres = {sha for row in con.execute("SELECT center_sha256, parent_center_sha256 FROM generations").fetchall() for sha in row}
+        old_centre = {}
+        for sha in sorted(centres):
+            if (store.get(sha) / CENTRE_FILE).is_file():
+                old_centre[sha] = store.put_files(checkpoint_files(*load_checkpoint(store, sha), compact=False)).sha256
+        for run_id, generation, member, sha in con.execute("SELECT run_id, generation, member, adapter_sha256 FROM members").fetchall():
+            folder = store.get(sha)
+            record = MemberRecord.from_bytes((folder / "es_member.json").read_bytes(), str(folder))
+            state, spec = load_checkpoint(store, record.centre_sha256)
+            centre = old_centre.get(record.centre_sha256, record.centre_sha256)
+            old = store.put_files(factor_record_files(own_factors(record, state.centre), spec, record.noise_rank, centre))
+            con.execute("UPDATE members SET adapter_sha256 = ?, adapter_path = ? WHERE run_id = ? AND generation = ? AND member = ?",
+                        [old.sha256, str(old.path), run_id, generation, member])
+            store.remove(sha)
+        for new, old in old_centre.items():
+            con.execute("UPDATE generations SET center_sha256 = ?, center_path = ? WHERE center_sha256 = ?", [old, str(store.path(old)), new])
+            con.execute("UPDATE generations SET parent_center_sha256 = ? WHERE parent_center_sha256 = ?", [old, new])
+            con.execute("UPDATE evals SET adapter_sha256 = ? WHERE adapter_sha256 = ?", [old, new])
+            store.remove(new)
+    finally:
+        con.close()
+
+
+EXACT_RUN = """
+run_name: exact
+model: {name: tiny-llama, device: cpu}
+lora: {layers: [0, 1]}
+es: {space: weights, noise_rank: 1, centre_rank: 32, population: 4, sigma: 0.05, learning_rate: 0.05, generations: 2, seed: 3}
+data: {train_size: 6, heldout_size: 4, prompts_per_generation: 3}
+prompt: {style: raw}
+generation: {max_new_tokens: 16, compile: false}
+eval: {every: 1, base_model: false}
+"""
+
+
+def test_exact_centres_are_stored_compact_and_runs_replay_from_records_and_from_data_dirs_stored_before(tmp_path, prefect_harness, model_cache,
+                                                                                                        monkeypatch):
+    """At R 32 tiny-llama's k_proj and v_proj (32 x 64) are exact: each centre is stored as their
+    change beside the other targets' factors, the held-out evaluation decodes the PEFT folder built
+    from it, and replay rebuilds members (records) and centres. A copy stored as before (centres
+    as PEFT folders, members as their own factors) verifies, keeps its artifacts through gc, and
+    replays, members decoded again, in that form."""
+    import shutil
+
+    from artifacts.checkpoints import CENTRE_FILE
+    from artifacts.commands import gc, verify
+    from artifacts.store import ArtifactStore
+    from flows.es_countdown import es_countdown
+    from flows.replay import replay
+
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    config = tmp_path / "exact.yaml"
+    config.write_text(EXACT_RUN)
+    data, before = tmp_path / "data", tmp_path / "before"
+    es_countdown(config_path=str(config), run_id="x", data_dir=str(data))
+    store, ledger = ArtifactStore(data / "artifacts"), Ledger(data)
+    _, rows = ledger.query("SELECT generation, adapter_sha256, accuracy FROM evals WHERE run_id = 'x' AND model = 'centre' ORDER BY generation")
+    assert [g for g, *_ in rows] == [1, 2] and all((store.get(sha) / CENTRE_FILE).is_file() for _, sha, _ in rows)
+    result = replay("x", 1, str(data), reevaluate=True)
+    assert result["ok"], result["lines"]
+
+    shutil.copytree(data, before)
+    stored_as_before(before)
+    result = replay("x", 1, str(before), reevaluate=True)
+    assert result["ok"], result["lines"]
+    old = ArtifactStore(before / "artifacts")
+    member, generation = Ledger(before).member_rows("x", 1)[0], Ledger(before).generation_row("x", 1)
+    assert sorted(p.name for p in old.get(member["adapter_sha256"]).iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "es_member.json"]
+    assert sorted(p.name for p in old.get(generation["center_sha256"]).iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "es_state.json"]
+    text, ok = verify(before)
+    assert ok and text.endswith(" 0 missing, 0 corrupt\n"), text
+    gc(before, yes=True, min_age_s=0)  # the PEFT folders served for evaluations, which nothing names, go; nothing named does
+    assert verify(before) == (text, True)
 
 
 def test_sigma_relative_to_the_weights_rms_scales_each_matrix_by_its_own(model_cache):
