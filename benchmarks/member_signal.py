@@ -131,7 +131,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 def print_summary(rows: list[dict]) -> None:
     print(f"\n{'run':20} {'gens':>4}  {'split-half r: mean (se)':>24} {'null':>6} {'above/below':>11}  {'partners r: mean (se)':>22} {'null':>6} {'above/below':>11}")
     for s in summarise(rows):
-        h, p = s["split_half"], s["partners"]
+        # a run whose members all scored alike in every generation has no statistic: "-"
+        h, p = ({k: "-" if v is None else v for k, v in s[stat].items()} for stat in ("split_half", "partners"))
         print(f"{s['run_id']:20} {s['generations']:>4}  {h['mean']:>16} ({h['se']}) {h['null_centre']:>6} {h['above']:>5}/{h['below']:<5}  "
               f"{p['mean']:>14} ({p['se']}) {p['null_centre']:>6} {p['above']:>5}/{p['below']:<5}")
 

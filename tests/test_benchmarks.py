@@ -157,3 +157,24 @@ def test_member_signal_reads_a_grouped_generation_where_each_member_decoded_its_
     (row,) = json.loads(out.read_text())
     assert (row["members"], row["prompts"]) == (64, 64)
     assert row["split_half_r"] > row["split_half_null"][1] and row["partners_r"] < row["partners_null"][0]
+
+
+def test_member_signal_summarises_a_run_whose_members_all_scored_alike(tmp_path, capsys):
+    """A rehearsal on a tiny model (every reward 0) has no statistic to pool: the summary says so
+    instead of failing after the table (found by the population recipes' CPU rehearsal)."""
+    import duckdb
+
+    from benchmarks.member_signal import main
+
+    path = tmp_path / "ledger.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE samples (run_id VARCHAR, generation INTEGER, member INTEGER, problem_id VARCHAR, reward DOUBLE)")
+    for g in (0, 1):
+        for m in range(8):
+            for p in range(8):
+                con.execute("INSERT INTO samples VALUES ('flat', ?, ?, ?, 0.0)", [g, m, f"p{p}"])
+    con.close()
+    assert main([str(path), "--json", str(tmp_path / "signal.json")]) == 0
+    summary = capsys.readouterr().out.splitlines()[-1].split()
+    assert summary[:2] == ["flat", "2"] and summary.count("-") >= 4
+    assert main(["--from-json", str(tmp_path / "signal.json")]) == 0
