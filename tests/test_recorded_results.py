@@ -225,12 +225,25 @@ def test_a_run_on_sglang_gives_the_recorded_hashes(tmp_path, prefect_harness, mo
     _compare_or_record("sglang", results)
 
 
-def test_a_weights_space_run_on_sglang_gives_the_recorded_hashes(tmp_path, prefect_harness, model_cache, monkeypatch, smollm2_tokenizer):
+def test_a_weights_space_run_on_sglang_gives_the_recorded_hashes_and_keeps_no_joined_member(tmp_path, prefect_harness, model_cache, monkeypatch,
+                                                                                             smollm2_tokenizer):
+    """The server loads each member joined to its centre (rank 3 + 1) from a scratch store of its
+    generation under the store's tmp dir, gone after the generation: the store keeps none of them,
+    and the run's results are the recorded ones, from when it kept them all."""
+    import re
+
+    from artifacts.store import ArtifactStore
     from tests.fake_sglang import FakeSGLang
 
     with FakeSGLang(max_lora_rank=4, decode=smollm2_tokenizer.decode) as fake:
         monkeypatch.setenv("ES_SGLANG_URL", fake.url)
         data_dir, run_id = _run(tmp_path, "weights-sglang", WEIGHTS_SGLANG, monkeypatch, model_cache)
+        loaded = dict(fake.state.ever)  # adapter name -> the folder the server loaded it from (its last)
     results = ledger_results(data_dir, run_id)
     assert len({row[2] for row in results["generations"]}) == 3  # the centre moved every generation
     _compare_or_record("weights-sglang", results)
+    store = ArtifactStore(data_dir / "artifacts")
+    members = [Path(folder) for name, folder in loaded.items() if re.search(r"-g\d+_m\d+$", name)]
+    assert len(members) == 3 * 4 and all(folder.parents[2] == store.tmp and not folder.exists() for folder in members)
+    ranks = [json.loads(config.read_text())["r"] for config in store.root.glob("*/*/adapter_config.json")]
+    assert ranks and 4 not in ranks and list(store.tmp.iterdir()) == []
