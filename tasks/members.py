@@ -6,9 +6,9 @@ starts, the flow wraps its centre and that draw in one `GenerationMembers` and h
 tasks as `members`: the evaluation (stacked in memory for the embedded engine, adapter files for
 SGLang), the member files the ledger names and the update then share one checkpoint load, one
 draw and one build of each form (45 ms to draw at SmolLM2 rank 1, 32 members, on a 2-core
-machine; the build as much again). The adapter files a backend loads in weights space live only
-while the generation is evaluated (`serving`). Without it (a replay, a test) a task builds the same values
-itself: a run is bit-identical either way. `members` is in no cache key; the centre's hash and
+machine; the build as much again). The adapter files a backend loads in weights space last only
+while the generation is evaluated (`serving`). Without it (a replay, a test) a task builds the same
+values itself: a run is bit-identical either way. `members` is in no cache key; the centre's hash and
 the plan it was drawn from are.
 """
 

@@ -312,6 +312,9 @@ def test_sglang_decodes_weights_space_members_from_a_scratch_store_deleted_after
     assert {sha for sha, _ in store.iter_artifacts()} == stored and list(store.tmp.iterdir()) == []
     with pytest.raises(RuntimeError, match="only inside GenerationMembers.serving"):
         members.adapters()
+    with members.serving(), pytest.raises(RuntimeError, match="served already"):  # one owner deletes the scratch
+        with members.serving():
+            pass
 
 
 # --- the engine: the centre in one shared slot ------------------------------------------------
