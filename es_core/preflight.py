@@ -6,7 +6,8 @@ the model's config alone (no weights loaded, no CUDA touched): the CLI calls the
 - lora.layers and lora.modules must exist in the model.
 - The estimated peak memory of the run must fit what the device has free.
 - What its generations write (centres, members, completions) must fit the data dir's free disk
-  (an exact weights-space centre of SmolLM2 is 425 MB a generation, its 512 members' records 6 MB).
+  (an exact weights-space centre of SmolLM2 is 425 MB a generation, its 512 members' records 6 MB;
+  on SGLang, beside them, the members joined to the centre while one generation decodes: ~360 GB).
 
 The estimate follows the engine's own allocations (es_core/engine/generate.py `_Session`,
 population_lora.py, model.py `Decoder.from_hf`) and the warm start's (es_core/warm_start.py); it
@@ -320,13 +321,16 @@ def estimate_peak_memory(settings: Settings, shape: ModelShape, model_bytes: int
 class DiskEstimate:
     """What a run writes to its data dir, in bytes on disk: per generation (its centre, its members'
     files, their completions in the ledger) and once (the base and warm-start models, and the PEFT
-    folder a held-out evaluation builds of a centre stored without its padding, while it lasts)."""
+    folder a held-out evaluation builds of a centre stored without its padding, while it lasts), and
+    `served`, the scratch store of one generation's members as a backend that loads files gets them
+    in weights space (tasks/members.py `GenerationMembers.serving`: deleted after each generation)."""
 
     centre: int
     members: int
     completions: int
     once: int
     generations: int
+    served: int = 0
 
     @property
     def per_generation(self) -> int:
@@ -334,7 +338,8 @@ class DiskEstimate:
 
     @property
     def total(self) -> int:
-        return self.once + self.generations * self.per_generation
+        # the scratch stores come and go, one at a time: their peak, once, beside everything kept
+        return self.once + self.served + self.generations * self.per_generation
 
 
 BLOCK = 4096  # the file system's allocation unit (ext4's): a small file, a folder, a manifest each take one
@@ -374,9 +379,13 @@ def centre_tensor_bytes(settings: Settings, shape: ModelShape, rank: int, exact:
 def estimate_run_disk(settings: Settings, shape: ModelShape, generations: int) -> DiskEstimate:
     """An upper bound of what `generations` more generations of the run write, on disk (artifacts are
     float32 safetensors; weights space: the centre at es.centre_rank, its exact targets as their
-    change alone, each member a record; LoRA space: centre and members adapters at lora.rank, the
-    centre with Adam's two moments)."""
+    change alone, each member a record, and with a backend that loads files (SGLang) the peak of the
+    scratch store it decodes a generation's members from, each joined to the centre at rank R + r;
+    LoRA space: centre and members adapters at lora.rank, the centre with Adam's two moments)."""
+    from es_core.backends import LOADS_ADAPTER_FILES, backend_kind
+
     lora, es = settings.lora, settings.es
+    served = 0
     once = shape.parameters() * 2 * (2 if settings.warm_start.steps else 1)  # the converted base model, the warm start's
     completions = settings.rows_per_generation * (4 * settings.generation.max_new_tokens + 200)
     if es.space == "weights":
@@ -388,22 +397,31 @@ def estimate_run_disk(settings: Settings, shape: ModelShape, generations: int) -
         peft, peft_tensors = centre_tensor_bytes(settings, shape, es.centre_rank, exact=False)
         if (peft, peft_tensors) != (stored, tensors):  # a held-out evaluation's PEFT folder of the centre, while it decodes
             once += artifact_disk_bytes(safetensors_file_bytes(peft, peft_tensors), CONFIG_BYTES)
+        if backend_kind(settings) in LOADS_ADAPTER_FILES and generations > 0:
+            # every member as one PEFT folder at R + r, every target as factors (the centre's exact
+            # targets padded to R as it decodes them); the scratch store's root, tmp and shard folders
+            joined, joined_tensors = centre_tensor_bytes(settings, shape, settings.adapter_rank, exact=False)
+            served = es.population * artifact_disk_bytes(safetensors_file_bytes(joined, joined_tensors), CONFIG_BYTES)
+            served += (2 + min(es.population, 256)) * BLOCK
     else:
         data, tensors = centre_tensor_bytes(settings, shape, lora.rank, exact=False)
         adapter = safetensors_file_bytes(data, tensors)
         moments = [safetensors_file_bytes(2 * data + 8, 2 * tensors + 1)] if es.optimizer == "adam" else []
         centre = artifact_disk_bytes(adapter, CONFIG_BYTES, CONFIG_BYTES, *moments)
         members = es.population * artifact_disk_bytes(adapter, CONFIG_BYTES)
-    return DiskEstimate(centre, members, completions, once, max(0, generations))
+    return DiskEstimate(centre, members, completions, once, max(0, generations), served)
 
 
 def check_disk(estimate: DiskEstimate, free: int, where: str) -> None:
     if estimate.total <= free:
         return
     MiB = 2**20
+    served = (f"; and {estimate.served / GiB:.1f} GiB while a generation decodes: its members joined to their centre for SGLang, "
+              f"deleted after it") if estimate.served else ""
+    lower = "es.centre_rank, lora.rank or es.population" if estimate.served else "es.centre_rank or lora.rank"
     raise ConfigError(f"the run writes about {estimate.total / GiB:.1f} GiB ({estimate.generations} generations of {estimate.per_generation / MiB:,.0f} MiB: "
-                      f"centre {estimate.centre / MiB:,.0f}, members {estimate.members / MiB:,.0f}, completions {estimate.completions / MiB:,.0f}), "
-                      f"{where} has {free / GiB:.1f} GiB free: lower es.generations (resume continues a run), es.centre_rank or lora.rank, "
+                      f"centre {estimate.centre / MiB:,.0f}, members {estimate.members / MiB:,.0f}, completions {estimate.completions / MiB:,.0f}{served}), "
+                      f"{where} has {free / GiB:.1f} GiB free: lower es.generations (resume continues a run), {lower}, "
                       f"or free space (es-countdown gc)")
 
 

@@ -54,15 +54,17 @@ def evaluate_population(
 
     The members are the centre checkpoint plus their seeds' noise (`members`: built for this centre
     and plan, shared with the generation's other tasks, tasks/members.py); the backend takes them as
-    it decodes them (es_core/backends/base.py `Members`). The cache
+    it decodes them (es_core/backends/base.py `Members`), any files it loads written for this call
+    and deleted after it (`GenerationMembers.serving`). The cache
     key is that content: the centre's hash and the plan; `model_key` (how the backend decodes) is
     part of it. `decoding` is set once decoding is under way (background work waits for it).
     Retried with backoff on a backend's (a server's) failure."""
     members = members.check(center_sha256, plan) if members is not None else GenerationMembers(artifacts_dir, center_sha256, plan)
     on_decode = decoding.set if decoding is not None else None
     groups = problem_groups(len(plan.members), len(problems), members_per_prompt)
-    scores, seconds = _scored(lambda: backend.generate_population(members, prompts, max_new_tokens, on_decode, groups), problems, prompts,
-                              reward_kind, groups)
+    with members.serving() as served:  # files a backend loads last while it decodes them, never in the run's store
+        scores, seconds = _scored(lambda: backend.generate_population(served, prompts, max_new_tokens, on_decode, groups), problems, prompts,
+                                  reward_kind, groups)
     return {"scores": scores, "generate_seconds": seconds}
 
 

@@ -6,16 +6,21 @@ starts, the flow wraps its centre and that draw in one `GenerationMembers` and h
 tasks as `members`: the evaluation (stacked in memory for the embedded engine, adapter files for
 SGLang), the member files the ledger names and the update then share one checkpoint load, one
 draw and one build of each form (45 ms to draw at SmolLM2 rank 1, 32 members, on a 2-core
-machine; the build as much again). Without it (a replay, a test) a task builds the same values
-itself: a run is bit-identical either way. `members` is in no cache key; the centre's hash and
+machine; the build as much again). The adapter files a backend loads in weights space last only
+while the generation is evaluated (`serving`). Without it (a replay, a test) a task builds the same
+values itself: a run is bit-identical either way. `members` is in no cache key; the centre's hash and
 the plan it was drawn from are.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 from artifacts.checkpoints import load_checkpoint, put_adapter_folder
 from artifacts.store import ArtifactRef, ArtifactStore, files_sha256
@@ -39,6 +44,9 @@ class GenerationMembers:
         self.space: SearchSpace = search_space(plan)
         self._drawn = drawn
         self._lock = threading.RLock()
+        self._serving = False  # inside `serving()`: weights-space members may be joined into a scratch store
+        self._scratch: ArtifactStore | None = None  # that store, made on first use
+        self._served: list[ArtifactRef] | None = None  # the joined members in it
 
     def check(self, center_sha256: str, plan: PopulationPlan) -> "GenerationMembers":
         """These members, when they are those of this centre and plan (what a task was asked for)."""
@@ -104,15 +112,47 @@ class GenerationMembers:
 
     def adapters(self) -> list[AdapterRef]:
         """The members as whole adapter folders (a backend that loads files): the ledger's files, or
-        in weights space each centre + member joined (rank R + r), written to the store on first use."""
+        in weights space each centre + member joined (rank R + r), written on first use into the
+        scratch store of `serving()` (outside it, refused)."""
         with self._lock:
-            refs = self._adapter_files if self.space.records_are_served else self._served_files
+            refs = self._adapter_files if self.space.records_are_served else self._served_files()
         return [AdapterRef(f"g{self.plan.generation}_m{m.index:03d}", ref.path) for m, ref in zip(self.plan.members, refs)]
 
-    @cached_property
+    @contextmanager
+    def serving(self) -> Iterator["GenerationMembers"]:
+        """These members while a backend decodes them. A weights-space member is served as its
+        centre joined to its own factors, one adapter of rank R + r (~700 MB at R 576 on every layer
+        of SmolLM2, so ~360 GB for 512 members), that the ledger never names and no one reads after
+        the decode (replay joins its own, flows/replay.py): inside, `adapters()` writes them into a
+        scratch store under the run's store tmp dir (a server on another host of a Ray cluster reads
+        the same data dir), made on first use; on leaving, decoded or failed, it is deleted (after a
+        kill, `es-countdown gc` removes it with the store's other leftovers). One generation's at a
+        time: the next generation's evaluation starts after this one's ended. Stacked members (the
+        embedded engine) and LoRA space (the ledger's files are the members) write nothing here."""
+        with self._lock:
+            if self._serving:
+                raise RuntimeError(f"generation {self.plan.generation}'s members are being served already (their scratch store has one owner)")
+            self._serving = True
+        try:
+            yield self
+        finally:
+            with self._lock:
+                scratch, self._scratch, self._served, self._serving = self._scratch, None, None, False
+            if scratch is not None:
+                shutil.rmtree(scratch.root, ignore_errors=True)
+
     def _served_files(self) -> list[ArtifactRef]:
-        stacked, centre = self._stacked, self.state.centre
-        return [put_adapter_folder(self.store, *self.space.adapter(centre, self.spec, stacked, i)) for i in range(len(stacked))]
+        """The joined members in the scratch store of `serving()` (the caller holds the lock)."""
+        if not self._serving:
+            raise RuntimeError(f"generation {self.plan.generation}'s weights-space members are joined for a backend only inside "
+                               "GenerationMembers.serving(), whose scratch store is deleted after the decode")
+        if self._served is None:
+            if self._scratch is None:
+                self.store.tmp.mkdir(parents=True, exist_ok=True)
+                self._scratch = ArtifactStore(Path(tempfile.mkdtemp(prefix=f"served-g{self.plan.generation}-", dir=self.store.tmp)))
+            stacked, centre = self._stacked, self.state.centre
+            self._served = [put_adapter_folder(self._scratch, *self.space.adapter(centre, self.spec, stacked, i)) for i in range(len(stacked))]
+        return self._served
 
 
 def run_noise_layout(artifacts_dir: str, center_sha256: str, plan: PopulationPlan) -> NoiseLayout:

@@ -195,7 +195,32 @@ def test_the_disk_estimate_is_the_size_of_the_artifacts_a_generation_writes():
     relative = estimate_run_disk(load_settings(None, ["es.space=weights", "es.centre_rank=576", "es.population=4", "lora.layers=all",
                                                       "es.sigma_scale=weight_rms"]), shape, 10)
     assert relative.members == 4 * 4 * BLOCK  # 210 sigma scales: a record of 4.3 kB, two blocks
-    assert estimate.total == estimate.once + 10 * (estimate.centre + estimate.members + estimate.completions)
+    assert estimate.total == estimate.once + 10 * (estimate.centre + estimate.members + estimate.completions) and estimate.served == 0
+
+
+def test_on_sglang_the_disk_estimate_holds_one_generations_members_joined_to_their_centre():
+    """SGLang loads each weights-space member as one adapter of rank R + r, written while its
+    generation decodes and deleted after it: at SmolLM2's shapes, every layer, R 576, 705 MB a member,
+    361 GB for 512, counted once beside what the generations keep; a run that cannot hold them is
+    refused in one line naming them. The embedded engine decodes them from memory: nothing."""
+    from es_core.preflight import check_disk, estimate_run_disk
+    from es_core.settings import ConfigError
+
+    every_layer = ["es.space=weights", "es.centre_rank=576", "es.population=512", "lora.layers=all"]
+    shape = smollm2_shape()
+    embedded = estimate_run_disk(load_settings(None, every_layer), shape, 10)
+    sglang = estimate_run_disk(load_settings(None, [*every_layer, "backend.kind=sglang"]), shape, 10)
+    joined = 577 * sum((t.in_features + t.out_features) * 4 for t in shape_targets(shape, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    assert joined == 704_586_240 and 512 * joined < sglang.served < 512 * (joined + 2**20)
+    assert embedded.served == 0 and sglang.total == embedded.total + sglang.served
+    assert estimate_run_disk(load_settings(None, [*every_layer, "backend.kind=sglang"]), shape, 0).served == 0  # no generation left to decode
+    check_disk(embedded, 100 * GiB, "data dir /d")  # 10 generations of 831 MiB fit
+    with pytest.raises(ConfigError) as refused:
+        check_disk(sglang, 100 * GiB, "data dir /d")
+    error = str(refused.value)
+    assert "\n" not in error and error.startswith("the run writes about 345.0 GiB (10 generations of 831 MiB: ")
+    assert "; and 336.0 GiB while a generation decodes: its members joined to their centre for SGLang, deleted after it), data dir /d has 100.0 GiB free" in error
+    assert error.endswith("lower es.generations (resume continues a run), es.centre_rank, lora.rank or es.population, or free space (es-countdown gc)")
 
 
 @pytest.mark.parametrize("space", ["weights", "weights_rms", "lora_adam"])
@@ -232,10 +257,18 @@ def test_the_disk_estimate_bounds_what_a_generation_stores(tmp_path, space):
         centre = tell(zero, weights_space.layout(zero), drawn.noise, drawn.plan.members, [1.0, -1.0, 0.5, -0.5], 0.1).centre
         state, plan = ESState(centre, 1), ask(0, 1, 4, 0.05, space=weights_space)
     sha = put_checkpoint(store, state, spec_from_tensors(centre, 32.0 if space != "lora_adam" else 8.0)).sha256
-    members = sum(on_disk(store, ref.sha256) for ref in GenerationMembers(str(store.root), sha, plan).adapter_files())
+    generation = GenerationMembers(str(store.root), sha, plan)
+    members = sum(on_disk(store, ref.sha256) for ref in generation.adapter_files())
     estimate = estimate_run_disk(settings, shape, 1)
     assert on_disk(store, sha) <= estimate.centre <= on_disk(store, sha) + 4 * BLOCK, (on_disk(store, sha), estimate.centre)
     assert members <= estimate.members <= members + 4 * 2 * BLOCK, (members, estimate.members)
+    if space != "lora_adam":  # SGLang decodes the members joined to their centre, from a scratch store of their generation
+        with generation.serving():
+            scratch = generation.adapters()[0].path.parents[1]
+            served = sum(p.lstat().st_blocks * 512 for p in [scratch, *scratch.rglob("*")])
+        sglang = estimate_run_disk(load_settings(None, [*sets, "es.population=4", "lora.layers=all", "backend.kind=sglang"]), shape, 1)
+        assert served <= sglang.served <= served + 8 * BLOCK, (served, sglang.served)
+        assert (estimate.served, sglang.total - sglang.served) == (0, estimate.total)
 
 
 # --- the flow: a run that fails is recorded failed, with why ----------------------------------------

@@ -6,7 +6,9 @@ reward, fitness and token count, and a digest of every sample (completion, rewar
 problems recorded. The runs: the smoke config (SmolLM2, embedded), tiny-llama with a warm start, a
 further held-out set, per-prompt fitness, fresh training problems and Adam (embedded), and tiny-llama
 against the fake SGLang server (whose completions depend on the adapters' weights, so the centre
-moves).
+moves). A fourth, tiny-llama in weights space against the fake SGLang server (each member served
+as its centre joined to its own factors), was recorded with the code of e5a84dc, before those
+joined members moved from the run's store to a scratch store of their generation.
 
 The embedded runs decode float32 on the CPU: a machine whose BLAS sums in another order could give
 other bits. Greedy tokens and the ES updates (seeds, ranks of rewards) do not move with such last
@@ -62,6 +64,19 @@ run_name: tiny
 model: {name: tiny-llama}
 lora: {rank: 2, layers: [0, 1]}
 es: {population: 4, sigma: 0.05, learning_rate: 0.05, generations: 3, seed: 3}
+data: {train_size: 6, heldout_size: 4, prompts_per_generation: 3}
+prompt: {style: raw}
+generation: {max_new_tokens: 24, compile: false}
+backend: {kind: sglang}
+eval: {every: 2, base_model: true}
+"""
+
+# weights space on the fake SGLang server: each member is served as one adapter of rank R + r
+WEIGHTS_SGLANG = """
+run_name: weights
+model: {name: tiny-llama}
+lora: {layers: [0, 1]}
+es: {space: weights, noise_rank: 1, centre_rank: 3, population: 4, sigma: 0.05, learning_rate: 0.05, generations: 3, seed: 3}
 data: {train_size: 6, heldout_size: 4, prompts_per_generation: 3}
 prompt: {style: raw}
 generation: {max_new_tokens: 24, compile: false}
@@ -208,3 +223,27 @@ def test_a_run_on_sglang_gives_the_recorded_hashes(tmp_path, prefect_harness, mo
     results = ledger_results(data_dir, run_id)
     assert len({row[2] for row in results["generations"]}) == 3  # the centre moved every generation
     _compare_or_record("sglang", results)
+
+
+def test_a_weights_space_run_on_sglang_gives_the_recorded_hashes_and_keeps_no_joined_member(tmp_path, prefect_harness, model_cache, monkeypatch,
+                                                                                             smollm2_tokenizer):
+    """The server loads each member joined to its centre (rank 3 + 1) from a scratch store of its
+    generation under the store's tmp dir, gone after the generation: the store keeps none of them,
+    and the run's results are the recorded ones, from when it kept them all."""
+    import re
+
+    from artifacts.store import ArtifactStore
+    from tests.fake_sglang import FakeSGLang
+
+    with FakeSGLang(max_lora_rank=4, decode=smollm2_tokenizer.decode) as fake:
+        monkeypatch.setenv("ES_SGLANG_URL", fake.url)
+        data_dir, run_id = _run(tmp_path, "weights-sglang", WEIGHTS_SGLANG, monkeypatch, model_cache)
+        loaded = dict(fake.state.ever)  # adapter name -> the folder the server loaded it from (its last)
+    results = ledger_results(data_dir, run_id)
+    assert len({row[2] for row in results["generations"]}) == 3  # the centre moved every generation
+    _compare_or_record("weights-sglang", results)
+    store = ArtifactStore(data_dir / "artifacts")
+    members = [Path(folder) for name, folder in loaded.items() if re.search(r"-g\d+_m\d+$", name)]
+    assert len(members) == 3 * 4 and all(folder.parents[2] == store.tmp and not folder.exists() for folder in members)
+    ranks = [json.loads(config.read_text())["r"] for config in store.root.glob("*/*/adapter_config.json")]
+    assert ranks and 4 not in ranks and list(store.tmp.iterdir()) == []

@@ -267,6 +267,56 @@ def test_a_member_record_that_cannot_be_served_is_one_line_naming_it(tmp_path):
         assert "\n" not in error and error.startswith(f"{ref.path / 'es_member.json'}: ") and message in error, (what, error)
 
 
+def test_sglang_decodes_weights_space_members_from_a_scratch_store_deleted_after_the_evaluation(tmp_path):
+    """A backend that loads files (SGLang) gets each weights-space member as its centre joined to its
+    own factors, one adapter of rank R + r (~700 MB at R 576 on every layer of SmolLM2): written for
+    the generation's evaluation into a scratch store under the store's tmp dir, never into the store,
+    and deleted once the evaluation ends, decoded or failed (a server that keeps answering 500).
+    What was decoded is the member its record serves; outside an evaluation they are not written."""
+    from pathlib import Path
+
+    from artifacts.checkpoints import served_adapter
+    from artifacts.store import ArtifactStore
+    from es_core.backends.base import BackendError
+    from es_core.backends.sglang import SGLangBackend
+    from es_core.backends.sglang_client import SGLangClient
+    from es_core.countdown.problems import generate_problems
+    from tasks.evaluate import evaluate_population
+    from tests.fake_sglang import FakeSGLang, adapter_digest, fake_completion
+
+    store, members = stored_generation(tmp_path)
+    records = members.adapter_files()  # what write_members stores beside the decode: the ledger's
+    stored = {sha for sha, _ in store.iter_artifacts()}
+    problems = generate_problems(2, seed=1)
+    prompts = [f"Using the numbers {p.numbers}, create an equation that equals {p.target}." for p in problems]
+
+    def evaluate(backend):
+        return evaluate_population.fn(backend, str(store.root), members.center_sha256, members.plan, problems, prompts, 16, "paper", "fake",
+                                      members=members)
+
+    with FakeSGLang(max_lora_rank=5) as fake, SGLangBackend([SGLangClient(fake.url, retries=1, backoff_s=0.01, max_backoff_s=0.05)]) as sglang:
+        scores = evaluate(sglang)["scores"]
+        decoded = dict(fake.state.ever)  # name -> the folder the server loaded
+        fake.fault("/generate", "status", status=500, times=1000)
+        with pytest.raises(BackendError):
+            evaluate(sglang)
+        failed = dict(fake.state.ever)
+    scratch = ArtifactStore(tmp_path / "replay")  # the member as replay serves it from its record
+    for record, score, (name, folder) in zip(records, scores, sorted(decoded.items())):
+        digest, rank = adapter_digest(scratch.get(served_adapter(store, record.sha256, scratch)))
+        assert rank == 5 and [s.completion for s in score.samples] == [fake_completion(digest, p, 16)[0] for p in prompts], name
+    for loaded in (decoded, failed):
+        assert len(loaded) == len(members) and all(Path(folder).parent.parent.parent == store.tmp for folder in loaded.values())
+        assert not any(Path(folder).exists() for folder in loaded.values())  # deleted with their scratch
+    assert set(decoded.values()).isdisjoint(failed.values())  # the failed evaluation joined its own
+    assert {sha for sha, _ in store.iter_artifacts()} == stored and list(store.tmp.iterdir()) == []
+    with pytest.raises(RuntimeError, match="only inside GenerationMembers.serving"):
+        members.adapters()
+    with members.serving(), pytest.raises(RuntimeError, match="served already"):  # one owner deletes the scratch
+        with members.serving():
+            pass
+
+
 # --- the engine: the centre in one shared slot ------------------------------------------------
 
 

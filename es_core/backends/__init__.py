@@ -16,6 +16,11 @@ def backend_kind(settings) -> str:
     return "ray" if settings.runner.kind == "ray" else settings.backend.kind
 
 
+# backends that take a generation's members as adapter files (`Members.adapters`: in weights space,
+# each joined to its centre in a scratch store while the generation decodes), not stacked tensors
+LOADS_ADAPTER_FILES = frozenset({"sglang"})
+
+
 def backend_class(kind: str):
     """The class of backend `kind` (imported on first use: each pulls in its own dependencies).
     Each has `from_settings(settings, model_path, log_dir=, name_prefix=)` and `decode_key(settings)`."""

@@ -47,7 +47,8 @@ class Members(Protocol):
         ...
 
     def adapters(self) -> list[AdapterRef]:
-        """The members as adapter folders, named `g<generation>_m<index>` (written when first asked)."""
+        """The members as adapter folders, named `g<generation>_m<index>` (written when first asked;
+        they may be deleted once the call that asked returns: a backend keeps no path past it)."""
         ...
 
 
