@@ -49,6 +49,7 @@ import traceback
 from pathlib import Path
 
 SMOKE = "configs/experiments/smoke.yaml"
+SMOKE_POPULATION = 8  # the cli step shrinks the smoke config's population to fit the parity step's slots
 STEPS = ("launch", "pytest", "parity", "speed", "cli", "faults")
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -125,12 +126,12 @@ def slots(args) -> int:
 
 
 def cli_population(args) -> int:
-    """The cli step's population: 8 in the smoke config as the step shrinks it, else its config's."""
+    """The cli step's population: the smoke config's as the step shrinks it, else its config's."""
     if args.cli_config == SMOKE:
-        return 8
-    import yaml
+        return SMOKE_POPULATION
+    from es_core.settings import load_settings
 
-    return int((yaml.safe_load(Path(args.cli_config).read_text()).get("es") or {}).get("population", 0))
+    return load_settings(args.cli_config).es.population
 
 
 T0 = time.perf_counter()
@@ -407,7 +408,7 @@ def step_cli(args, ctx) -> dict:
     n, run_id = args.cli_generations, cli_run_id(args.cli_config)
     sets = [f"model.name={args.model}", "backend.kind=sglang", f"es.generations={n}", "warm_start.steps=0", "eval.every=0"]
     if args.cli_config == SMOKE:
-        sets += [f"lora.rank={min(args.rank, 8)}", "es.population=8"]
+        sets += [f"lora.rank={min(args.rank, 8)}", f"es.population={SMOKE_POPULATION}"]
     cmd = [sys.executable, "-m", "flows.cli", "run", "--config", args.cli_config, "--run-id", run_id] + [x for s in sets for x in ("--set", s)]
     log = open(ctx["out"] / "cli.log", "a")
     log.write(f"$ {shlex.join(cmd)}\n"); log.flush()
