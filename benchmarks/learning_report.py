@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from artifacts.ledger import Ledger  # noqa: E402
-from benchmarks.learning_runs import CONFIG, FINAL_FILE, RECIPE_SETS, RECIPES, WARM_START_RUN  # noqa: E402
+from benchmarks.learning_runs import CONFIG, RECIPE_SETS, RECIPES, Start  # noqa: E402
 
 SETS = ("heldout", "paper-test")
 
@@ -62,19 +62,22 @@ def es_seconds(ledger: Ledger, run_id: str, generations: int) -> float:
 
 
 def table(ledger: Ledger, final: dict | None, recipes: dict[str, list[str]] = RECIPES, alone: bool = False,
-          baseline: Ledger | None = None) -> tuple[str, list]:
+          baseline: Ledger | None = None, start: Start = Start()) -> tuple[str, list]:
     """The markdown table and the points of the GPU-minutes plot. `alone`: every recipe ran alone,
-    its generations' wall seconds are its GPU time; `baseline`: the ledger of the supervised runs."""
+    its generations' wall seconds are its GPU time; `baseline`: the ledger of the supervised runs;
+    `start`: the warm start the recipes began from."""
     rows, points = [], []
-    warm = warm_start_of(ledger, WARM_START_RUN)
-    base = evals(ledger, WARM_START_RUN, "base").get(0)
+    warm = warm_start_of(ledger, start.run_id)
+    base = evals(ledger, start.run_id, "base").get(0)
     run_cmd = f"es-countdown run --config {CONFIG}"
-    rows.append(("base model (SmolLM2-135M-Instruct)", "", "", "0", base, f"`{run_cmd} --run-id {WARM_START_RUN} --set es.generations=0` (its base row)"))
-    warm_eval = evals(ledger, WARM_START_RUN, "warm_start").get(0)
-    rows.append((f"warm start ({warm['steps']} steps)", warm["steps"], 0, f"{warm['seconds'] / 60:.1f}", warm_eval, f"`{run_cmd} --run-id {WARM_START_RUN} --set es.generations=0`"))
+    warm_cmd = f"{run_cmd} --run-id {start.run_id} --set es.generations=0{''.join(' ' + a for a in start.sets())}"
+    rows.append(("base model (SmolLM2-135M-Instruct)", "", "", "0", base, f"`{warm_cmd}` (its base row)"))
+    warm_eval = evals(ledger, start.run_id, "warm_start").get(0)
+    rows.append((f"warm start ({warm['steps']} steps)", warm["steps"], 0, f"{warm['seconds'] / 60:.1f}", warm_eval, f"`{warm_cmd}`"))
     points.append(("supervised", warm["seconds"] / 60, warm_eval))
     s_gen = final["solo_seconds_per_generation"] if final else None
-    for run_id, overrides in recipes.items():
+    for recipe, overrides in recipes.items():
+        run_id = start.name(recipe)
         centre = evals(ledger, run_id, "centre")
         if not centre:
             continue
@@ -85,13 +88,13 @@ def table(ledger: Ledger, final: dict | None, recipes: dict[str, list[str]] = RE
             return (warm["seconds"] + (es_seconds(ledger, run_id, gen) if alone else gen * s_gen)) / 60
 
         minutes = f"{gpu_minutes(g):.1f}" if timed else "(side by side)"
-        sets = "".join(f" --set {kv}" for kv in overrides)
+        sets = "".join(f" --set {kv}" for kv in overrides) + "".join(" " + a for a in start.sets())
         where = "`python -m benchmarks.learning_runs sweep DATA_DIR`" if not final or run_id != final["es_run"] else "`... learning_runs final DATA_DIR`"
         rows.append((f"ES `{run_id}`", warm["steps"], g, minutes, centre[g], f"`{run_cmd} --run-id {run_id} --set es.generations={g}{sets}` ({where})"))
         if timed:  # from the warm start it continues
             points += [(f"ES `{run_id}`", warm["seconds"] / 60, warm_eval)] + [(f"ES `{run_id}`", gpu_minutes(gen), values) for gen, values in sorted(centre.items())]
     supervised = baseline or ledger
-    for run_id in ("sft-half", "sft-matched"):
+    for run_id in (start.name("sft-half"), start.name("sft-matched")):
         w = warm_start_of(supervised, run_id)
         values = evals(supervised, run_id, "warm_start").get(0)
         if values:
@@ -129,11 +132,12 @@ def signal(ledger: Ledger, run_id: str) -> str:
             f"member reward std {reward_std:.4f}; best minus worst member accuracy {100 * acc_range:.1f} points")
 
 
-def plot(ledger: Ledger, points: list, path: Path, recipes: dict[str, list[str]] = RECIPES) -> Path:
+def plot(ledger: Ledger, points: list, path: Path, recipes: dict[str, list[str]] = RECIPES, start: Start = Start()) -> Path:
     fig, (by_gen, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
-    warm_eval = evals(ledger, WARM_START_RUN, "warm_start").get(0, {})
-    colour = {f"ES `{run_id}`": f"C{i + 1}" for i, run_id in enumerate(recipes)} | {"supervised": "C0"}  # one per run, both panels
-    for run_id in recipes:
+    warm_eval = evals(ledger, start.run_id, "warm_start").get(0, {})
+    run_ids = [start.name(recipe) for recipe in recipes]
+    colour = {f"ES `{run_id}`": f"C{i + 1}" for i, run_id in enumerate(run_ids)} | {"supervised": "C0"}  # one per run, both panels
+    for run_id in run_ids:
         centre = evals(ledger, run_id, "centre")
         if centre:
             gens = [0, *sorted(centre)]
@@ -200,22 +204,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slim", type=Path, default=None, help="also write a copy of the ledger without most samples here")
     parser.add_argument("--recipes", choices=sorted(RECIPE_SETS), default="first", help="which set of ES recipes (benchmarks.learning_runs)")
     parser.add_argument("--alone", action="store_true", help="the recipes ran one at a time (learning_runs sweep --one-at-a-time)")
+    parser.add_argument("--warm-steps", type=int, default=None, help="the recipes ran from this longer warm start (learning_runs --warm-steps)")
     parser.add_argument("--baseline", type=Path, default=None, help="the data dir (or slim ledger's folder) of the supervised runs, if not DATA_DIR")
     args = parser.parse_args(argv)
     recipes = RECIPE_SETS[args.recipes]
     ledger = private_copy(args.data_dir)
     baseline = private_copy(args.baseline) if args.baseline else None
-    final_file = args.data_dir / FINAL_FILE
+    start = Start(args.warm_steps)
+    final_file = args.data_dir / start.final_file
     final = json.loads(final_file.read_text()) if final_file.is_file() else None
-    markdown, points = table(ledger, final, recipes, args.alone, baseline)
+    markdown, points = table(ledger, final, recipes, args.alone, baseline, start)
     print(markdown)
     if final:
         print(f"\nGPU minutes of ES: {final['solo_seconds_per_generation']:.2f} s a generation alone (median of {final['es_run']}'s generations "
               f"{final['first_solo_generation'] + 1}+), warm start {final['warm_start_seconds_per_step']:.3f} s a step.")
     print()
-    for run_id in recipes:
-        print("- " + signal(ledger, run_id))
-    print(f"\n{plot(ledger, points, args.png, recipes)}")
+    for recipe in recipes:
+        print("- " + signal(ledger, start.name(recipe)))
+    print(f"\n{plot(ledger, points, args.png, recipes, start)}")
     if args.slim:
         print(slim_copy(args.data_dir, args.slim))
     return 0

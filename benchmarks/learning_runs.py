@@ -14,6 +14,14 @@ that each fit a 10-minute GPU command (the second must run on the same machine, 
            `sft-matched`, each continuing the last): the baseline at equal GPU time.
     python -m benchmarks.learning_report DATA_DIR  -> the README table and the PNG.
 
+Where fine-tuning has stopped gaining (the question users ask: they fine-tune first, then reach for ES):
+    python -m benchmarks.learning_runs plateau DATA_DIR [--every 500]
+        the warm start continued 500 steps at a time (`sft-1000`, `sft-1500`, ...: each continues
+        the last exactly) until two held-out evaluations in a row gain nothing over the best before
+        them; the same command goes on where a deadline stopped it. Then `sweep` and `final` with
+        `--warm-steps P` (P: the plateau's steps) run the recipes and the supervised baseline from
+        there (run ids `<recipe>-fromP`), and `learning_report --warm-steps P` reports them.
+
 GPU time of an ES run = its warm start's seconds + generations x the median seconds of a generation
 run alone (the sweep's generations ran side by side, so their wall times are not the GPU's).
 `ES` names the command (default `es-countdown`; `python3 -m flows.cli` where it is not installed).
@@ -30,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from artifacts.ledger import Ledger
@@ -106,6 +115,29 @@ POPULATION: dict[str, list[str]] = {
 RECIPE_SETS = {"first": RECIPES, "step-size": STEP_SIZE, "weights": WEIGHTS, "exact": EXACT, "population": POPULATION}
 EVAL_EVERY = 10  # the config's eval.every
 FINAL_FILE = "learning-final.json"  # what `final` measured, for learning_report
+PLATEAU_FILE = "learning-plateau.json"  # what `plateau` measured: held-out accuracy against warm-start steps
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where the ES recipes and the supervised baseline begin: the config's 500-step warm start, or
+    a longer one (`--warm-steps`, e.g. the plateau's), whose runs carry a `-from<steps>` suffix."""
+
+    steps: int | None = None
+
+    @property
+    def run_id(self) -> str:
+        return WARM_START_RUN if self.steps is None else f"sft-{self.steps}"
+
+    def name(self, run_id: str) -> str:
+        return run_id if self.steps is None else f"{run_id}-from{self.steps}"
+
+    def sets(self) -> list[str]:
+        return [] if self.steps is None else ["--set", f"warm_start.steps={self.steps}"]
+
+    @property
+    def final_file(self) -> str:
+        return FINAL_FILE if self.steps is None else FINAL_FILE.replace(".json", f"-from{self.steps}.json")
 
 
 def es_command() -> list[str]:
@@ -148,16 +180,17 @@ def own_prefect_db(data_dir: Path, run_id: str) -> dict:
 
 
 def sweep(data_dir: Path, paper_set: str, generations: int, deadline_s: float, config: str, extra: list[str],
-          recipes: dict[str, list[str]] = RECIPES, one_at_a_time: bool = False) -> None:
+          recipes: dict[str, list[str]] = RECIPES, one_at_a_time: bool = False, start: Start = Start()) -> None:
     """The warm start, then the recipes side by side until they finish or `deadline_s` after the start
     (or, `one_at_a_time`, each alone for `generations`: their wall times are then the GPU's)."""
     began = time.monotonic()
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "prefect").mkdir(exist_ok=True)
-    common = ["--config", config, "--data-dir", str(data_dir), "--set", paper_set]
-    run([*es_command(), "run", *common, "--run-id", WARM_START_RUN, "--set", "es.generations=0", *extra], data_dir / f"{WARM_START_RUN}.log")
+    common = ["--config", config, "--data-dir", str(data_dir), "--set", paper_set, *start.sets()]
+    run([*es_command(), "run", *common, "--run-id", start.run_id, "--set", "es.generations=0", *extra], data_dir / f"{start.run_id}.log")
     procs = {}
-    for run_id, overrides in recipes.items():
+    for recipe, overrides in recipes.items():
+        run_id = start.name(recipe)
         if one_at_a_time and time.monotonic() - began >= deadline_s:
             print(f"{run_id}: not started, the deadline ({deadline_s:.0f} s) has passed; the next sweep of this data dir starts it")
             continue
@@ -176,8 +209,8 @@ def sweep(data_dir: Path, paper_set: str, generations: int, deadline_s: float, c
             print(f"{run_id}: exit {proc.returncode}: {(data_dir / f'{run_id}.log').read_text()[-1500:]}")
 
 
-def best_recipe(data_dir: Path, recipes: dict[str, list[str]] = RECIPES) -> str:
-    ids = ", ".join(f"'{r}'" for r in recipes)
+def best_recipe(data_dir: Path, recipes: dict[str, list[str]] = RECIPES, start: Start = Start()) -> str:
+    ids = ", ".join(f"'{start.name(r)}'" for r in recipes)
     rows = sql(data_dir, f"""SELECT run_id, generation, accuracy FROM evals WHERE split = 'heldout' AND model = 'centre' AND run_id IN ({ids})
                              QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY generation DESC) = 1 ORDER BY accuracy DESC, run_id""")
     for run_id, generation, accuracy in rows:
@@ -186,13 +219,13 @@ def best_recipe(data_dir: Path, recipes: dict[str, list[str]] = RECIPES) -> str:
 
 
 def final(data_dir: Path, paper_set: str, limit_s: float, sft_overhead_s: float, config: str, extra: list[str],
-          recipes: dict[str, list[str]] = RECIPES, baseline: bool = True) -> None:
+          recipes: dict[str, list[str]] = RECIPES, baseline: bool = True, start: Start = Start()) -> None:
     """The best recipe continues alone; then (`baseline`) the warm start continued for its GPU time."""
     started = time.monotonic()
-    best = best_recipe(data_dir, recipes)
+    best = best_recipe(data_dir, recipes, start)
     first_solo = sql(data_dir, f"SELECT max(generation) + 1 FROM generations WHERE run_id = '{best}'")[0][0]
     proc = run([*es_command(), "resume", best, "--data-dir", str(data_dir), "--set", "es.generations=1000"], data_dir / f"{best}.log", wait=False)
-    s_step, warm_steps = sql(data_dir, f"SELECT w.seconds / w.steps, w.steps FROM warm_starts w JOIN runs r USING (warm_start_sha256) WHERE r.run_id = '{WARM_START_RUN}'")[0]
+    s_step, warm_steps = sql(data_dir, f"SELECT w.seconds / w.steps, w.steps FROM warm_starts w JOIN runs r USING (warm_start_sha256) WHERE r.run_id = '{start.run_id}'")[0]
     stop_at, s_gen = None, None
     while proc.poll() is None:
         time.sleep(3)
@@ -214,7 +247,7 @@ def final(data_dir: Path, paper_set: str, limit_s: float, sft_overhead_s: float,
     half = warm_steps + round(es_seconds / s_step / 2)
     print(f"{best}: {generations} generations, {s_gen:.2f} s each alone = {es_seconds:.0f} s of GPU after the warm start; "
           f"the warm start trains {s_step:.3f} s a step: {matched - warm_steps} more steps")
-    (data_dir / FINAL_FILE).write_text(json.dumps({"es_run": best, "generations": generations, "solo_seconds_per_generation": s_gen,
+    (data_dir / start.final_file).write_text(json.dumps({"es_run": best, "generations": generations, "solo_seconds_per_generation": s_gen,
                                                    "first_solo_generation": first_solo, "es_seconds": es_seconds,
                                                    "warm_start_seconds_per_step": s_step, "sft_steps": [half, matched] if baseline else []},
                                                   indent=1) + "\n")
@@ -222,20 +255,81 @@ def final(data_dir: Path, paper_set: str, limit_s: float, sft_overhead_s: float,
         print(f"done in {time.monotonic() - started:.0f} s")
         return
     common = ["--config", config, "--data-dir", str(data_dir), "--set", paper_set, "--set", "es.generations=0", *extra]
-    for run_id, steps in (("sft-half", half), ("sft-matched", matched)):
+    for run_id, steps in ((start.name("sft-half"), half), (start.name("sft-matched"), matched)):
         run([*es_command(), "run", *common, "--run-id", run_id, "--set", f"warm_start.steps={steps}"], data_dir / f"{run_id}.log")
     print(f"done in {time.monotonic() - started:.0f} s")
 
 
+def plateaued(accuracies: list[float]) -> bool:
+    """Fine-tuning has stopped gaining: neither of the last two evaluations beats the best before them."""
+    return len(accuracies) >= 3 and max(accuracies[-2:]) <= max(accuracies[:-2])
+
+
+def warm_start_point(data_dir: Path, run_id: str) -> dict | None:
+    """A supervised run's warm start as `plateau` records it, or None if the ledger has no held-out evaluation of it."""
+    if not (data_dir / "ledger.duckdb").exists():
+        return None
+    rows = sql(data_dir, f"""SELECT w.steps, w.seconds, e.split, e.accuracy, e.accuracy_ci_low, e.accuracy_ci_high
+                             FROM runs r JOIN warm_starts w USING (warm_start_sha256)
+                             JOIN evals e ON e.run_id = r.run_id AND e.model = 'warm_start' AND e.generation = 0
+                             WHERE r.run_id = '{run_id}' ORDER BY e.split""")
+    if not any(split == "heldout" for _, _, split, *_ in rows):
+        return None
+    point = {"run_id": run_id, "steps": rows[0][0], "seconds": rows[0][1]}
+    point.update({split: [accuracy, low, high] for _, _, split, accuracy, low, high in rows})
+    return point
+
+
+def plateau(data_dir: Path, paper_set: str, every: int, max_steps: int, deadline_s: float, config: str, extra: list[str]) -> int | None:
+    """The warm start continued `every` steps at a time (`sft-<steps>`, each continuing the last
+    exactly, its held-out accuracy evaluated) until held-out accuracy stops gaining (`plateaued`),
+    `max_steps`, or the next step would end after `deadline_s`. Steps already in the data dir are
+    read, not trained again, so the same command goes on where the last one stopped. Writes
+    PLATEAU_FILE; returns the plateau's steps (the last trained: where a user who fine-tunes until
+    it stops gaining would stand), or None while it has not been reached."""
+    began = time.monotonic()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    common = ["--config", config, "--data-dir", str(data_dir), "--set", paper_set, "--set", "es.generations=0"]
+    points: list[dict] = []
+    reached, wall_per_step = None, None
+    for steps in range(every, max_steps + 1, every):
+        run_id = f"sft-{steps}"
+        point = warm_start_point(data_dir, run_id)
+        if point is None:
+            elapsed = time.monotonic() - began
+            if wall_per_step is not None and elapsed + 1.2 * every * wall_per_step > deadline_s:
+                print(f"{run_id}: not started, it would end after the deadline ({deadline_s:.0f} s); the same command goes on from here")
+                break
+            t0 = time.monotonic()
+            run([*es_command(), "run", *common, "--run-id", run_id, "--set", f"warm_start.steps={steps}", *extra], data_dir / f"{run_id}.log")
+            wall_per_step = (time.monotonic() - t0) / every  # training and evaluation: what one more increment costs
+            point = warm_start_point(data_dir, run_id)
+            if point is None:
+                sys.exit(f"{run_id}: the ledger has no held-out evaluation of its warm start (eval.warm_start off?), see {data_dir / f'{run_id}.log'}")
+        points.append(point)
+        print(f"{run_id}: held-out {100 * point['heldout'][0]:.1f}% [{100 * point['heldout'][1]:.1f}, {100 * point['heldout'][2]:.1f}] "
+              f"after {point['seconds'] / 60:.1f} GPU minutes of training", flush=True)
+        if plateaued([p["heldout"][0] for p in points]):
+            reached = steps
+            break
+    (data_dir / PLATEAU_FILE).write_text(json.dumps({"every": every, "max_steps": max_steps, "plateau_steps": reached, "points": points}, indent=1) + "\n")
+    print(f"plateau at {reached} steps" if reached else f"no plateau yet after {points[-1]['steps'] if points else 0} steps")
+    return reached
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=["sweep", "final"])
+    parser.add_argument("step", choices=["sweep", "final", "plateau"])
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--paper", default="../shared/data/countdown.json", help="the paper's countdown.json (its last 2,000 problems are held out)")
     parser.add_argument("--generations", type=int, default=GENERATIONS, help="sweep: generations of each recipe")
-    parser.add_argument("--deadline", type=float, default=500, help="sweep: seconds after its start by which the recipes are stopped")
+    parser.add_argument("--deadline", type=float, default=500, help="sweep: seconds after its start by which the recipes are stopped; plateau: by which its last step must end")
     parser.add_argument("--limit", type=float, default=500, help="final: seconds the whole step may take")
     parser.add_argument("--sft-overhead", type=float, default=100, help="final: seconds of the supervised runs beyond training")
+    parser.add_argument("--warm-steps", type=int, default=None, help="sweep, final: start from this longer warm start (e.g. the plateau's) "
+                        "instead of the config's; run ids get -from<steps>")
+    parser.add_argument("--every", type=int, default=500, help="plateau: warm-start steps between held-out evaluations")
+    parser.add_argument("--max-steps", type=int, default=20000, help="plateau: no warm start beyond this many steps")
     parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--paper-size", type=int, default=PAPER_TEST_SIZE, help="held-out problems from the paper's file")
     parser.add_argument("--recipes", choices=sorted(RECIPE_SETS), default="first", help="which set of ES recipes")
@@ -247,10 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir.resolve()
     extra = [a for kv in args.extra for a in ("--set", kv)]
     paper_set = eval_sets(args.paper, args.paper_size)
-    if args.step == "sweep":
-        sweep(data_dir, paper_set, args.generations, args.deadline, args.config, extra, RECIPE_SETS[args.recipes], args.one_at_a_time)
+    if args.step == "plateau":
+        plateau(data_dir, paper_set, args.every, args.max_steps, args.deadline, args.config, extra)
+    elif args.step == "sweep":
+        sweep(data_dir, paper_set, args.generations, args.deadline, args.config, extra, RECIPE_SETS[args.recipes], args.one_at_a_time,
+              Start(args.warm_steps))
     else:
-        final(data_dir, paper_set, args.limit, args.sft_overhead, args.config, extra, RECIPE_SETS[args.recipes], not args.no_baseline)
+        final(data_dir, paper_set, args.limit, args.sft_overhead, args.config, extra, RECIPE_SETS[args.recipes], not args.no_baseline,
+              Start(args.warm_steps))
     return 0
 
 

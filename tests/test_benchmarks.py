@@ -178,3 +178,44 @@ def test_member_signal_summarises_a_run_whose_members_all_scored_alike(tmp_path,
     summary = capsys.readouterr().out.splitlines()[-1].split()
     assert summary[:2] == ["flat", "2"] and summary.count("-") >= 4
     assert main(["--from-json", str(tmp_path / "signal.json")]) == 0
+
+
+@pytest.mark.parametrize("accuracies, plateaued", [
+    ([0.50, 0.60, 0.60, 0.59], True),  # the last two gain nothing over the best before them
+    ([0.50, 0.60, 0.60], False),  # 0.60 gained over 0.50
+    ([0.50, 0.60, 0.58, 0.59], True),
+    ([0.50, 0.60, 0.58, 0.61], False),  # the last one gains
+    ([0.50, 0.60, 0.61, 0.55], False),  # the one before it gained
+    ([0.50, 0.49], False),  # two evaluations cannot show a plateau of two
+])
+def test_a_plateau_is_two_evaluations_that_gain_nothing_over_the_best_before_them(accuracies, plateaued):
+    from benchmarks.learning_runs import plateaued as is_plateau
+
+    assert is_plateau(accuracies) is plateaued
+
+
+@pytest.mark.slow
+def test_the_plateau_step_continues_the_warm_start_and_goes_on_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """Each increment continues the last warm start (the ledger's parent), its held-out accuracy is
+    read back, and the same command again trains nothing: what the data dir holds is read."""
+    import json
+    import sys
+
+    from artifacts.ledger import Ledger
+    from benchmarks import learning_runs
+
+    monkeypatch.setenv("ES", f"{sys.executable} -m flows.cli")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    paper = Path(__file__).resolve().parents[2] / "shared" / "data" / "countdown.json"
+    args = ["plateau", str(tmp_path), "--every", "1", "--max-steps", "3", "--paper", str(paper), "--paper-size", "4",
+            *[a for kv in ("model.name=tiny-llama", "data.heldout_size=4", "warm_start.batch_size=2", "generation.max_new_tokens=8")
+              for a in ("--set", kv)]]
+    assert learning_runs.main(args) == 0
+    record = json.loads((tmp_path / learning_runs.PLATEAU_FILE).read_text())
+    assert [p["steps"] for p in record["points"]] == [1, 2, 3] and record["plateau_steps"] == 3  # tiny-llama never answers: 0% thrice
+    parents = Ledger(tmp_path).query("SELECT steps, parent_warm_start_sha256 IS NOT NULL FROM warm_starts ORDER BY steps")[1]
+    assert parents == [(1, False), (2, True), (3, True)]
+    monkeypatch.setenv("ES", "false")  # a second call that tried to train would fail
+    capsys.readouterr()
+    assert learning_runs.main(args) == 0
+    assert "plateau at 3 steps" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, after ../shared/device's carry (`source "$HOME/carry/env.sh"`): issue 27's
-# learning sweeps in 10-minute commands, everything they learn under $OUT (at most 8 files): the
+# learning sweeps (and the plateau, the final rows: STEP below) in 10-minute commands, everything they learn under $OUT (at most 8 files): the
 # 500-step warm start (trained by the first command on a fresh machine; later ones find it) and the
 # recipe set RECIPES of benchmarks/learning_runs.py (default `exact`), side by side, or each alone
 # with ALONE=1 (its wall time is then the GPU's), until DEADLINE seconds after the sweep began; the members' signal in every generation
@@ -12,9 +12,21 @@
 set -uo pipefail
 export ES="python3 -m flows.cli" PYTHONUNBUFFERED=1
 data=${DATA:-/root/esdata} paper=${PAPER:-.devcarry/data/countdown.json}
-alone=(); [ "${ALONE:-0}" = 1 ] && alone=(--one-at-a-time)
-python3 -m benchmarks.learning_runs sweep "$data" --recipes "${RECIPES:-exact}" --generations "${GENERATIONS:-200}" --deadline "${DEADLINE:-480}" "${alone[@]}" --paper "$paper" > "$OUT/sweep.log" 2>&1
-echo "sweep: rc $?"; tail -5 "$OUT/sweep.log"
+# STEP (default sweep) picks learning_runs' step: `plateau` continues the warm start EVERY steps at a
+# time until it stops gaining (or DEADLINE); `final` continues the best recipe and runs the supervised
+# baseline in DEADLINE seconds; WARM_STEPS starts sweep and final from that longer warm start (the plateau's).
+step=${STEP:-sweep}
+case "$step" in
+  sweep) args=(--recipes "${RECIPES:-exact}" --generations "${GENERATIONS:-200}" --deadline "${DEADLINE:-480}")
+         [ "${ALONE:-0}" = 1 ] && args+=(--one-at-a-time) ;;
+  plateau) args=(--every "${EVERY:-500}" --deadline "${DEADLINE:-480}") ;;
+  final) args=(--recipes "${RECIPES:-exact}" --limit "${DEADLINE:-480}") ;;
+  *) echo "STEP=$step: one of sweep, plateau, final"; exit 2 ;;
+esac
+[ -n "${WARM_STEPS:-}" ] && args+=(--warm-steps "$WARM_STEPS")
+python3 -m benchmarks.learning_runs "$step" "$data" "${args[@]}" --paper "$paper" > "$OUT/sweep.log" 2>&1
+echo "$step: rc $?"; tail -5 "$OUT/sweep.log"
+cp "$data"/learning-*.json "$OUT/" 2>/dev/null  # what plateau and final measured
 timeout "${SIGNAL_S:-150}" python3 -m benchmarks.member_signal "$data/ledger.duckdb" --json "$OUT/member-signal.json" | tail -12
 python3 -c "import os, sys; from pathlib import Path; from benchmarks.learning_report import slim_copy; slim_copy(Path(sys.argv[1]), Path(os.environ['OUT']) / 'ledger.duckdb')" "$data"
 tar czf "$OUT/logs.tgz" -C "$data" $(cd "$data" && ls *.log 2>/dev/null)
