@@ -7,7 +7,13 @@ then `es_centre.safetensors` replaces `adapter_model.safetensors`, holding each 
 change alone and every other target's factors (weights_space.stored_centre; 703 MB down to 425 MB
 a generation at SmolLM2, R 576, every layer). `load_checkpoint` gives back the same tensors either
 way, and `adapter_folder` builds the PEFT folder on demand where a backend loads files (as it builds
-a weights-space member whole from its record)."""
+a weights-space member whole from its record).
+
+A centre thinned from the store (store.keep_centre_every, artifacts/retention.py) is read like any
+other: `load_checkpoint` rebuilds it from its nearest kept ancestor and the ledger
+(artifacts/rebuild.py, every step's hash checked), and so do `adapter_folder`, `served_adapter` and a
+member whose centre it is. Only a centre the ledger marks thinned is rebuilt; any other missing
+artifact is missing."""
 
 from __future__ import annotations
 
@@ -68,8 +74,10 @@ def put_checkpoint(store, state: ESState, spec: AdapterSpec):
 
 def load_checkpoint(store, sha256: str) -> tuple[ESState, AdapterSpec]:
     cached = _RECENT.get((str(store.root), sha256))
-    if cached is not None and store.path(sha256).is_dir():
+    if cached is not None and (store.path(sha256).is_dir() or (str(store.root), sha256) in _REBUILT):
         return cached
+    if not store.path(sha256).is_dir() and (rebuilt := _rebuilt(store, sha256)) is not None:
+        return rebuilt[:2]
     folder = store.get(sha256)
     tensors, spec = _load_centre(folder)
     meta = json.loads((folder / STATE_FILE).read_text()) if (folder / STATE_FILE).is_file() else {"generation": 0}
@@ -77,6 +85,31 @@ def load_checkpoint(store, sha256: str) -> tuple[ESState, AdapterSpec]:
     value = (state_from_tensors(tensors, int(meta["generation"]), moments), spec)
     _remember(store, sha256, value)
     return value
+
+
+# the centres of this process rebuilt after thinning, by (store, sha256): `_RECENT` may answer for
+# them without their folder (a centre deleted by hand, not thinned, is never answered from memory)
+_REBUILT: set[tuple[str, str]] = set()
+
+
+def _rebuilt(store, sha256: str) -> tuple[ESState, AdapterSpec, dict[str, bytes]] | None:
+    """A thinned centre rebuilt (artifacts/rebuild.py), remembered; None if the ledger marks it nowhere."""
+    from artifacts.rebuild import rebuilt_centre  # it reads checkpoints through this module
+
+    rebuilt = rebuilt_centre(store, sha256)
+    if rebuilt is not None:
+        _REBUILT.add((str(store.root), sha256))
+        _remember(store, sha256, rebuilt[:2])
+    return rebuilt
+
+
+def centre_files(store: ArtifactStore, sha256: str) -> dict[str, bytes] | None:
+    """A thinned centre's files as the ledger names them (hash == sha256), rebuilt; None when the
+    ledger marks it nowhere (the artifact's own folder is what to read then)."""
+    if store.path(sha256).is_dir():
+        return None
+    rebuilt = _rebuilt(store, sha256)
+    return rebuilt[2] if rebuilt is not None else None
 
 
 def _load_centre(folder: Path) -> tuple[LoRATensors, AdapterSpec]:
@@ -95,7 +128,14 @@ def adapter_folder(store: ArtifactStore, sha256: str, scratch: ArtifactStore) ->
     """A stored adapter as the PEFT folder a backend loads: the artifact itself, or one built in
     `scratch` for a centre stored without its padding (its PEFT folder, without the ES state) and a
     weights-space member (the whole member, rank R + r: its centre joined to its own factors,
-    drawn again from its record, or read from its factor files as members were stored before)."""
+    drawn again from its record, or read from its factor files as members were stored before). A
+    thinned centre is rebuilt: its PEFT folder, or where it is one, its files as the ledger names them."""
+    thinned = centre_files(store, sha256)
+    if thinned is not None:
+        if CENTRE_FILE in thinned:
+            state, spec = load_checkpoint(store, sha256)
+            return put_adapter_folder(scratch, state.centre, spec).path
+        return scratch.put_files(thinned).path
     folder = store.get(sha256)
     if (folder / MEMBER_FILE).is_file():
         return put_adapter_folder(scratch, *_whole_member(store, folder)).path
@@ -115,7 +155,7 @@ def _whole_member(store: ArtifactStore, folder: Path) -> tuple[LoRATensors, Adap
     data = where.read_bytes()
     try:
         centre_sha = record_centre_sha256(data, str(where))
-        if not store.exists(centre_sha):
+        if not store.exists(centre_sha) and centre_files(store, centre_sha) is None:  # a thinned centre is rebuilt
             raise ValueError(f"{where}: the member's centre {centre_sha} is not in {store.root}")
         state, spec = load_checkpoint(store, centre_sha)
         if (folder / ADAPTER_WEIGHTS).is_file():  # a member stored before records: its own factors

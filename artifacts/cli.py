@@ -1,4 +1,4 @@
-"""The ledger's commands in the `es-countdown` CLI: sql, runs, lineage, export, gc, verify.
+"""The ledger's commands in the `es-countdown` CLI: sql, runs, lineage, export, centre, gc, verify.
 
 flows/cli.py calls `register(subparsers)`; `main(argv)` is a parser with only these commands (for
 tests, and `python -m artifacts.cli`). Each subcommand takes `--data-dir DIR` (default ES_DATA_DIR,
@@ -45,9 +45,19 @@ def register(subparsers) -> None:
     _data_dir(p)
     p.set_defaults(handler=_cmd_export)
 
+    p = subparsers.add_parser("centre", help="write a centre's files (a thinned one rebuilt from the ledger, every hash checked) into a folder")
+    p.add_argument("sha", metavar="CENTRE_SHA", help="a centre sha256, or a unique prefix (4+ hex digits)")
+    p.add_argument("--out", default=None, help="folder (default: <data-dir>/exports/centres/SHA12)")
+    p.add_argument("--peft", action="store_true", help="the PEFT adapter folder a backend loads, rather than the checkpoint's files")
+    _data_dir(p)
+    p.set_defaults(handler=_cmd_centre)
+
     p = subparsers.add_parser("gc", help="remove artifacts no ledger row references (dry run unless --yes)")
     p.add_argument("--yes", action="store_true", help="really delete (default: print what would go)")
     p.add_argument("--min-age-hours", type=float, default=24.0, help="keep unreferenced artifacts younger than this (a live run's current generation; default 24)")
+    p.add_argument("--thin-centres", type=int, default=0, metavar="K",
+                   help="also delete every run's centres but the keyframes every K generations, its latest and first and those evaluations name; "
+                        "each is rebuilt exactly on demand from the ledger (as store.keep_centre_every K does during a run; default 0: keep all)")
     _data_dir(p)
     p.set_defaults(handler=_cmd_gc)
 
@@ -78,8 +88,13 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_centre(args) -> int:
+    sys.stdout.write(commands.centre(args.data_dir, args.sha, args.out, args.peft))
+    return 0
+
+
 def _cmd_gc(args) -> int:
-    sys.stdout.write(commands.gc(args.data_dir, args.yes, args.min_age_hours * 3600.0))
+    sys.stdout.write(commands.gc(args.data_dir, args.yes, args.min_age_hours * 3600.0, args.thin_centres))
     return 0
 
 

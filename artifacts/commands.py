@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts.ledger import LEDGER_FILE, Ledger, to_jsonable
+from artifacts.retention import keeps_every_centre, rebuild_chain, thin_centres
 from artifacts.runs import data_dir_busy, exclusive_data_dir
 from artifacts.store import ArtifactError, ArtifactStore, remove_path
 
@@ -211,6 +212,44 @@ def export(data_dir, run_id: str, out: str | os.PathLike | None = None) -> list[
     return ledger.export_parquet(run_id, out_dir)
 
 
+# --- centre ----------------------------------------------------------------------------------------
+
+
+def centre(data_dir, sha: str, out: str | os.PathLike | None = None, peft: bool = False) -> str:
+    """Write a centre the ledger names into `out` (default <data_dir>/exports/centres/<sha prefix>):
+    its files as the ledger names them (their id is its sha256), or with `peft` the PEFT folder a
+    backend loads. A thinned centre is rebuilt from the ledger (artifacts/rebuild.py, every hash
+    checked); the store is left as it is."""
+    import shutil
+    import tempfile
+
+    from artifacts.checkpoints import adapter_folder, centre_files  # torch: the other commands do without it
+    from artifacts.store import hash_dir
+
+    ledger = open_ledger(data_dir)
+    sha = ledger.resolve_sha(sha)
+    _, named = ledger.query("SELECT count(*) FROM generations WHERE center_sha256 = ? OR parent_center_sha256 = ?", [sha, sha])
+    if not named[0][0]:
+        raise CommandError(f"{sha} is no centre in the ledger at {ledger.path}")
+    out_dir = Path(out) if out else ledger.data_dir / "exports" / "centres" / sha[:12]
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CommandError(f"{out_dir} is not empty: give another --out")
+    store = ArtifactStore(ledger.data_dir / ARTIFACTS_DIR)
+    store.tmp.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="centre-", dir=store.tmp) as scratch:
+        rebuilt = centre_files(store, sha)
+        if peft:
+            folder = adapter_folder(store, sha, ArtifactStore(scratch))
+        else:
+            folder = store.get(sha) if rebuilt is None else ArtifactStore(scratch).put_files(rebuilt).path
+        shutil.copytree(folder, out_dir, dirs_exist_ok=True)
+    for path in out_dir.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # the store's files are read-only; a user's copy is theirs
+    how = "rebuilt from the ledger (thinned from the store)" if rebuilt is not None else "from the store"
+    what = "its PEFT folder" if peft else f"its files, sha256 {hash_dir(out_dir)}"
+    return f"centre {sha} {how}: {what} in {out_dir}\n"
+
+
 # --- gc ------------------------------------------------------------------------------------------
 
 
@@ -291,23 +330,45 @@ def gc_plan(data_dir, min_age_s: float = 86400.0) -> GcPlan:
     return plan
 
 
-def gc(data_dir, yes: bool = False, min_age_s: float = 86400.0) -> str:
+def gc(data_dir, yes: bool = False, min_age_s: float = 86400.0, thin_centres_every: int = 0) -> str:
     """Dry run unless yes: list what would go and the bytes freed; with yes, remove it, holding the
-    data dir's writers.lock exclusively (refused while a run writes there: artifacts/runs.py)."""
+    data dir's writers.lock exclusively (refused while a run writes there: artifacts/runs.py). With
+    `thin_centres_every` K > 1, also thin every run's centres to keyframes every K generations
+    (artifacts/retention.py: never a run's latest or first centre, nor one an evaluation names),
+    as a run with store.keep_centre_every K does itself: for runs recorded without it."""
     check_min_age(min_age_s)
+    if thin_centres_every < 0:
+        raise CommandError(f"gc: --thin-centres must be a number of generations >= 0 (got {thin_centres_every})")
     root = open_ledger(data_dir).data_dir
     if not yes:
         busy = " (a run is writing this data dir now: gc --yes would refuse)" if data_dir_busy(root) else ""
-        return _gc(root, False, min_age_s, busy)
-    with exclusive_data_dir(root):
-        return _gc(root, True, min_age_s, "")
+        return _gc(root, False, min_age_s, busy, thin_centres_every)
+    with exclusive_data_dir(root):  # no run is live meanwhile: none is reading a centre thinned here
+        return _gc(root, True, min_age_s, "", thin_centres_every)
 
 
-def _gc(root: Path, yes: bool, min_age_s: float, note: str) -> str:
+def _thin(root: Path, yes: bool, keep_every: int) -> tuple[list[str], int]:
+    """gc's thinning of every run's centres: (lines, bytes freed)."""
+    if keeps_every_centre(keep_every):
+        return [], 0
+    ledger, store = Ledger(root), ArtifactStore(root / ARTIFACTS_DIR)
+    _, run_ids = ledger.query("SELECT run_id FROM runs ORDER BY created_at, run_id")
+    thinned = [c for (run_id,) in run_ids for c in thin_centres(ledger, store, run_id, keep_every, dry_run=not yes)]
+    verb = "thinned" if yes else "would thin"
+    lines = [f"{verb} centre {c.center_sha256}  {_bytes(c.bytes)} (run {c.run_id}, generation {c.generation}'s new centre; "
+             f"keyframes every {keep_every} generations)" for c in thinned]
+    freed = sum(c.bytes for c in thinned)
+    lines.append(f"{verb} {len(thinned)} centre(s) to keyframes every {keep_every} generations, {_bytes(freed)}"
+                 + ("" if yes or not thinned else " (dry run: add --yes to thin)"))
+    return lines, freed
+
+
+def _gc(root: Path, yes: bool, min_age_s: float, note: str, thin_centres_every: int = 0) -> str:
+    thin_lines, _ = _thin(root, yes, thin_centres_every)
     plan = gc_plan(root, min_age_s)
     store = ArtifactStore(root / ARTIFACTS_DIR)
     verb = "removed" if yes else "would remove"
-    lines = []
+    lines = list(thin_lines)
     for path in plan.cached_results:  # first: a result never names a removed artifact, even after a kill mid-gc
         if yes:
             path.unlink(missing_ok=True)
@@ -336,8 +397,11 @@ def verify(data_dir, run_id: str | None = None) -> tuple[str, bool]:
     """Rehash every artifact the ledger references (of one run, or all), and the centres its
     weights-space members name: (text, all intact). The
     text has one line per missing artifact (its folder) and per corrupt one (the file whose bytes
-    differ, from the artifact's manifest), each with the ledger columns that reference it, then a
-    summary line."""
+    differ, from the artifact's manifest), each with the ledger columns that reference it, one per
+    centre thinned by store.keep_centre_every (`THINNED ...: rebuildable from generation k's centre`:
+    the ledger marks it thinned and every centre back to a kept one is on disk or thinned too; not
+    rebuilt here, `es-countdown centre SHA` does), then a summary line. A thinned centre is no failure;
+    one gone without its mark, or whose chain is broken (a keyframe deleted by hand), is missing."""
     ledger = open_ledger(data_dir)
     if run_id is not None and ledger.run_row(run_id) is None:
         raise CommandError(f"run {run_id} is not in the ledger at {ledger.path}")
@@ -347,7 +411,7 @@ def verify(data_dir, run_id: str | None = None) -> tuple[str, bool]:
         referenced.setdefault(sha, []).append(f"{table}.{column}")
     for centre, member in centres_named_by_members(store, list(referenced)).items():
         referenced.setdefault(centre, []).append(f"the member {member[:12]}")
-    lines, missing, corrupt = [], 0, 0
+    lines, missing, corrupt, thinned = [], 0, 0, 0
     for sha, where in sorted(referenced.items()):
         try:
             store.get(sha)  # every file against the artifact's id
@@ -356,12 +420,21 @@ def verify(data_dir, run_id: str | None = None) -> tuple[str, bool]:
             if store.path(sha).is_dir():
                 corrupt += 1
                 lines.append(f"CORRUPT {exc} (referenced by {', '.join(where)})")
+                continue
+            try:  # a centre thinned by store.keep_centre_every is not missing while its chain to a kept centre holds
+                chain = rebuild_chain(ledger, store, sha)
+            except ArtifactError as broken:
+                chain, exc = None, broken
+            if chain is not None:
+                thinned += 1
+                lines.append(f"THINNED {sha}: {chain.describe()} (referenced by {', '.join(where)})")
             else:
                 missing += 1
                 lines.append(f"MISSING {exc} (referenced by {', '.join(where)})")
     scope = f"run {run_id}" if run_id is not None else f"the ledger at {ledger.path}"
-    lines.append(f"verified {len(referenced)} artifacts referenced by {scope}: {len(referenced) - missing - corrupt} intact, "
-                 f"{missing} missing, {corrupt} corrupt")
+    rebuildable = f"{thinned} thinned (rebuildable), " if thinned else ""
+    lines.append(f"verified {len(referenced)} artifacts referenced by {scope}: {len(referenced) - missing - corrupt - thinned} intact, "
+                 f"{rebuildable}{missing} missing, {corrupt} corrupt")
     return "\n".join(lines) + "\n", not (missing or corrupt)
 
 
@@ -373,4 +446,4 @@ def _bytes(n: int) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-__all__ = ["CommandError", "default_data_dir", "open_ledger", "format_rows", "sql", "runs", "runs_data", "lineage", "lineage_text", "export", "gc", "gc_plan", "GcPlan", "verify"]
+__all__ = ["centre", "CommandError", "default_data_dir", "open_ledger", "format_rows", "sql", "runs", "runs_data", "lineage", "lineage_text", "export", "gc", "gc_plan", "GcPlan", "verify"]

@@ -32,7 +32,7 @@ from artifacts.runs import check_run_id
 from es_core.seeding import NOISE_SCHEME
 
 LEDGER_FILE = "ledger.duckdb"
-CURRENT_VERSION = 6
+CURRENT_VERSION = 7
 EVAL_MODELS = ("centre", "base", "warm_start")
 # *_sha256 columns that hash something other than an artifact of the store (verify skips them)
 NOT_ARTIFACTS = {("runs", "settings_sha256"), ("runs", "base_model_sha256"), ("warm_starts", "base_model_sha256")}
@@ -120,7 +120,15 @@ _ADD_TRUNCATION_KEPT = [
     "ALTER TABLE generations ADD COLUMN truncation_kept DOUBLE",
 ]
 
-MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2, 3: _ADD_NOISE_SCHEME, 4: _V4, 5: _ADD_STATUS_REASON, 6: _ADD_TRUNCATION_KEPT}
+# Centres kept as keyframes only (store.keep_centre_every, artifacts/retention.py): when a
+# generation's new centre left the disk, rebuildable from its nearest kept ancestor and these rows
+# (NULL: on disk, as every centre of a ledger before this step). A step of its own: renumber it if another lands first.
+_ADD_CENTER_THINNED_AT = [
+    "ALTER TABLE generations ADD COLUMN center_thinned_at TIMESTAMP",
+]
+
+MIGRATIONS: dict[int, list[str]] = {1: _V1, 2: _V2, 3: _ADD_NOISE_SCHEME, 4: _V4, 5: _ADD_STATUS_REASON, 6: _ADD_TRUNCATION_KEPT,
+                                    7: _ADD_CENTER_THINNED_AT}
 TABLES = ("runs", "generations", "members", "samples", "evals", "problems", "warm_starts")
 _KEYS = {
     "runs": ("run_id",),
@@ -457,6 +465,27 @@ class Ledger:
             self._insert(con, "generations", [generation])
 
         self._write(work)
+
+    def mark_centres_thinned(self, run_id: str, generations: list[int]) -> None:
+        """The new centres of these generations of the run leave the disk (artifacts/retention.py
+        marks them before it deletes them, so a kill between the two leaves a marked centre still
+        on disk, never an unmarked one gone). A centre marked before keeps its time."""
+        if not generations:
+            return
+
+        def work(con):
+            con.execute("UPDATE generations SET center_thinned_at = ? WHERE run_id = ? AND center_thinned_at IS NULL AND list_contains(?, generation)",
+                        [utcnow(), run_id, [int(g) for g in generations]])
+
+        self._write(work)
+
+    def thinned_centre_row(self, center_sha256: str) -> dict | None:
+        """A generation row whose new centre is `center_sha256` and marked thinned (the earliest
+        run's, when runs of identical settings share it): what its rebuild replays."""
+        rows = self._dicts(
+            "SELECT g.* FROM generations g JOIN runs r USING (run_id) WHERE g.center_sha256 = ? AND g.center_thinned_at IS NOT NULL "
+            "ORDER BY r.created_at, g.run_id, g.generation LIMIT 1", [center_sha256])
+        return rows[0] if rows else None
 
     def record_warm_start(self, row: dict) -> None:
         """One warm start (keyed by the sha256 of its model folder); re-recording replaces it."""

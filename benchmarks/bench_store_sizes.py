@@ -33,6 +33,26 @@ from es_core.weights_space import WeightsSpace, tell, zero_centre
 SMOLLM2 = ModelShape("llama", 30, 576, 1536, 9, 3, 64, 49152, True, False)
 
 
+def _rebuild_seconds(store: ArtifactStore, centre_sha256: str, space: WeightsSpace, layout, plan, rewards) -> dict:
+    """What rebuilding a thinned centre costs (artifacts/rebuild.py, store.keep_centre_every): the
+    kept ancestor read back from the store (every file hashed), then one update per thinned
+    generation (its noise drawn, the update of `rewards.__len__()` members, the new centre's files
+    hashed as the ledger check does)."""
+    from artifacts import checkpoints
+    from artifacts.checkpoints import checkpoint_files, load_checkpoint
+    from artifacts.store import files_sha256
+
+    checkpoints._RECENT.clear()  # read from disk, as a rebuild in a new process does
+    t0 = time.perf_counter()
+    state, spec = load_checkpoint(store, centre_sha256)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    drawn = space.draw(plan, space.noise_layout(state.centre))
+    new = tell(state.centre, layout, drawn.noise, plan.members, rewards, 0.012).centre
+    files_sha256(checkpoint_files(ESState(new, 2), spec))
+    return {"load_ancestor_s": round(load_s, 2), "update_s": round(time.perf_counter() - t0, 2)}
+
+
 def smollm2_targets(shape: ModelShape = SMOLLM2) -> list[LoRATarget]:
     """Every projection of every layer, as find_targets names them on SmolLM2."""
     out = []
@@ -66,13 +86,14 @@ def measure(centre_rank: int, members: int, population: int) -> dict:
         centre = {"bytes": store.size(ref.sha256), "disk_bytes": disk_bytes(ref.path) + disk_bytes(store._manifest_path(ref.sha256)),
                   "files": sorted(p.name for p in ref.path.iterdir()), "put_s": round(put_s, 2)}
         plan1 = ask(0, 1, members, 0.006, space=space)
+        rebuild = _rebuild_seconds(store, ref.sha256, space, layout, plan1, rewards)
         refs = GenerationMembers(str(store.root), ref.sha256, plan1).adapter_files()
         member_bytes = [store.size(r.sha256) for r in refs]
         member_disk = [disk_bytes(r.path) + disk_bytes(store._manifest_path(r.sha256)) for r in refs]
     member = {"bytes": max(member_bytes), "disk_bytes": max(member_disk)}
     generation = {k: centre[k] + population * member[k] for k in ("bytes", "disk_bytes")}
     return {"shape": "SmolLM2-135M", "targets": len(layout.targets), "centre_rank": centre_rank, "noise_rank": 1, "population": population,
-            "centre": centre, "member": member, "generation": generation,
+            "centre": centre, "member": member, "generation": generation, "rebuild": rebuild,
             "generations_in_64_GB": {k: int(64e9 // generation[k]) for k in generation}}
 
 
@@ -87,6 +108,9 @@ def main(argv=None) -> dict:
     c, m, g = result["centre"], result["member"], result["generation"]
     print(f"centre (R {args.centre_rank}, {result['targets']} targets): {c['bytes']:,} bytes ({c['disk_bytes']:,} on disk), files {c['files']}")
     print(f"member record: {m['bytes']:,} bytes ({m['disk_bytes']:,} on disk)")
+    r = result["rebuild"]
+    print(f"rebuild of a thinned centre: the kept ancestor read back in {r['load_ancestor_s']} s, then {r['update_s']} s an update "
+          f"({args.members} members; CPU)")
     print(f"generation at N {args.population}: {g['bytes']:,} bytes ({g['disk_bytes']:,} on disk); "
           f"{result['generations_in_64_GB']['disk_bytes']} generations fit 64 GB")
     if args.json:

@@ -16,6 +16,8 @@ is an upper bound on each part, checked against measured peaks (README, "Bad inp
 
 from __future__ import annotations
 
+import math
+
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,6 +333,7 @@ class DiskEstimate:
     once: int
     generations: int
     served: int = 0
+    centres_kept: int | None = None  # with store.keep_centre_every: how many of the generations' centres stay on disk at most
 
     @property
     def per_generation(self) -> int:
@@ -339,7 +342,22 @@ class DiskEstimate:
     @property
     def total(self) -> int:
         # the scratch stores come and go, one at a time: their peak, once, beside everything kept
-        return self.once + self.served + self.generations * self.per_generation
+        kept = self.generations if self.centres_kept is None else self.centres_kept
+        return self.once + self.served + self.generations * (self.members + self.completions) + kept * self.centre
+
+
+def centres_kept(generations: int, keep_every: int, eval_every: int) -> int | None:
+    """At most how many of `generations` new centres stay on disk with store.keep_centre_every K
+    (artifacts/retention.py; None: every one): the keyframes, every K-th, and the evaluated
+    centres, every eval.every-th (the union: their common multiples once), plus 3 for a run
+    resumed off the grid of both, its latest and the next one written before the commit that
+    thins the one before it."""
+    if keep_every <= 1:
+        return None
+    keyframes = generations // keep_every
+    if eval_every > 0:
+        keyframes += generations // eval_every - generations // math.lcm(keep_every, eval_every)
+    return min(generations, keyframes + 3)
 
 
 BLOCK = 4096  # the file system's allocation unit (ext4's): a small file, a folder, a manifest each take one
@@ -409,7 +427,8 @@ def estimate_run_disk(settings: Settings, shape: ModelShape, generations: int) -
         moments = [safetensors_file_bytes(2 * data + 8, 2 * tensors + 1)] if es.optimizer == "adam" else []
         centre = artifact_disk_bytes(adapter, CONFIG_BYTES, CONFIG_BYTES, *moments)
         members = es.population * artifact_disk_bytes(adapter, CONFIG_BYTES)
-    return DiskEstimate(centre, members, completions, once, max(0, generations), served)
+    kept = centres_kept(max(0, generations), settings.store.keep_centre_every, settings.eval.every)
+    return DiskEstimate(centre, members, completions, once, max(0, generations), served, kept)
 
 
 def check_disk(estimate: DiskEstimate, free: int, where: str) -> None:
@@ -419,9 +438,11 @@ def check_disk(estimate: DiskEstimate, free: int, where: str) -> None:
     served = (f"; and {estimate.served / GiB:.1f} GiB while a generation decodes: its members joined to their centre for SGLang, "
               f"deleted after it") if estimate.served else ""
     lower = "es.centre_rank, lora.rank or es.population" if estimate.served else "es.centre_rank or lora.rank"
+    kept = f"; {estimate.centres_kept} of the {estimate.generations} centres kept (store.keep_centre_every)" if estimate.centres_kept is not None else ""
+    fewer = "" if estimate.centres_kept is not None else ", keep fewer centres (store.keep_centre_every K)"
     raise ConfigError(f"the run writes about {estimate.total / GiB:.1f} GiB ({estimate.generations} generations of {estimate.per_generation / MiB:,.0f} MiB: "
-                      f"centre {estimate.centre / MiB:,.0f}, members {estimate.members / MiB:,.0f}, completions {estimate.completions / MiB:,.0f}{served}), "
-                      f"{where} has {free / GiB:.1f} GiB free: lower es.generations (resume continues a run), {lower}, "
+                      f"centre {estimate.centre / MiB:,.0f}, members {estimate.members / MiB:,.0f}, completions {estimate.completions / MiB:,.0f}{served}{kept}), "
+                      f"{where} has {free / GiB:.1f} GiB free: lower es.generations (resume continues a run), {lower}{fewer}, "
                       f"or free space (es-countdown gc)")
 
 

@@ -228,6 +228,13 @@ class EvalSettings(_Section):
         return self
 
 
+class StoreSettings(_Section):
+    """How the artifact store keeps a run's centres. Storage, not results: outside the run's
+    fingerprint, so a running run can be resumed with another policy (artifacts/retention.py)."""
+
+    keep_centre_every: int = Field(0, ge=0, description="Keep every K-th centre on disk (the keyframes: generations that are multiples of K) and delete the others once the run has moved past them, each rebuilt exactly on demand from its nearest kept ancestor and the ledger (one update per generation, every hash checked); the run's latest and first centre and every centre a held-out evaluation names are always kept. 0 or 1: keep every centre.")
+
+
 class Settings(BaseSettings):
     """A whole experiment. Every field has a default; a YAML file overrides a subset."""
 
@@ -248,6 +255,7 @@ class Settings(BaseSettings):
     backend: BackendSettings = Field(default_factory=BackendSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -312,13 +320,13 @@ class Settings(BaseSettings):
 
 def settings_hash(settings: Settings) -> str:
     """Identity of a run's results: not where they are written or decoded (runner), how long the
-    run goes on, or how often it is evaluated (so a finished run can be extended with `resume --set es.generations=N`).
+    run goes on, how often it is evaluated, or which centres its store keeps (so a finished run can be extended with `resume --set es.generations=N`).
     The evaluation sets count: fresh training problems and the warm start avoid their problems.
     Values at their defaults are left out, so a setting added later with a default that keeps the
     old behaviour leaves the hash of a recorded run (and its resume) as it was."""
     data = settings.model_dump(mode="json", exclude_defaults=True, exclude={
         "data_dir": True, "run_name": True, "sglang_url": True, "eval": {"every", "base_model", "warm_start"},
-        "es": {"generations"}, "model": {"cache_dir"}, "runner": True,
+        "es": {"generations"}, "model": {"cache_dir"}, "runner": True, "store": True,
     })
     for evaluation_set in data.get("eval", {}).get("sets", []):
         evaluation_set.pop("path", None)  # where a machine keeps the file is no part of a run's identity

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 
 from prefect.utilities.annotations import quote
 
+from artifacts.retention import keeps_every_centre
 from es_core.countdown.problems import Problem, training_batch
 from es_core.countdown.prompt import render_prompts
 from es_core.es import DrawnPopulation, PopulationPlan
@@ -27,6 +28,7 @@ from tasks.evaluate import evaluate_heldout, evaluate_population
 from tasks.ledger import commit_generation, evaluated, publish_generation, record_eval
 from tasks.members import GenerationMembers
 from tasks.population import aggregate, generation_plan, update_rule, write_members
+from tasks.retention import thin_centres
 
 # Every held-out number is the paper's reward, whatever reward.kind trains on.
 HELDOUT_REWARD = "paper"
@@ -136,6 +138,11 @@ class ESRun:
             quote(update), quote(timing), quote(fresh),
         )
         pipeline.while_next_decodes(publish_generation, quote(self.progress), inputs.plan.generation, committed)
+        keep_every = self.settings.store.keep_centre_every
+        if not keeps_every_centre(keep_every):  # off: nothing runs, the store as it always was
+            # here, not by gc: a run with the setting on stays within its disk with no manual step
+            # (the preflight counts the thinned footprint), and it thins only what it has moved past
+            pipeline.while_next_decodes(thin_centres, self.root, self.run_id, keep_every, inputs.plan.generation, committed)
 
     # --- held-out evaluations ------------------------------------------------------------------------------
 

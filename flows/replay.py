@@ -7,7 +7,13 @@ hash is checked: the rebuilt against the ledger's, and the stored artifacts (par
 centre) against their own (a flipped byte fails the replay; a member adapter not kept, e.g. a data
 dir carried without them, is noted, since its seed rebuilds it). With `reevaluate`, the stored
 member adapters are also decoded again (`evaluate_adapters`, from the files the ledger names) and
-every completion and reward compared with the ledger's: what was scored is what was recorded."""
+every completion and reward compared with the ledger's: what was scored is what was recorded.
+
+A parent centre thinned from the store (store.keep_centre_every) is rebuilt from its nearest kept
+ancestor first (artifacts/rebuild.py, each step's hash checked against the ledger). Replay's scratch
+stores live under the data dir's store tmp (`ArtifactStore.tmp`: the same filesystem, which the
+preflight measures and gc clears of leftovers), not in the system's /tmp, where a 425 MB centre and
+its members could fill a small root disk; only a read-only data dir is replayed in /tmp."""
 
 from __future__ import annotations
 
@@ -18,8 +24,10 @@ from pathlib import Path
 from prefect import flow
 from prefect.utilities.annotations import quote
 
-from artifacts.checkpoints import checkpoint_files, load_checkpoint, served_adapter
+from artifacts.checkpoints import centre_files, checkpoint_files, load_checkpoint, served_adapter
 from artifacts.ledger import Ledger
+from artifacts.rebuild import recorded_rewards
+from artifacts.retention import data_dir_ledger, rebuild_chain
 from artifacts.store import ArtifactError, ArtifactStore, files_sha256
 from es_core.countdown.problems import Problem, experiment_problems, training_batch
 from es_core.countdown.prompt import render_prompts
@@ -101,9 +109,9 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
         report.mismatches.append(f"the ledger's members (index, seed, sign) are not generation {generation}'s plan: the rest checks the ledger's")
         plan = replace(plan, members=recorded)
 
-    with tempfile.TemporaryDirectory(prefix="es-replay-store-") as scratch:
+    with scratch_dir(store, "es-replay-store-") as scratch:
         parent = row["parent_center_sha256"]
-        ArtifactStore(Path(scratch)).put_dir(store.get(parent))  # its files checked against its hash on the way
+        _put_parent(store, parent, ArtifactStore(Path(scratch)), report)
         rebuilt = _replayed(write_members)(scratch, parent, quote(plan))
         factor_records = None
         for i, (m, (sha, _)) in enumerate(zip(members, rebuilt)):
@@ -116,7 +124,7 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
             _check_stored(store, m["adapter_sha256"], f"member {m['member']}", report)
         update = _replayed(aggregate)(
             scratch, parent, quote(plan), quote([float(m["reward_mean"]) for m in members]),
-            quote(_sample_rewards(ledger, run_id, generation, members, batch, groups)), update_rule(settings.es),
+            quote(recorded_rewards(ledger, run_id, generation, members, batch, groups)[1]), update_rule(settings.es),
         )
         report.centre_ok, report.center_sha256 = update["center_sha256"] == row["center_sha256"], row["center_sha256"]
         if not report.centre_ok and plan.space is not None:  # a ledger from before compact centres names the PEFT folder
@@ -131,18 +139,35 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
     return {"ok": report.ok, "lines": report.lines()}
 
 
-def _sample_rewards(ledger, run_id: str, generation: int, members: list[dict], batch: list[Problem], groups=None) -> list[list[float]]:
-    """The members' recorded rewards on each prompt, in the generation's batch order (with `groups`,
-    on each member's own problems)."""
-    _, rows = ledger.query("SELECT member, problem_id, reward FROM samples WHERE run_id = ? AND generation = ?", [run_id, generation])
-    reward = {(member, pid): r for member, pid, r in rows}
-    own = groups or [range(len(batch))] * len(members)
-    return [[reward[m["member"], batch[i].id] for i in mine] for m, mine in zip(members, own)]
+def scratch_dir(store: ArtifactStore, prefix: str):
+    """A temporary folder under the store's tmp (removed after; a kill leaves it to gc), or in the
+    system's temporary folder when the data dir cannot be written (a read-only copy replays)."""
+    try:
+        store.tmp.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix=prefix, dir=store.tmp)
+    except OSError:
+        return tempfile.TemporaryDirectory(prefix=prefix)
+
+
+def _put_parent(store: ArtifactStore, parent: str, scratch: ArtifactStore, report: ReplayReport) -> None:
+    """The parent centre into the scratch store the replayed tasks read: its stored files, checked
+    against its hash on the way, or a thinned one rebuilt (its hash checked at every step)."""
+    rebuilt = centre_files(store, parent)
+    if rebuilt is None:
+        scratch.put_dir(store.get(parent))
+        return
+    scratch.put_files(rebuilt)
+    chain = rebuild_chain(data_dir_ledger(store), store, parent)
+    report.notes.append(f"parent centre {parent[:12]} was thinned: rebuilt from the ledger, {chain.describe()}, every hash as recorded")
 
 
 def _check_stored(store: ArtifactStore, sha256: str, what: str, report: ReplayReport) -> None:
     """The stored artifact's files against its hash: corrupt is a mismatch; absent only a note
-    (member adapters are rebuilt from their seeds, and a carried data dir may leave them out)."""
+    (member adapters are rebuilt from their seeds, and a carried data dir may leave them out; a
+    thinned centre from its ancestor)."""
+    if not store.exists(sha256) and (ledger := data_dir_ledger(store)) is not None and ledger.thinned_centre_row(sha256) is not None:
+        report.notes.append(f"{what}: {sha256[:12]} was thinned from {store.root} (store.keep_centre_every): checked by its rebuild only")
+        return
     if not store.exists(sha256):
         report.notes.append(f"{what}: stored adapter {sha256[:12]} is not in {store.root} (checked from its seed only)")
         return
@@ -162,7 +187,7 @@ def _reevaluate(settings, run, members, batch: list[Problem], generation, store,
     if (base_path / SOURCE_FILE).is_file():  # a converted or created base model: its files as built
         verify_model_folder(base_path)
     prompts = render_prompts(batch, settings.prompt.style, load_tokenizer(base_path))
-    with tempfile.TemporaryDirectory(prefix="es-replay-") as scratch:
+    with scratch_dir(store, "es-replay-") as scratch:
         backend = open_backend(settings, base_path, Path(scratch) / "backend")
         try:
             # a weights-space member's file is its record (or its own factors): the backend gets the whole member

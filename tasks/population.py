@@ -1,6 +1,6 @@
-"""Population tasks: the generation-0 centre, the members' adapter files, the ES update (tell);
-and the one path from a run's settings to a generation's plan and update rule, which the run and
-its replay both take."""
+"""Population tasks: the generation-0 centre, the members' adapter files, the ES update (tell).
+The one path from a run's settings to a generation's plan and update rule, which the run, its
+replay and the rebuild of a thinned centre all take, is es_core/plan.py (named here too)."""
 
 from __future__ import annotations
 
@@ -10,29 +10,13 @@ from prefect import task
 
 from artifacts.checkpoints import put_checkpoint
 from artifacts.store import ArtifactStore
-from es_core.es import ESState, PopulationPlan, UpdateRule, ask, es_update, group_fitness
-from es_core.finite import check_finite_update
+from es_core.es import ESState, PopulationPlan, UpdateRule
 from es_core.lora import find_targets_in_folder, init_centre, spec_from_tensors
-from es_core.optimisers import optimiser_named
-from es_core.settings import ESSettings, Settings
-from es_core.weights_space import WeightsSpace, weights_space_of, zero_centre
+from es_core.plan import generation_plan, next_state, run_space, update_rule  # noqa: F401 - the run's and replay's one path, named here as before
+from es_core.settings import Settings
+from es_core.weights_space import zero_centre
 from tasks.common import CONTENT_CACHE, wait_for_decoding
 from tasks.members import GenerationMembers
-
-
-def generation_plan(es: ESSettings, generation: int, space: WeightsSpace | None = None) -> PopulationPlan:
-    """Generation g's plan as the run's settings make it (es.ask), in the run's space (`run_space`)."""
-    return ask(es.seed, generation, es.population, es.sigma, es.perturb, es.antithetic, space)
-
-
-def run_space(settings: Settings, model_path: str | Path) -> WeightsSpace | None:
-    """The space a run searches: None (the LoRA factors) or its WeightsSpace, from its settings and
-    the model its ES perturbs (the sigma scales of es.sigma_scale weight_rms are that model's)."""
-    es = settings.es
-    if es.space == "lora":
-        return None
-    targets = find_targets_in_folder(model_path, settings.lora.layers, settings.lora.modules)
-    return weights_space_of(es.noise_rank, es.centre_rank, es.sigma_scale, model_path, targets)
 
 
 def search_description(settings: Settings, model_path: str | Path) -> str:
@@ -50,12 +34,6 @@ def search_description(settings: Settings, model_path: str | Path) -> str:
     groups = (f" ({settings.data.prompts_per_generation} in all, {settings.member_groups} groups of {es.members_per_prompt} members)"
               if settings.member_groups > 1 else "")
     return f"{what}; {es.population} members x {settings.problems_per_member} problems{groups}, sigma {es.sigma:g} ({es.sigma_scale}), alpha {es.learning_rate:g}"
-
-
-def update_rule(es: ESSettings) -> UpdateRule:
-    """How the run's settings turn rewards into a step: fitness, shaping, optimiser."""
-    optimiser = optimiser_named(es.optimizer, es.learning_rate, (es.adam_beta1, es.adam_beta2), es.adam_eps)
-    return UpdateRule(optimiser, es.fitness, es.shaping, es.members_per_prompt)
 
 
 @task(cache_policy=CONTENT_CACHE)
@@ -86,8 +64,6 @@ def aggregate(artifacts_dir: str, center_sha256: str, plan: PopulationPlan, rewa
     the paper's, mean_reward, is the mean rewards `rewards` as recorded on the members); returns
     the new centre's sha256, the metrics and the fitness."""
     members = members.check(center_sha256, plan) if members is not None else GenerationMembers(artifacts_dir, center_sha256, plan)
-    values = group_fitness(rule.fitness, sample_rewards, rule.members_per_prompt)
-    new_state, metrics = es_update(members.state, members.population, rewards, rule, members.space, None if rule.fitness == "mean_reward" else values)
-    check_finite_update(plan.generation, rewards, values, metrics, new_state)  # a NaN centre is never stored
+    new_state, metrics, values = next_state(members.state, members.population, members.space, rewards, sample_rewards, rule)  # a NaN centre is never stored
     ref = put_checkpoint(members.store, new_state, members.spec)
     return {"center_sha256": ref.sha256, "center_path": str(ref.path), "fitness": values, **metrics}

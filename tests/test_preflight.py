@@ -163,7 +163,8 @@ def test_a_run_whose_generations_cannot_fit_the_disk_is_refused_naming_what_fill
     # an exact weights-space centre is the size of the weights it covers, every generation
     error = run_tiny(capsys, tmp_path, "es.space=weights", "es.centre_rank=1024", "es.generations=100000000")
     assert error.startswith("es-countdown: error: the run writes about ") and "100000000 generations of " in error and "data dir " in error
-    assert error.endswith("lower es.generations (resume continues a run), es.centre_rank or lora.rank, or free space (es-countdown gc)")
+    assert error.endswith("lower es.generations (resume continues a run), es.centre_rank or lora.rank, keep fewer centres (store.keep_centre_every K), "
+                          "or free space (es-countdown gc)")
 
 
 def shape_targets(shape: ModelShape, modules) -> list:
@@ -220,7 +221,8 @@ def test_on_sglang_the_disk_estimate_holds_one_generations_members_joined_to_the
     error = str(refused.value)
     assert "\n" not in error and error.startswith("the run writes about 345.0 GiB (10 generations of 831 MiB: ")
     assert "; and 336.0 GiB while a generation decodes: its members joined to their centre for SGLang, deleted after it), data dir /d has 100.0 GiB free" in error
-    assert error.endswith("lower es.generations (resume continues a run), es.centre_rank, lora.rank or es.population, or free space (es-countdown gc)")
+    assert error.endswith("lower es.generations (resume continues a run), es.centre_rank, lora.rank or es.population, "
+                          "keep fewer centres (store.keep_centre_every K), or free space (es-countdown gc)")
 
 
 @pytest.mark.parametrize("space", ["weights", "weights_rms", "lora_adam"])
