@@ -14,7 +14,8 @@ Layout under `root`:
 
     root/ab/<sha>/            the artifact (read-only files); `get(sha)` returns this folder
     root/ab/<sha>.manifest    its manifest (sha256 of these bytes == <sha>): names a corrupt file
-    root/tmp/                 work in progress, on the same filesystem as the artifacts
+    root/tmp/                 work in progress, on the same filesystem as the artifacts, and the
+                              scratch stores of `scratch()`
 
 Writes are atomic: files are copied into root/tmp (hashed as they are copied), fsynced, the manifest
 is renamed into place, then the folder is renamed to root/ab/<sha> and the parent directory is
@@ -32,6 +33,7 @@ import re
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -181,6 +183,20 @@ class ArtifactStore:
     @property
     def tmp(self) -> Path:
         return self.root / TMP_DIR
+
+    @contextmanager
+    def scratch(self, prefix: str = "scratch") -> Iterator["ArtifactStore"]:
+        """A store for files written for one piece of work and kept by no one after it (the adapter
+        folders a backend loads), under tmp/: on this store's filesystem, so a put there renames as
+        here, and in its data dir, which a server on another host of a Ray cluster sees too. Its
+        folder is made by its first put (a block that writes nothing makes nothing) and removed when
+        the block ends, whether it succeeded or raised; after a kill, `gc` removes it with the other
+        leftovers under tmp/ once it is older than gc's minimum age."""
+        scratch = ArtifactStore(self.tmp / f"{prefix}-{os.getpid()}-{uuid.uuid4().hex}")
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch.root, ignore_errors=True)
 
     # writing
     def put_dir(self, folder: str | Path) -> ArtifactRef:
@@ -385,7 +401,8 @@ class ArtifactStore:
         shutil.rmtree(trash, ignore_errors=True)
 
     def leftovers(self, min_age_s: float = 0.0) -> list[tuple[Path, int]]:
-        """Unfinished puts under tmp/ and manifests without a folder, older than min_age_s."""
+        """What a kill left under tmp/ (unfinished puts, scratch stores) and manifests without a
+        folder, older than min_age_s (by the mtime of the entry itself)."""
         out = []
         now = time.time()
         if self.tmp.is_dir():

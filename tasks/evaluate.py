@@ -4,7 +4,6 @@ adapters, such as the centre or a base model on a held-out set (through `generat
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -71,11 +70,10 @@ def evaluate_population(
 def _score_adapters(backend, artifacts_dir: str, adapters: list[tuple[str, str | None]], problems: list[Problem], prompts: list[str],
                     max_new_tokens: int, reward_kind: str, members_per_prompt: int = 0) -> list[MemberScore]:
     store = ArtifactStore(Path(artifacts_dir))
-    store.tmp.mkdir(parents=True, exist_ok=True)
-    # a centre stored without its padding is served as a PEFT folder built for this call, beside the
-    # store (a backend on another host of a Ray cluster reads the same data dir); gone after it
-    with tempfile.TemporaryDirectory(prefix="served-", dir=store.tmp) as scratch:
-        refs = [AdapterRef(name, adapter_folder(store, sha, ArtifactStore(scratch)) if sha else None) for name, sha in adapters]
+    # a centre stored without its padding is served as a PEFT folder built for this call, in a
+    # scratch store beside the store (ArtifactStore.scratch); gone after it
+    with store.scratch("served") as scratch:
+        refs = [AdapterRef(name, adapter_folder(store, sha, scratch) if sha else None) for name, sha in adapters]
         groups = problem_groups(len(refs), len(problems), members_per_prompt)
         return _scored(lambda: backend.generate(refs, prompts, max_new_tokens, groups), problems, prompts, reward_kind, groups)[0]
 
