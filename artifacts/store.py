@@ -177,7 +177,8 @@ class ArtifactStore:
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
 
-    def _manifest_path(self, sha256: str) -> Path:
+    def manifest_path(self, sha256: str) -> Path:
+        """The artifact's manifest, beside its folder: with the folder, all it takes on disk."""
         return self.root / sha256[:2] / f"{sha256}{MANIFEST_SUFFIX}"
 
     @property
@@ -285,7 +286,7 @@ class ArtifactStore:
                 f.write(manifest)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp_manifest, self._manifest_path(sha))
+            os.replace(tmp_manifest, self.manifest_path(sha))
             try:
                 os.rename(work, final)  # the commit point
             except OSError:
@@ -329,7 +330,7 @@ class ArtifactStore:
         if hashlib.sha256(manifest_text(actual.items()).encode()).hexdigest() == sha256:
             return
         # Name the culprit from the stored manifest when it is itself intact.
-        mpath = self._manifest_path(sha256)
+        mpath = self.manifest_path(sha256)
         expected = None
         if mpath.is_file():
             text = mpath.read_bytes()
@@ -384,7 +385,7 @@ class ArtifactStore:
         return sum(p.stat().st_size for _, p in _files(self.path(sha256))) + self._manifest_size(sha256)
 
     def _manifest_size(self, sha256: str) -> int:
-        m = self._manifest_path(sha256)
+        m = self.manifest_path(sha256)
         return m.stat().st_size if m.is_file() else 0
 
     def age_s(self, sha256: str) -> float:
@@ -397,7 +398,7 @@ class ArtifactStore:
         trash = self.tmp / f"gc-{os.getpid()}-{uuid.uuid4().hex}"
         os.rename(folder, trash)
         _fsync_dir(folder.parent)
-        self._manifest_path(sha256).unlink(missing_ok=True)
+        self.manifest_path(sha256).unlink(missing_ok=True)
         shutil.rmtree(trash, ignore_errors=True)
 
     def leftovers(self, min_age_s: float = 0.0) -> list[tuple[Path, int]]:

@@ -63,12 +63,12 @@ def measure(centre_rank: int, members: int, population: int) -> dict:
         t0 = time.perf_counter()
         ref = put_checkpoint(store, ESState(centre1, 1), spec_from_tensors(centre1, float(centre_rank)))
         put_s = time.perf_counter() - t0
-        centre = {"bytes": store.size(ref.sha256), "disk_bytes": disk_bytes(ref.path) + disk_bytes(store._manifest_path(ref.sha256)),
+        centre = {"bytes": store.size(ref.sha256), "disk_bytes": disk_bytes(ref.path) + disk_bytes(store.manifest_path(ref.sha256)),
                   "files": sorted(p.name for p in ref.path.iterdir()), "put_s": round(put_s, 2)}
         plan1 = ask(0, 1, members, 0.006, space=space)
         refs = GenerationMembers(str(store.root), ref.sha256, plan1).adapter_files()
         member_bytes = [store.size(r.sha256) for r in refs]
-        member_disk = [disk_bytes(r.path) + disk_bytes(store._manifest_path(r.sha256)) for r in refs]
+        member_disk = [disk_bytes(r.path) + disk_bytes(store.manifest_path(r.sha256)) for r in refs]
     member = {"bytes": max(member_bytes), "disk_bytes": max(member_disk)}
     generation = {k: centre[k] + population * member[k] for k in ("bytes", "disk_bytes")}
     return {"shape": "SmolLM2-135M", "targets": len(layout.targets), "centre_rank": centre_rank, "noise_rank": 1, "population": population,

@@ -115,7 +115,7 @@ def test_missing_extra_and_unknown_artifacts_are_one_line_errors(store, tmp_path
 
 def test_a_corrupt_file_is_named_even_without_the_manifest(store, tmp_path):
     ref = store.put_dir(make_folder(tmp_path / "src", {"a": b"1"}))
-    store._manifest_path(ref.sha256).unlink()
+    store.manifest_path(ref.sha256).unlink()
     assert store.get(ref.sha256) == ref.path  # the manifest is not needed to verify
     flip_byte(ref.path / "a")
     with pytest.raises(ArtifactError, match="content hashes to"):
@@ -139,7 +139,7 @@ def test_remove_and_leftovers(store, tmp_path):
     assert {p.name for p, _ in store.leftovers()} == {"put-123-dead", orphan.name}
     assert store.leftovers(min_age_s=3600) == []
     store.remove(ref.sha256)
-    assert not store.exists(ref.sha256) and not store._manifest_path(ref.sha256).exists()
+    assert not store.exists(ref.sha256) and not store.manifest_path(ref.sha256).exists()
 
 
 def test_identical_adapters_get_one_artifact_that_loads_back(store):
