@@ -14,7 +14,8 @@ Layout under `root`:
 
     root/ab/<sha>/            the artifact (read-only files); `get(sha)` returns this folder
     root/ab/<sha>.manifest    its manifest (sha256 of these bytes == <sha>): names a corrupt file
-    root/tmp/                 work in progress, on the same filesystem as the artifacts
+    root/tmp/                 work in progress, on the same filesystem as the artifacts, and the
+                              scratch stores of `scratch()`
 
 Writes are atomic: files are copied into root/tmp (hashed as they are copied), fsynced, the manifest
 is renamed into place, then the folder is renamed to root/ab/<sha> and the parent directory is
@@ -32,6 +33,7 @@ import re
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
@@ -175,12 +177,27 @@ class ArtifactStore:
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
 
-    def _manifest_path(self, sha256: str) -> Path:
+    def manifest_path(self, sha256: str) -> Path:
+        """The artifact's manifest, beside its folder: with the folder, all it takes on disk."""
         return self.root / sha256[:2] / f"{sha256}{MANIFEST_SUFFIX}"
 
     @property
     def tmp(self) -> Path:
         return self.root / TMP_DIR
+
+    @contextmanager
+    def scratch(self, prefix: str = "scratch") -> Iterator["ArtifactStore"]:
+        """A store for files written for one piece of work and kept by no one after it (the adapter
+        folders a backend loads), under tmp/: on this store's filesystem, so a put there renames as
+        here, and in its data dir, which a server on another host of a Ray cluster sees too. Its
+        folder is made by its first put (a block that writes nothing makes nothing) and removed when
+        the block ends, whether it succeeded or raised; after a kill, `gc` removes it with the other
+        leftovers under tmp/ once it is older than gc's minimum age."""
+        scratch = ArtifactStore(self.tmp / f"{prefix}-{os.getpid()}-{uuid.uuid4().hex}")
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch.root, ignore_errors=True)
 
     # writing
     def put_dir(self, folder: str | Path) -> ArtifactRef:
@@ -269,7 +286,7 @@ class ArtifactStore:
                 f.write(manifest)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp_manifest, self._manifest_path(sha))
+            os.replace(tmp_manifest, self.manifest_path(sha))
             try:
                 os.rename(work, final)  # the commit point
             except OSError:
@@ -313,7 +330,7 @@ class ArtifactStore:
         if hashlib.sha256(manifest_text(actual.items()).encode()).hexdigest() == sha256:
             return
         # Name the culprit from the stored manifest when it is itself intact.
-        mpath = self._manifest_path(sha256)
+        mpath = self.manifest_path(sha256)
         expected = None
         if mpath.is_file():
             text = mpath.read_bytes()
@@ -368,7 +385,7 @@ class ArtifactStore:
         return sum(p.stat().st_size for _, p in _files(self.path(sha256))) + self._manifest_size(sha256)
 
     def _manifest_size(self, sha256: str) -> int:
-        m = self._manifest_path(sha256)
+        m = self.manifest_path(sha256)
         return m.stat().st_size if m.is_file() else 0
 
     def age_s(self, sha256: str) -> float:
@@ -381,11 +398,12 @@ class ArtifactStore:
         trash = self.tmp / f"gc-{os.getpid()}-{uuid.uuid4().hex}"
         os.rename(folder, trash)
         _fsync_dir(folder.parent)
-        self._manifest_path(sha256).unlink(missing_ok=True)
+        self.manifest_path(sha256).unlink(missing_ok=True)
         shutil.rmtree(trash, ignore_errors=True)
 
     def leftovers(self, min_age_s: float = 0.0) -> list[tuple[Path, int]]:
-        """Unfinished puts under tmp/ and manifests without a folder, older than min_age_s."""
+        """What a kill left under tmp/ (unfinished puts, scratch stores) and manifests without a
+        folder, older than min_age_s (by the mtime of the entry itself)."""
         out = []
         now = time.time()
         if self.tmp.is_dir():

@@ -7,6 +7,9 @@ members (random rewards), so every target holds a change. The members are writte
 own code (tasks.members.GenerationMembers.adapter_files, what `write_members` stores); their
 records do not depend on N, so a few stand for 512. Bytes are the files' (store.size: the files
 and the manifest) and the disk's (du: whole blocks, the folder's own inode block included).
+Beside them, the centre's PEFT folder (adapter_files, what artifacts.checkpoints.adapter_folder
+writes into a scratch store for a held-out evaluation on a backend that loads files, SGLang; the
+embedded engine takes the centre's tensors and writes none): the bytes not written there.
 
   python -m benchmarks.bench_store_sizes                    # SmolLM2 shapes, R 576, 8 members
   python -m benchmarks.bench_store_sizes --population 512 --json out.json
@@ -26,7 +29,7 @@ import torch
 from artifacts.checkpoints import put_checkpoint
 from artifacts.store import ArtifactStore
 from es_core.es import ESState, ask
-from es_core.lora import LoRATarget, spec_from_tensors
+from es_core.lora import LoRATarget, adapter_files, spec_from_tensors
 from es_core.preflight import ModelShape
 from es_core.weights_space import WeightsSpace, tell, zero_centre
 
@@ -78,22 +81,24 @@ def measure(centre_rank: int, members: int, population: int) -> dict:
     drawn = space.draw(plan, space.noise_layout(centre0))
     rewards = torch.linspace(-1, 1, members, dtype=torch.float64).tolist()
     centre1 = tell(centre0, layout, drawn.noise, plan.members, rewards, 0.012).centre  # every target's change nonzero
+    spec = spec_from_tensors(centre1, float(centre_rank))
+    peft_folder = {"bytes": sum(map(len, adapter_files(centre1, spec).values()))}
     with tempfile.TemporaryDirectory(prefix="es-store-sizes-") as tmp:
         store = ArtifactStore(Path(tmp) / "artifacts")
         t0 = time.perf_counter()
-        ref = put_checkpoint(store, ESState(centre1, 1), spec_from_tensors(centre1, float(centre_rank)))
+        ref = put_checkpoint(store, ESState(centre1, 1), spec)
         put_s = time.perf_counter() - t0
-        centre = {"bytes": store.size(ref.sha256), "disk_bytes": disk_bytes(ref.path) + disk_bytes(store._manifest_path(ref.sha256)),
+        centre = {"bytes": store.size(ref.sha256), "disk_bytes": disk_bytes(ref.path) + disk_bytes(store.manifest_path(ref.sha256)),
                   "files": sorted(p.name for p in ref.path.iterdir()), "put_s": round(put_s, 2)}
         plan1 = ask(0, 1, members, 0.006, space=space)
         rebuild = _rebuild_seconds(store, ref.sha256, space, layout, plan1, rewards)
         refs = GenerationMembers(str(store.root), ref.sha256, plan1).adapter_files()
         member_bytes = [store.size(r.sha256) for r in refs]
-        member_disk = [disk_bytes(r.path) + disk_bytes(store._manifest_path(r.sha256)) for r in refs]
+        member_disk = [disk_bytes(r.path) + disk_bytes(store.manifest_path(r.sha256)) for r in refs]
     member = {"bytes": max(member_bytes), "disk_bytes": max(member_disk)}
     generation = {k: centre[k] + population * member[k] for k in ("bytes", "disk_bytes")}
     return {"shape": "SmolLM2-135M", "targets": len(layout.targets), "centre_rank": centre_rank, "noise_rank": 1, "population": population,
-            "centre": centre, "member": member, "generation": generation, "rebuild": rebuild,
+            "centre": centre, "member": member, "generation": generation, "rebuild": rebuild, "centre_peft_folder": peft_folder,
             "generations_in_64_GB": {k: int(64e9 // generation[k]) for k in generation}}
 
 
@@ -111,6 +116,7 @@ def main(argv=None) -> dict:
     r = result["rebuild"]
     print(f"rebuild of a thinned centre: the kept ancestor read back in {r['load_ancestor_s']} s, then {r['update_s']} s an update "
           f"({args.members} members; CPU)")
+    print(f"the centre's PEFT folder (a held-out evaluation's on SGLang; none on the embedded engine): {result['centre_peft_folder']['bytes']:,} bytes")
     print(f"generation at N {args.population}: {g['bytes']:,} bytes ({g['disk_bytes']:,} on disk); "
           f"{result['generations_in_64_GB']['disk_bytes']} generations fit 64 GB")
     if args.json:

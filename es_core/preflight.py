@@ -323,7 +323,8 @@ def estimate_peak_memory(settings: Settings, shape: ModelShape, model_bytes: int
 class DiskEstimate:
     """What a run writes to its data dir, in bytes on disk: per generation (its centre, its members'
     files, their completions in the ledger) and once (the base and warm-start models, and the PEFT
-    folder a held-out evaluation builds of a centre stored without its padding, while it lasts), and
+    folder a held-out evaluation builds of a centre stored without its padding, while it lasts, for
+    a backend that loads files), and
     `served`, the scratch store of one generation's members as a backend that loads files gets them
     in weights space (tasks/members.py `GenerationMembers.serving`: deleted after each generation)."""
 
@@ -413,7 +414,9 @@ def estimate_run_disk(settings: Settings, shape: ModelShape, generations: int) -
         record = RECORD_BYTES + (RECORD_BYTES_PER_SCALE * scales if es.sigma_scale != "absolute" else 0)
         members = es.population * artifact_disk_bytes(record)
         peft, peft_tensors = centre_tensor_bytes(settings, shape, es.centre_rank, exact=False)
-        if (peft, peft_tensors) != (stored, tensors):  # a held-out evaluation's PEFT folder of the centre, while it decodes
+        # a held-out evaluation's PEFT folder of the centre, while it decodes, for a backend that loads
+        # files (the embedded engine takes the centre's tensors: tasks/evaluate.py)
+        if backend_kind(settings) != "embedded" and (peft, peft_tensors) != (stored, tensors):
             once += artifact_disk_bytes(safetensors_file_bytes(peft, peft_tensors), CONFIG_BYTES)
         if backend_kind(settings) in LOADS_ADAPTER_FILES and generations > 0:
             # every member as one PEFT folder at R + r, every target as factors (the centre's exact

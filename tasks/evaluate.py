@@ -4,15 +4,15 @@ adapters, such as the centre or a base model on a held-out set (through `generat
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
+import torch
 from prefect import task
 
-from artifacts.checkpoints import adapter_folder
+from artifacts.checkpoints import CENTRE_FILE, adapter_folder, load_checkpoint
 from artifacts.store import ArtifactStore
-from es_core.backends.base import AdapterRef, BackendError
+from es_core.backends.base import Adapter, AdapterRef, BackendError, InMemoryAdapter
 from es_core.countdown.problems import Problem
 from es_core.es import PopulationPlan, problem_groups
 from es_core.evaluation import MemberScore, heldout_summary, score_population
@@ -68,14 +68,29 @@ def evaluate_population(
     return {"scores": scores, "generate_seconds": seconds}
 
 
+def _stored_adapter(store: ArtifactStore, name: str, sha256: str | None, scratch: ArtifactStore) -> Adapter:
+    """A stored adapter (sha None: the base model) as a backend takes it. A centre stored without
+    its padding (es_centre.safetensors: at R 576, 425 MB where its PEFT folder is 703 MB) is held in
+    memory as its checkpoint loads it, its PEFT folder written into `scratch` only for a backend that
+    loads files (SGLang; the embedded engine takes the tensors); any other adapter is its folder
+    (a weights-space member joined into `scratch`, else the artifact itself)."""
+    if sha256 is None:
+        return AdapterRef(name, None)
+    if not (store.get(sha256) / CENTRE_FILE).is_file():
+        return AdapterRef(name, adapter_folder(store, sha256, scratch))
+    state, spec = load_checkpoint(store, sha256)
+    # the values its PEFT folder holds (adapter_files writes float32)
+    tensors = {k: v.to(torch.float32) for k, v in state.centre.items()}
+    return InMemoryAdapter(name, tensors, spec.lora_alpha / spec.rank, lambda: adapter_folder(store, sha256, scratch))
+
+
 def _score_adapters(backend, artifacts_dir: str, adapters: list[tuple[str, str | None]], problems: list[Problem], prompts: list[str],
                     max_new_tokens: int, reward_kind: str, members_per_prompt: int = 0) -> list[MemberScore]:
     store = ArtifactStore(Path(artifacts_dir))
-    store.tmp.mkdir(parents=True, exist_ok=True)
-    # a centre stored without its padding is served as a PEFT folder built for this call, beside the
-    # store (a backend on another host of a Ray cluster reads the same data dir); gone after it
-    with tempfile.TemporaryDirectory(prefix="served-", dir=store.tmp) as scratch:
-        refs = [AdapterRef(name, adapter_folder(store, sha, ArtifactStore(scratch)) if sha else None) for name, sha in adapters]
+    # what is built for this call (a folder a backend loads) lives in a scratch store beside the
+    # store (ArtifactStore.scratch), gone after it
+    with store.scratch("served") as scratch:
+        refs = [_stored_adapter(store, name, sha, scratch) for name, sha in adapters]
         groups = problem_groups(len(refs), len(problems), members_per_prompt)
         return _scored(lambda: backend.generate(refs, prompts, max_new_tokens, groups), problems, prompts, reward_kind, groups)[0]
 

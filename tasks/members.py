@@ -14,8 +14,6 @@ the plan it was drawn from are.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 from contextlib import contextmanager
 from functools import cached_property
@@ -44,8 +42,7 @@ class GenerationMembers:
         self.space: SearchSpace = search_space(plan)
         self._drawn = drawn
         self._lock = threading.RLock()
-        self._serving = False  # inside `serving()`: weights-space members may be joined into a scratch store
-        self._scratch: ArtifactStore | None = None  # that store, made on first use
+        self._scratch: ArtifactStore | None = None  # inside `serving()`: its scratch store, where weights-space members are joined
         self._served: list[ArtifactRef] | None = None  # the joined members in it
 
     def check(self, center_sha256: str, plan: PopulationPlan) -> "GenerationMembers":
@@ -129,27 +126,23 @@ class GenerationMembers:
         kill, `es-countdown gc` removes it with the store's other leftovers). One generation's at a
         time: the next generation's evaluation starts after this one's ended. Stacked members (the
         embedded engine) and LoRA space (the ledger's files are the members) write nothing here."""
-        with self._lock:
-            if self._serving:
-                raise RuntimeError(f"generation {self.plan.generation}'s members are being served already (their scratch store has one owner)")
-            self._serving = True
-        try:
-            yield self
-        finally:
+        with self.store.scratch(f"served-g{self.plan.generation}") as scratch:
             with self._lock:
-                scratch, self._scratch, self._served, self._serving = self._scratch, None, None, False
-            if scratch is not None:
-                shutil.rmtree(scratch.root, ignore_errors=True)
+                if self._scratch is not None:
+                    raise RuntimeError(f"generation {self.plan.generation}'s members are being served already (their scratch store has one owner)")
+                self._scratch = scratch
+            try:
+                yield self
+            finally:
+                with self._lock:
+                    self._scratch, self._served = None, None
 
     def _served_files(self) -> list[ArtifactRef]:
         """The joined members in the scratch store of `serving()` (the caller holds the lock)."""
-        if not self._serving:
+        if self._scratch is None:
             raise RuntimeError(f"generation {self.plan.generation}'s weights-space members are joined for a backend only inside "
                                "GenerationMembers.serving(), whose scratch store is deleted after the decode")
         if self._served is None:
-            if self._scratch is None:
-                self.store.tmp.mkdir(parents=True, exist_ok=True)
-                self._scratch = ArtifactStore(Path(tempfile.mkdtemp(prefix=f"served-g{self.plan.generation}-", dir=self.store.tmp)))
             stacked, centre = self._stacked, self.state.centre
             self._served = [put_adapter_folder(self._scratch, *self.space.adapter(centre, self.spec, stacked, i)) for i in range(len(stacked))]
         return self._served

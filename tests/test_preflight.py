@@ -202,8 +202,9 @@ def test_the_disk_estimate_is_the_size_of_the_artifacts_a_generation_writes():
 def test_on_sglang_the_disk_estimate_holds_one_generations_members_joined_to_their_centre():
     """SGLang loads each weights-space member as one adapter of rank R + r, written while its
     generation decodes and deleted after it: at SmolLM2's shapes, every layer, R 576, 705 MB a member,
-    361 GB for 512, counted once beside what the generations keep; a run that cannot hold them is
-    refused in one line naming them. The embedded engine decodes them from memory: nothing."""
+    361 GB for 512, counted once beside what the generations keep, and the PEFT folder of the centre
+    a held-out evaluation loads (703 MB); a run that cannot hold them is refused in one line naming
+    them. The embedded engine decodes them and the centre from memory: nothing."""
     from es_core.preflight import check_disk, estimate_run_disk
     from es_core.settings import ConfigError
 
@@ -213,7 +214,10 @@ def test_on_sglang_the_disk_estimate_holds_one_generations_members_joined_to_the
     sglang = estimate_run_disk(load_settings(None, [*every_layer, "backend.kind=sglang"]), shape, 10)
     joined = 577 * sum((t.in_features + t.out_features) * 4 for t in shape_targets(shape, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     assert joined == 704_586_240 and 512 * joined < sglang.served < 512 * (joined + 2**20)
-    assert embedded.served == 0 and sglang.total == embedded.total + sglang.served
+    centre_folder = 576 * sum((t.in_features + t.out_features) * 4 for t in shape_targets(shape, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    assert embedded.once == shape.parameters() * 2  # the base model; the centre's held-out evaluation writes no folder
+    assert centre_folder < sglang.once - embedded.once < centre_folder + 2**20  # SGLang loads it from one (703 MB)
+    assert embedded.served == 0 and sglang.total == embedded.total + (sglang.once - embedded.once) + sglang.served
     assert estimate_run_disk(load_settings(None, [*every_layer, "backend.kind=sglang"]), shape, 0).served == 0  # no generation left to decode
     check_disk(embedded, 100 * GiB, "data dir /d")  # 10 generations of 831 MiB fit
     with pytest.raises(ConfigError) as refused:
@@ -229,9 +233,10 @@ def test_on_sglang_the_disk_estimate_holds_one_generations_members_joined_to_the
 def test_the_disk_estimate_bounds_what_a_generation_stores(tmp_path, space):
     """Real artifacts of a generation (its centre and its members' files, written by the run's code)
     at a small shape take at most what the estimate says, and not much less: weights space at R 32
-    (k_proj and v_proj exact, the other matrices truncated), with absolute and relative sigma;
+    (k_proj and v_proj exact, the other matrices truncated), with absolute and relative sigma (on
+    SGLang, with the scratch stores it loads a generation's members and a held-out centre from);
     LoRA space at rank 4 with Adam's moments beside the centre."""
-    from artifacts.checkpoints import put_checkpoint
+    from artifacts.checkpoints import adapter_folder, put_checkpoint
     from artifacts.store import ArtifactStore
     from es_core.es import ESState, ask
     from es_core.lora import init_centre, spec_from_tensors
@@ -270,7 +275,10 @@ def test_the_disk_estimate_bounds_what_a_generation_stores(tmp_path, space):
             served = sum(p.lstat().st_blocks * 512 for p in [scratch, *scratch.rglob("*")])
         sglang = estimate_run_disk(load_settings(None, [*sets, "es.population=4", "lora.layers=all", "backend.kind=sglang"]), shape, 1)
         assert served <= sglang.served <= served + 8 * BLOCK, (served, sglang.served)
-        assert (estimate.served, sglang.total - sglang.served) == (0, estimate.total)
+        with store.scratch() as scratch:  # and a held-out evaluation loads the centre from its PEFT folder (the embedded engine: from memory)
+            held_out = on_disk(scratch, adapter_folder(store, sha, scratch).name)
+        assert held_out <= sglang.once - estimate.once <= held_out + 4 * BLOCK, (held_out, sglang.once - estimate.once)
+        assert (estimate.served, sglang.total - sglang.served - sglang.once) == (0, estimate.total - estimate.once)
 
 
 # --- the flow: a run that fails is recorded failed, with why ----------------------------------------

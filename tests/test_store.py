@@ -115,7 +115,7 @@ def test_missing_extra_and_unknown_artifacts_are_one_line_errors(store, tmp_path
 
 def test_a_corrupt_file_is_named_even_without_the_manifest(store, tmp_path):
     ref = store.put_dir(make_folder(tmp_path / "src", {"a": b"1"}))
-    store._manifest_path(ref.sha256).unlink()
+    store.manifest_path(ref.sha256).unlink()
     assert store.get(ref.sha256) == ref.path  # the manifest is not needed to verify
     flip_byte(ref.path / "a")
     with pytest.raises(ArtifactError, match="content hashes to"):
@@ -139,7 +139,7 @@ def test_remove_and_leftovers(store, tmp_path):
     assert {p.name for p, _ in store.leftovers()} == {"put-123-dead", orphan.name}
     assert store.leftovers(min_age_s=3600) == []
     store.remove(ref.sha256)
-    assert not store.exists(ref.sha256) and not store._manifest_path(ref.sha256).exists()
+    assert not store.exists(ref.sha256) and not store.manifest_path(ref.sha256).exists()
 
 
 def test_identical_adapters_get_one_artifact_that_loads_back(store):
@@ -220,3 +220,54 @@ def test_a_full_disk_names_the_file_being_written_and_leaves_nothing(store, tmp_
     assert message.startswith(f"cannot write {store.tmp}/put-") and "/adapter_model.safetensors: No space left on device;" in message, message
     monkeypatch.undo()
     assert list(store.iter_artifacts()) == [] and list(store.tmp.iterdir()) == []
+
+
+# --- scratch stores: files written for one piece of work, kept by no one after it ------------------
+
+
+def test_a_scratch_store_lives_under_tmp_is_made_by_its_first_put_and_goes_when_its_block_ends(store):
+    with store.scratch("served") as scratch:
+        assert scratch.root.parent == store.tmp and scratch.root.name.startswith(f"served-{os.getpid()}-")
+        assert not scratch.root.exists()  # nothing written: nothing made (the embedded engine writes no file)
+    with store.scratch("served") as scratch:
+        ref = scratch.put_bytes(b"a joined member", "adapter_model.safetensors")
+        assert ref.path.parents[1] == scratch.root and os.stat(ref.path).st_dev == os.stat(store.root).st_dev
+        assert scratch.get_file(ref.sha256).read_bytes() == b"a joined member" and not store.exists(ref.sha256)
+    assert not scratch.root.exists() and list(store.tmp.iterdir()) == []
+    with pytest.raises(RuntimeError, match="the decode failed"), store.scratch() as failed:
+        failed.put_bytes(b"half a generation", "x")
+        raise RuntimeError("the decode failed")
+    assert not failed.root.exists() and list(store.tmp.iterdir()) == []
+
+
+_SCRATCH_KILLED = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from artifacts.store import ArtifactStore
+with ArtifactStore({store!r}).scratch("served-g3") as scratch:
+    scratch.put_bytes(os.urandom(1 << 16), "adapter_model.safetensors")
+    print(scratch.root, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no finally runs
+"""
+
+
+def test_a_scratch_store_a_kill_left_is_removed_by_gc_once_older_than_its_minimum_age(tmp_path):
+    from artifacts.commands import gc
+    from artifacts.ledger import Ledger
+
+    data = tmp_path / "data"
+    Ledger(data).record_problems([])  # a data dir with its ledger, no run
+    store = ArtifactStore(data / "artifacts")
+    kept = store.put_bytes(b"an artifact a run wrote", "x")
+    proc = subprocess.run([sys.executable, "-c", _SCRATCH_KILLED.format(root=str(PROJECT_ROOT), store=str(store.root))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    left = Path(proc.stdout.strip())
+    assert left.parent == store.tmp and any(left.rglob("adapter_model.safetensors"))
+    out = gc(data, yes=True, min_age_s=3600)
+    assert left.exists() and "0 leftover(s)" in out  # young: it may be a live run's (gc --yes also refuses while one writes)
+    hour_ago = time.time() - 3601
+    os.utime(left, (hour_ago, hour_ago))
+    out = gc(data, yes=True, min_age_s=3600)
+    assert f"removed {left}" in out and "1 leftover(s)" in out and not left.exists()
+    assert list(store.tmp.iterdir()) == [] and store.exists(kept.sha256)  # the store itself untouched (unreferenced, but young)

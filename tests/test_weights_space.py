@@ -5,6 +5,7 @@ centre slot decodes what a rank R + r adapter does."""
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 from artifacts.ledger import Ledger
 
@@ -373,6 +374,109 @@ def test_the_embedded_backend_decodes_stored_centres_and_members_as_the_populati
                          spec_of_rank(centre_spec, 6))
     with pytest.raises(AdapterError, match="rank 6 fits neither"):
         backend.generate([AdapterRef("r6", wrong)], prompts, 2)
+
+
+# --- a held-out evaluation of an exact centre: its tensors to the embedded engine, no folder ------
+
+EXACT_RANK = 64  # tiny-llama's hidden size: every target's min(out, in) is at most 64, so every target is exact
+
+
+def stored_exact_centre(store, targets):
+    """Generation 1's centre of a weights-space run at R 64 on tiny-llama (every target exact, every
+    target moved by one update), stored as the run stores it: es_centre.safetensors."""
+    from artifacts.checkpoints import CENTRE_FILE, put_checkpoint
+    from es_core.es import ESState
+    from es_core.lora import spec_from_tensors
+
+    layout = weights_layout(targets, 1, EXACT_RANK)
+    plan, noise = generation(layout, population=8, sigma=0.5)
+    centre = tell(layout.template(EXACT_RANK), layout, noise, plan.members, torch.linspace(-1, 1, 8).tolist(), 0.5).centre
+    spec = spec_from_tensors(centre, float(EXACT_RANK))
+    ref = put_checkpoint(store, ESState(centre, 1), spec)
+    assert sorted(p.name for p in ref.path.iterdir()) == ["adapter_config.json", CENTRE_FILE, "es_state.json"]
+    return ref.sha256, centre, spec
+
+
+def heldout_problems():
+    from es_core.countdown.problems import generate_problems
+
+    problems = generate_problems(3, seed=4)
+    return problems, [f"Using the numbers {p.numbers}, create an equation that equals {p.target}." for p in problems]
+
+
+def test_an_exact_centre_is_evaluated_on_the_embedded_engine_from_memory_as_its_peft_folder_was(model_cache, tmp_path, monkeypatch):
+    """A held-out evaluation of a centre stored without its padding (es_centre.safetensors) hands the
+    embedded engine the centre's tensors: no PEFT folder is written (703 MB at SmolLM2, R 576, every
+    layer; here what the tiny model's would be), and the completions and rewards, so the samples
+    artifact, are those of the folder it decoded before."""
+    from artifacts.checkpoints import adapter_folder
+    from artifacts.store import ArtifactStore
+    from es_core.backends.base import AdapterRef, InMemoryAdapter
+    from es_core.backends.embedded import EmbeddedBackend
+    from es_core.evaluation import score_population
+    from es_core.lora import adapter_files
+    from es_core.models import resolve_base_model
+    from es_core.settings import ModelSettings, settings_from_dict
+    from tasks.evaluate import evaluate_heldout
+
+    path = resolve_base_model(ModelSettings(name="tiny-llama"), model_cache).path
+    settings = settings_from_dict({"model": {"name": "tiny-llama", "device": "cpu"}, "lora": {"layers": [0, 1]},
+                                   "es": {"space": "weights", "centre_rank": EXACT_RANK, "population": 4}})
+    backend = EmbeddedBackend.from_settings(settings, path)
+    store = ArtifactStore(tmp_path / "artifacts")
+    sha, centre, spec = stored_exact_centre(store, backend.engine.targets)
+    problems, prompts = heldout_problems()
+
+    taken, written = [], []  # what the engine was given; what was under the store's tmp dir while it decoded
+    generate = backend.generate
+
+    def watched(adapters, *args, **kwargs):
+        taken.extend(adapters)
+        written.extend(p for p in store.tmp.rglob("*") if p.is_file()) if store.tmp.exists() else None
+        return generate(adapters, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "generate", watched)
+    summary = evaluate_heldout.fn(backend, str(store.root), ("centre_g1", sha), "heldout", problems, prompts, 24, "paper", "embedded")
+    assert [type(a) for a in taken] == [InMemoryAdapter] and written == [] and taken[0]._path is None  # never written
+    assert list(store.tmp.iterdir()) == []
+    monkeypatch.undo()
+
+    folder = adapter_folder(store, sha, ArtifactStore(tmp_path / "scratch"))  # the PEFT folder it was evaluated from before
+    (before,) = score_population(problems, prompts, backend.generate([AdapterRef("centre_g1", folder)], prompts, 24), "paper")
+    lines = "".join(json.dumps(vars(s)) + "\n" for s in before.samples)
+    assert store.get_file(summary["samples_sha256"]).read_text() == lines  # every completion, reward and token count
+    base = backend.generate([AdapterRef("base", None)], prompts, 24)[0]
+    assert [s.completion for s in before.samples] != [c.text for c in base]  # the centre decodes another model than the base
+    not_written = sum(p.stat().st_size for p in folder.iterdir())
+    assert not_written == sum(map(len, adapter_files(centre, spec).values()))
+    print(f"an exact centre's held-out evaluation on the embedded engine no longer writes its PEFT folder: {not_written:,} bytes "
+          f"(tiny-llama, R {EXACT_RANK}, {len(backend.engine.targets)} targets)")
+
+
+def test_sglang_still_loads_an_exact_centre_from_its_peft_folder_in_a_scratch_store_deleted_after_it(model_cache, tmp_path):
+    """The same held-out evaluation on a backend that loads files: the server gets the centre's PEFT
+    folder, built in a scratch store under the store's tmp dir and gone when the evaluation ends."""
+    from artifacts.checkpoints import adapter_folder
+    from artifacts.store import ArtifactStore
+    from es_core.backends.sglang import SGLangBackend
+    from es_core.backends.sglang_client import SGLangClient
+    from es_core.lora import find_targets_in_folder
+    from es_core.models import resolve_base_model
+    from es_core.settings import ModelSettings
+    from tasks.evaluate import evaluate_heldout
+    from tests.fake_sglang import FakeSGLang, adapter_digest, fake_completion
+
+    path = resolve_base_model(ModelSettings(name="tiny-llama"), model_cache).path
+    store = ArtifactStore(tmp_path / "artifacts")
+    sha, _, _ = stored_exact_centre(store, find_targets_in_folder(path, [0, 1], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    problems, prompts = heldout_problems()
+    with FakeSGLang(max_lora_rank=EXACT_RANK) as fake, SGLangBackend([SGLangClient(fake.url, retries=1, backoff_s=0.01)]) as sglang:
+        summary = evaluate_heldout.fn(sglang, str(store.root), ("centre_g1", sha), "heldout", problems, prompts, 16, "paper", "fake")
+        (loaded,) = fake.state.ever.values()
+    assert Path(loaded).parents[2] == store.tmp and not Path(loaded).exists() and list(store.tmp.iterdir()) == []
+    digest, rank = adapter_digest(adapter_folder(store, sha, ArtifactStore(tmp_path / "scratch")))
+    samples = [json.loads(line) for line in store.get_file(summary["samples_sha256"]).read_text().splitlines()]
+    assert rank == EXACT_RANK and [s["completion"] for s in samples] == [fake_completion(digest, p, 16)[0] for p in prompts]
 
 
 # --- the flow: a weights-space run, recorded, replayed, resumed ------------------------------------

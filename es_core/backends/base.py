@@ -8,9 +8,10 @@ gets is decided once, by flows/backend.py.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, Union
 
 from es_core.evaluation import Completion
 
@@ -24,6 +25,29 @@ class AdapterRef:
 
     name: str
     path: Path | None
+
+
+class InMemoryAdapter:
+    """An adapter whose tensors are in memory (a centre the store keeps without its padding), under a
+    unique name, both ways a backend may take it, as `Members` are: `tensors` and `scaling` for one
+    that takes tensors (the embedded engine: no file is written), `path` for one that loads folders
+    (SGLang, the Ray runner's engines), its PEFT folder written by `write_folder` when first asked."""
+
+    def __init__(self, name: str, tensors: "LoRATensors", scaling: float, write_folder: Callable[[], Path]):
+        self.name, self.tensors, self.scaling = name, tensors, float(scaling)
+        self._write_folder = write_folder
+        self._path: Path | None = None
+        self._lock = threading.Lock()  # SGLang asks from one thread per server
+
+    @property
+    def path(self) -> Path:
+        with self._lock:
+            if self._path is None:
+                self._path = self._write_folder()
+            return self._path
+
+
+Adapter = Union[AdapterRef, InMemoryAdapter]  # what `generate` takes
 
 
 class BackendError(RuntimeError):
@@ -53,7 +77,7 @@ class Members(Protocol):
 
 
 class InferenceBackend(Protocol):
-    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int,
+    def generate(self, adapters: Sequence[Adapter], prompts: Sequence[str], max_new_tokens: int,
                  prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         """Greedy completion of every prompt under every adapter: result[a][p] (with `prompt_groups`,
         of adapter a's own prompts: result[a][j] is prompt prompt_groups[a][j]'s)."""

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from es_core.backends.base import AdapterRef, Members
+from es_core.backends.base import Adapter, InMemoryAdapter, Members
 from es_core.engine.generate import GenerationOutput, PopulationEngine
 from es_core.engine.model import Decoder
 from es_core.evaluation import Completion
@@ -57,14 +57,15 @@ class EmbeddedBackend:
         return {"device": _device_name(device), "dtype": str(resolve_dtype(settings.model.dtype, device)).removeprefix("torch."),
                 "lora_dtype": settings.generation.lora_dtype}
 
-    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int,
+    def generate(self, adapters: Sequence[Adapter], prompts: Sequence[str], max_new_tokens: int,
                  prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         """Greedy completion of every prompt under every adapter (path None: the base model): result[a][p]
         (with `prompt_groups`, of adapter a's own prompts: result[a][j] is prompt_groups[a][j]'s).
-        An engine with a centre slot (weights space) takes an adapter of the centre's rank R in that
-        slot, and one of rank R + r (a member: the centre's factors, then its own) split between the
-        two; adapters that share a centre are decoded together."""
-        loaded = [(None, 1.0) if ref.path is None else _tensors_and_scaling(ref.path) for ref in adapters]
+        An adapter in memory is taken as it is, never written to a folder. An engine with a centre
+        slot (weights space) takes an adapter of the centre's rank R in that slot, and one of rank
+        R + r (a member: the centre's factors, then its own) split between the two; adapters that
+        share a centre are decoded together."""
+        loaded = [_tensors_and_scaling(ref) for ref in adapters]
         if not self.engine.centre_rank:
             members = []
             for tensors, _ in loaded:
@@ -81,7 +82,7 @@ class EmbeddedBackend:
                 result[i] = completions
         return result
 
-    def _centre_and_own(self, tensors: LoRATensors | None, scaling: float, ref: AdapterRef) -> tuple[LoRATensors | None, LoRATensors | None]:
+    def _centre_and_own(self, tensors: LoRATensors | None, scaling: float, ref: Adapter) -> tuple[LoRATensors | None, LoRATensors | None]:
         """An adapter as (the centre slot's part, the member slot's part), scaling folded into B."""
         if tensors is None:
             return None, None
@@ -95,7 +96,7 @@ class EmbeddedBackend:
         elif rank <= big:  # a centre, or any adapter that fits its slot (zero-padded)
             centre, own = _padded(tensors, big), None
         else:
-            raise AdapterError(f"{ref.path}: rank {rank} fits neither the centre slot (rank {big}) nor a member (rank {big} + {small})")
+            raise AdapterError(f"{_where(ref)}: rank {rank} fits neither the centre slot (rank {big}) nor a member (rank {big} + {small})")
         check_adapter_matches(centre, self.engine.targets, big)
         if own is not None:
             check_adapter_matches(own, self.engine.targets, small)
@@ -141,9 +142,21 @@ class EmbeddedBackend:
         return result
 
 
-def _tensors_and_scaling(path) -> tuple[LoRATensors, float]:
-    tensors, spec = load_adapter(path)
+def _tensors_and_scaling(ref: Adapter) -> tuple[LoRATensors | None, float]:
+    """An adapter's tensors and lora_alpha / rank: as they are in memory, or read from its folder
+    (the base model: None)."""
+    if isinstance(ref, InMemoryAdapter):
+        return ref.tensors, ref.scaling
+    if ref.path is None:
+        return None, 1.0
+    tensors, spec = load_adapter(ref.path)
     return tensors, spec.lora_alpha / spec.rank
+
+
+def _where(ref: Adapter) -> str:
+    """An adapter in an error: its folder, or its name when it is in memory (asking for the path
+    would write the folder)."""
+    return f"adapter {ref.name} (in memory)" if isinstance(ref, InMemoryAdapter) else str(ref.path)
 
 
 def _padded(tensors: LoRATensors, rank: int) -> LoRATensors:

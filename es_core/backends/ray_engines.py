@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
-from es_core.backends.base import AdapterRef, BackendError
+from es_core.backends.base import Adapter, AdapterRef, BackendError
 from es_core.backends.sglang_client import one_line
 from es_core.backends.sharding import Shard, merge, plan_shards
 from es_core.evaluation import Completion
@@ -305,11 +305,12 @@ class RayBackend:
 
     # --- InferenceBackend -------------------------------------------------------------------------
 
-    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int,
+    def generate(self, adapters: Sequence[Adapter], prompts: Sequence[str], max_new_tokens: int,
                  prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         """Greedy completion of every prompt under every adapter (path None: the base model):
-        result[a][p] (result[a][j]: prompt_groups[a][j]'s). The engines read the adapter folders by their path."""
-        adapters, prompts = list(adapters), list(prompts)
+        result[a][p] (result[a][j]: prompt_groups[a][j]'s). The engines read the adapter folders by
+        their path (an adapter in memory has its folder written here, as for SGLang)."""
+        adapters, prompts = [AdapterRef(a.name, a.path) for a in adapters], list(prompts)
 
         def send(actor, s: Shard):
             own_prompts, groups = _shard_prompts(prompts, prompt_groups, s)

@@ -44,7 +44,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from es_core.backends.base import AdapterRef, BackendError, Members
+from es_core.backends.base import Adapter, AdapterRef, BackendError, Members
 from es_core.backends.sglang_client import (
     AdapterChecker,
     AdapterNotLoaded,
@@ -277,7 +277,7 @@ class SGLangBackend:
 
     # --- the InferenceBackend call -------------------------------------------------------------
 
-    def generate(self, adapters: Sequence[AdapterRef], prompts: Sequence[str], max_new_tokens: int,
+    def generate(self, adapters: Sequence[Adapter], prompts: Sequence[str], max_new_tokens: int,
                  prompt_groups: Sequence[Sequence[int]] | None = None) -> list[list[Completion]]:
         """Greedy completion of every prompt under every adapter: result[a][p], each Completion
         naming the server that produced it; with `prompt_groups`, of adapter a's own prompts only
