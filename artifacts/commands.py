@@ -221,7 +221,6 @@ def centre(data_dir, sha: str, out: str | os.PathLike | None = None, peft: bool 
     backend loads. A thinned centre is rebuilt from the ledger (artifacts/rebuild.py, every hash
     checked); the store is left as it is."""
     import shutil
-    import tempfile
 
     from artifacts.checkpoints import adapter_folder, centre_files  # torch: the other commands do without it
     from artifacts.store import hash_dir
@@ -235,13 +234,12 @@ def centre(data_dir, sha: str, out: str | os.PathLike | None = None, peft: bool 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CommandError(f"{out_dir} is not empty: give another --out")
     store = ArtifactStore(ledger.data_dir / ARTIFACTS_DIR)
-    store.tmp.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="centre-", dir=store.tmp) as scratch:
+    with store.scratch("centre") as scratch:
         rebuilt = centre_files(store, sha)
         if peft:
-            folder = adapter_folder(store, sha, ArtifactStore(scratch))
+            folder = adapter_folder(store, sha, scratch)
         else:
-            folder = store.get(sha) if rebuilt is None else ArtifactStore(scratch).put_files(rebuilt).path
+            folder = store.get(sha) if rebuilt is None else scratch.put_files(rebuilt).path
         shutil.copytree(folder, out_dir, dirs_exist_ok=True)
     for path in out_dir.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)  # the store's files are read-only; a user's copy is theirs
