@@ -99,18 +99,22 @@ EXACT: dict[str, list[str]] = {
 # bounds the direction all problems share to under 9% of one problem's own (in norm; README,
 # "What it would take"), so an update's problem-specific part averages out only over many problems
 # a generation: 512 in groups, against 8 when every member decodes the same 8.
+# A final row of ~120 generations at 431 MB each would fill most of a lent machine's 64 GB disk:
+# these runs keep every 10th centre (and every evaluated one: eval.every is 10), the others rebuilt
+# from the ledger on demand (README, "Keeping centres as keyframes").
+KEYFRAMES = "store.keep_centre_every=10"
 POPULATION: dict[str, list[str]] = {
     # EGGROLL's layout: 512 members in 64 groups of 8 (4 antithetic pairs), each group on its own 8
     # problems: 512 problems a generation for the same 4,096 rows
     "wsx-n512-g8": ["es.space=weights", "es.centre_rank=576", "es.population=512", "es.members_per_prompt=8",
-                    "data.prompts_per_generation=512", "es.sigma=0.006", "es.learning_rate=0.012"],
+                    "data.prompts_per_generation=512", "es.sigma=0.006", "es.learning_rate=0.012", KEYFRAMES],
     # the contrast: the same 512 members all on the same 8 problems
     "wsx-n512": ["es.space=weights", "es.centre_rank=576", "es.population=512", "data.prompts_per_generation=8", "es.sigma=0.006",
-                 "es.learning_rate=0.012"],
+                 "es.learning_rate=0.012", KEYFRAMES],
     "wsx-all-n512-g8": ["es.space=weights", "lora.layers=all", "es.centre_rank=576", "es.population=512", "es.members_per_prompt=8",
-                        "data.prompts_per_generation=512", "es.sigma=0.006", "es.learning_rate=0.012"],
+                        "data.prompts_per_generation=512", "es.sigma=0.006", "es.learning_rate=0.012", KEYFRAMES],
     "wsx-n512-g8-lr3x": ["es.space=weights", "es.centre_rank=576", "es.population=512", "es.members_per_prompt=8",
-                         "data.prompts_per_generation=512", "es.sigma=0.006", "es.learning_rate=0.036"],
+                         "data.prompts_per_generation=512", "es.sigma=0.006", "es.learning_rate=0.036", KEYFRAMES],
 }
 RECIPE_SETS = {"first": RECIPES, "step-size": STEP_SIZE, "weights": WEIGHTS, "exact": EXACT, "population": POPULATION}
 EVAL_EVERY = 10  # the config's eval.every
