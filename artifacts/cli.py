@@ -63,6 +63,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("verify", help="rehash every artifact the ledger references; list missing and corrupt files (exit 1 if any)")
     p.add_argument("run_id", nargs="?", default=None, help="only this run's artifacts (default: every run's)")
+    p.add_argument("--rebuild", action="store_true", help="also rebuild every thinned centre from the ledger, each step's hash checked (exit 1 if one cannot be)")
     _data_dir(p)
     p.set_defaults(handler=_cmd_verify)
 
@@ -103,7 +104,7 @@ def _cmd_verify(args) -> int:
         from artifacts.runs import check_run_id
 
         check_run_id(args.run_id)
-    text, intact = commands.verify(args.data_dir, args.run_id)
+    text, intact = commands.verify(args.data_dir, args.run_id, args.rebuild)
     sys.stdout.write(text)
     return 0 if intact else 1
 

@@ -391,7 +391,7 @@ def _gc(root: Path, yes: bool, min_age_s: float, note: str, thin_centres_every: 
 # --- verify --------------------------------------------------------------------------------------
 
 
-def verify(data_dir, run_id: str | None = None) -> tuple[str, bool]:
+def verify(data_dir, run_id: str | None = None, rebuild: bool = False) -> tuple[str, bool]:
     """Rehash every artifact the ledger references (of one run, or all), and the centres its
     weights-space members name: (text, all intact). The
     text has one line per missing artifact (its folder) and per corrupt one (the file whose bytes
@@ -399,7 +399,11 @@ def verify(data_dir, run_id: str | None = None) -> tuple[str, bool]:
     centre thinned by store.keep_centre_every (`THINNED ...: rebuildable from generation k's centre`:
     the ledger marks it thinned and every centre back to a kept one is on disk or thinned too; not
     rebuilt here, `es-countdown centre SHA` does), then a summary line. A thinned centre is no failure;
-    one gone without its mark, or whose chain is broken (a keyframe deleted by hand), is missing."""
+    one gone without its mark, or whose chain is broken (a keyframe deleted by hand), is missing.
+    With `rebuild`, each thinned centre is also rebuilt (artifacts/rebuild.py: one update per
+    generation back to its keyframe, every step's hash checked): before a data dir moves to another
+    machine, or its keyframes are the only copy, this says that this machine can rebuild them
+    (`UNREBUILDABLE ...`, a failure, where a step's hash differs)."""
     ledger = open_ledger(data_dir)
     if run_id is not None and ledger.run_row(run_id) is None:
         raise CommandError(f"run {run_id} is not in the ledger at {ledger.path}")
@@ -409,7 +413,7 @@ def verify(data_dir, run_id: str | None = None) -> tuple[str, bool]:
         referenced.setdefault(sha, []).append(f"{table}.{column}")
     for centre, member in centres_named_by_members(store, list(referenced)).items():
         referenced.setdefault(centre, []).append(f"the member {member[:12]}")
-    lines, missing, corrupt, thinned = [], 0, 0, 0
+    lines, missing, corrupt, thinned, unrebuildable = [], 0, 0, 0, 0
     for sha, where in sorted(referenced.items()):
         try:
             store.get(sha)  # every file against the artifact's id
@@ -423,17 +427,33 @@ def verify(data_dir, run_id: str | None = None) -> tuple[str, bool]:
                 chain = rebuild_chain(ledger, store, sha)
             except ArtifactError as broken:
                 chain, exc = None, broken
+            if chain is not None and rebuild:
+                try:
+                    _rebuild_thinned(store, sha)
+                except ArtifactError as failed:
+                    unrebuildable += 1
+                    lines.append(f"UNREBUILDABLE {sha}: {failed} (referenced by {', '.join(where)})")
+                    continue
             if chain is not None:
                 thinned += 1
-                lines.append(f"THINNED {sha}: {chain.describe()} (referenced by {', '.join(where)})")
+                lines.append(f"THINNED {sha}: {chain.describe()}{', rebuilt: the hash the ledger records' if rebuild else ''} "
+                             f"(referenced by {', '.join(where)})")
             else:
                 missing += 1
                 lines.append(f"MISSING {exc} (referenced by {', '.join(where)})")
     scope = f"run {run_id}" if run_id is not None else f"the ledger at {ledger.path}"
-    rebuildable = f"{thinned} thinned (rebuildable), " if thinned else ""
-    lines.append(f"verified {len(referenced)} artifacts referenced by {scope}: {len(referenced) - missing - corrupt - thinned} intact, "
-                 f"{rebuildable}{missing} missing, {corrupt} corrupt")
-    return "\n".join(lines) + "\n", not (missing or corrupt)
+    rebuildable = f"{thinned} thinned ({'rebuilt' if rebuild else 'rebuildable'}), " if thinned else ""
+    failed_rebuilds = f"{unrebuildable} thinned but not rebuildable here, " if unrebuildable else ""
+    lines.append(f"verified {len(referenced)} artifacts referenced by {scope}: {len(referenced) - missing - corrupt - thinned - unrebuildable} intact, "
+                 f"{rebuildable}{failed_rebuilds}{missing} missing, {corrupt} corrupt")
+    return "\n".join(lines) + "\n", not (missing or corrupt or unrebuildable)
+
+
+def _rebuild_thinned(store: ArtifactStore, sha: str) -> None:
+    """Rebuild a thinned centre, every step's hash checked (raises CentreRebuildError, an ArtifactError)."""
+    from artifacts.rebuild import rebuilt_centre  # torch: verify without --rebuild does without it
+
+    rebuilt_centre(store, sha)
 
 
 def _bytes(n: int) -> str:

@@ -183,6 +183,34 @@ def test_a_tampered_reward_stops_the_rebuild_with_one_line_naming_run_generation
     assert f"the ledger records {theta[3]}" in message and message.split()[12] != theta[3]
 
 
+def test_verify_rebuild_rebuilds_every_thinned_centre_and_fails_where_a_step_hashes_otherwise(runs, tmp_path, capsys):
+    """`verify --rebuild` proves this machine can rebuild the thinned centres (before the keyframes
+    are the only copy): every one rebuilt to the ledger's hash, or exit 1 naming the one that is not."""
+    from flows.cli import main
+
+    forget_rebuilt_centres()
+    assert main(["verify", "t", "--rebuild", "--data-dir", str(runs / "thinned")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("THINNED ") == 2 and out.count("rebuilt: the hash the ledger records") == 2 and "2 thinned (rebuilt)" in out
+    data = tmp_path / "tampered"
+    shutil.copytree(runs / "thinned", data)
+    theta = centres(data)
+    con = duckdb.connect(str(data / "ledger.duckdb"))
+    try:
+        con.execute("UPDATE members SET reward_mean = reward_mean + 0.5 WHERE run_id = 't' AND generation = 2 AND member = 0")
+    finally:
+        con.close()
+    forget_rebuilt_centres()
+    assert main(["verify", "t", "--data-dir", str(data)]) == 0  # without --rebuild the chain is only read: nothing to see
+    capsys.readouterr()
+    forget_rebuilt_centres()
+    assert main(["verify", "t", "--rebuild", "--data-dir", str(data)]) == 1
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if line.startswith("UNREBUILDABLE ")]
+    assert len(failed) == 1 and failed[0].startswith(f"UNREBUILDABLE {theta[3]}: run t generation 2: ")
+    assert "1 thinned (rebuilt), 1 thinned but not rebuildable here" in out
+
+
 def test_gc_thins_runs_recorded_without_the_setting_never_beside_a_live_run_nor_an_evaluated_centre(runs, tmp_path):
     from artifacts.commands import gc, verify
     from artifacts.runs import DataDirBusyError, DataDirWriter
