@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts.ledger import LEDGER_FILE, Ledger, to_jsonable
-from artifacts.retention import keeps_every_centre, rebuild_chain, thin_centres
+from artifacts.retention import RebuildChain, keeps_every_centre, rebuild_chain, thin_centres
 from artifacts.runs import data_dir_busy, exclusive_data_dir
 from artifacts.store import ArtifactError, ArtifactStore, remove_path
 
@@ -401,7 +401,7 @@ def verify(data_dir, run_id: str | None = None, rebuild: bool = False) -> tuple[
     rebuilt here, `es-countdown centre SHA` does), then a summary line. A thinned centre is no failure;
     one gone without its mark, or whose chain is broken (a keyframe deleted by hand), is missing.
     With `rebuild`, each thinned centre is also rebuilt (artifacts/rebuild.py: one update per
-    generation back to its keyframe, every step's hash checked): before a data dir moves to another
+    generation back to its keyframe, every step's hash checked; one replay a keyframe span): before a data dir moves to another
     machine, or its keyframes are the only copy, this says that this machine can rebuild them
     (`UNREBUILDABLE ...`, a failure, where a step's hash differs)."""
     ledger = open_ledger(data_dir)
@@ -413,7 +413,8 @@ def verify(data_dir, run_id: str | None = None, rebuild: bool = False) -> tuple[
         referenced.setdefault(sha, []).append(f"{table}.{column}")
     for centre, member in centres_named_by_members(store, list(referenced)).items():
         referenced.setdefault(centre, []).append(f"the member {member[:12]}")
-    lines, missing, corrupt, thinned, unrebuildable = [], 0, 0, 0, 0
+    lines, missing, corrupt = [], 0, 0
+    chains: dict[str, tuple[RebuildChain, list[str]]] = {}  # thinned centre -> (its chain, what references it)
     for sha, where in sorted(referenced.items()):
         try:
             store.get(sha)  # every file against the artifact's id
@@ -427,20 +428,20 @@ def verify(data_dir, run_id: str | None = None, rebuild: bool = False) -> tuple[
                 chain = rebuild_chain(ledger, store, sha)
             except ArtifactError as broken:
                 chain, exc = None, broken
-            if chain is not None and rebuild:
-                try:
-                    _rebuild_thinned(store, sha)
-                except ArtifactError as failed:
-                    unrebuildable += 1
-                    lines.append(f"UNREBUILDABLE {sha}: {failed} (referenced by {', '.join(where)})")
-                    continue
             if chain is not None:
-                thinned += 1
-                lines.append(f"THINNED {sha}: {chain.describe()}{', rebuilt: the hash the ledger records' if rebuild else ''} "
-                             f"(referenced by {', '.join(where)})")
+                chains[sha] = (chain, where)
             else:
                 missing += 1
                 lines.append(f"MISSING {exc} (referenced by {', '.join(where)})")
+    failures = _rebuild_spans(store, [chain for chain, _ in chains.values()]) if rebuild else {}
+    for sha, (chain, where) in chains.items():
+        if sha in failures:
+            lines.append(f"UNREBUILDABLE {sha}: {failures[sha]} (referenced by {', '.join(where)})")
+        else:
+            lines.append(f"THINNED {sha}: {chain.describe()}{', rebuilt: the hash the ledger records' if rebuild else ''} "
+                         f"(referenced by {', '.join(where)})")
+    unrebuildable = len(failures)
+    thinned = len(chains) - unrebuildable
     scope = f"run {run_id}" if run_id is not None else f"the ledger at {ledger.path}"
     rebuildable = f"{thinned} thinned ({'rebuilt' if rebuild else 'rebuildable'}), " if thinned else ""
     failed_rebuilds = f"{unrebuildable} thinned but not rebuildable here, " if unrebuildable else ""
@@ -449,11 +450,31 @@ def verify(data_dir, run_id: str | None = None, rebuild: bool = False) -> tuple[
     return "\n".join(lines) + "\n", not (missing or corrupt or unrebuildable)
 
 
-def _rebuild_thinned(store: ArtifactStore, sha: str) -> None:
-    """Rebuild a thinned centre, every step's hash checked (raises CentreRebuildError, an ArtifactError)."""
+def _rebuild_spans(store: ArtifactStore, chains: list[RebuildChain]) -> dict[str, str]:
+    """Rebuild the thinned centres of `chains`, every step's hash checked: {centre: why not} for
+    those that cannot be rebuilt here. The chains from one kept centre are prefixes of the longest,
+    whose rebuild passes through (and hash-checks) each of their centres: one rebuild a span, K - 1
+    updates at keyframes every K, not one per centre (about K^2 / 2). Where the longest fails, each
+    of its span is rebuilt alone to tell which ones this machine cannot rebuild."""
     from artifacts.rebuild import rebuilt_centre  # torch: verify without --rebuild does without it
 
-    rebuilt_centre(store, sha)
+    spans: dict[tuple[str, str], list[RebuildChain]] = {}
+    for chain in chains:
+        spans.setdefault((chain.run_id, chain.ancestor_sha256), []).append(chain)
+    failures: dict[str, str] = {}
+    for span in spans.values():
+        span.sort(key=lambda chain: len(chain.generations))
+        try:
+            rebuilt_centre(store, span[-1].center_sha256)
+            continue
+        except ArtifactError:
+            pass
+        for chain in span:
+            try:
+                rebuilt_centre(store, chain.center_sha256)
+            except ArtifactError as failed:
+                failures[chain.center_sha256] = str(failed)
+    return failures
 
 
 def _bytes(n: int) -> str:

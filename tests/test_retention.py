@@ -211,6 +211,37 @@ def test_verify_rebuild_rebuilds_every_thinned_centre_and_fails_where_a_step_has
     assert "1 thinned (rebuilt), 1 thinned but not rebuildable here" in out
 
 
+def test_verify_rebuild_replays_each_keyframe_span_once_and_names_each_centre_it_cannot_rebuild(runs, tmp_path, monkeypatch):
+    """Keyframes every 4 (thinned by gc): centres 1, 2 and 3 all rebuild from centre 0. verify
+    --rebuild replays the span once (3 updates, each step's hash checked), not once per centre
+    (1 + 2 + 3); with generation 1's rewards changed, centre 1 still rebuilds and 2 and 3 are
+    named unrebuildable, each on its own line."""
+    from artifacts import rebuild
+    from artifacts.commands import gc, verify
+
+    data = tmp_path / "span"
+    shutil.copytree(runs / "kept", data)
+    theta = centres(data)
+    gc(data, yes=True, min_age_s=0, thin_centres_every=4)
+    assert [ArtifactStore(data / "artifacts").exists(sha) for sha in theta] == [True, False, False, False, True, True]
+    updates = []
+    real_next_state = rebuild.next_state
+    monkeypatch.setattr(rebuild, "next_state", lambda *args: updates.append(1) or real_next_state(*args))
+    forget_rebuilt_centres()
+    text, ok = verify(data, "t", rebuild=True)
+    assert ok and text.count("rebuilt: the hash the ledger records") == 3 and len(updates) == 3, text
+    con = duckdb.connect(str(data / "ledger.duckdb"))
+    try:
+        con.execute("UPDATE members SET reward_mean = reward_mean + 0.5 WHERE run_id = 't' AND generation = 1 AND member = 0")
+    finally:
+        con.close()
+    forget_rebuilt_centres()
+    text, ok = verify(data, "t", rebuild=True)
+    failed = sorted(line.split(":")[0] for line in text.splitlines() if line.startswith("UNREBUILDABLE "))
+    assert not ok and failed == sorted(f"UNREBUILDABLE {sha}" for sha in theta[2:4]), text
+    assert f"THINNED {theta[1]}" in text and "1 thinned (rebuilt), 2 thinned but not rebuildable here" in text
+
+
 def test_gc_thins_runs_recorded_without_the_setting_never_beside_a_live_run_nor_an_evaluated_centre(runs, tmp_path):
     from artifacts.commands import gc, verify
     from artifacts.runs import DataDirBusyError, DataDirWriter
