@@ -170,8 +170,12 @@ def plot(ledger: Ledger, points: list, path: Path, recipes: dict[str, list[str]]
 
 
 def slim_copy(data_dir: Path, out: Path) -> Path:
-    """The ledger without its samples (every completion of every member: too large to carry off a
-    GPU machine), but for the last generation of each ES run, as a DuckDB file of its own."""
+    """The ledger without the text of its samples (every prompt and completion of every member: too
+    large to carry off a GPU machine), but for the last generation of each ES run, as a DuckDB file
+    of its own. Every sample's reward, format and tokens stay: the per-problem rewards are what the
+    update took (a centre rebuilt from the ledger replays them, `es.members_per_prompt`'s groups
+    z-score within them) and what benchmarks/member_signal.py reads, so they can be asked here
+    later (about 16 MiB for 120 generations of 512 members on 64 problems each)."""
     import duckdb
 
     out.unlink(missing_ok=True)
@@ -180,8 +184,11 @@ def slim_copy(data_dir: Path, out: Path) -> Path:
         con.execute(f"ATTACH '{data_dir / 'ledger.duckdb'}' AS ledger (READ_ONLY)")
         con.execute(f"ATTACH '{out}' AS slim")
         for (table,) in con.execute("SELECT table_name FROM information_schema.tables WHERE table_catalog = 'ledger' AND table_schema = 'main'").fetchall():
-            where = " WHERE (run_id, generation) IN (SELECT run_id, max(generation) FROM ledger.generations GROUP BY run_id)" if table == "samples" else ""
-            con.execute(f'CREATE TABLE slim."{table}" AS SELECT * FROM ledger."{table}"{where}')
+            columns = "*"
+            if table == "samples":
+                last = "(run_id, generation) IN (SELECT run_id, max(generation) FROM ledger.generations GROUP BY run_id)"
+                columns = f"* REPLACE (CASE WHEN {last} THEN prompt END AS prompt, CASE WHEN {last} THEN completion END AS completion)"
+            con.execute(f'CREATE TABLE slim."{table}" AS SELECT {columns} FROM ledger."{table}"')
     finally:
         con.close()
     return out
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--png", type=Path, default=Path("docs/results/learning.png"))
-    parser.add_argument("--slim", type=Path, default=None, help="also write a copy of the ledger without most samples here")
+    parser.add_argument("--slim", type=Path, default=None, help="also write a copy of the ledger without the samples' text (but the last generation's) here")
     parser.add_argument("--recipes", choices=sorted(RECIPE_SETS), default="first", help="which set of ES recipes (benchmarks.learning_runs)")
     parser.add_argument("--alone", action="store_true", help="the recipes ran one at a time (learning_runs sweep --one-at-a-time)")
     parser.add_argument("--warm-steps", type=int, default=None, help="the recipes ran from this longer warm start (learning_runs --warm-steps)")

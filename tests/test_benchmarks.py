@@ -132,6 +132,41 @@ def test_the_learning_report_leaves_the_ledgers_it_reads_as_recorded(tmp_path, c
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in digest} == digest
 
 
+def test_the_slim_ledger_keeps_every_samples_reward_and_the_text_of_each_runs_last_generation_only(tmp_path):
+    """The slim copy carried off a GPU machine: every other table whole; of samples every row with
+    its reward (member_signal reads them here, a rebuild replays them), the prompt and completion only
+    in each run's last generation."""
+    import duckdb
+
+    from artifacts.ledger import Ledger
+    from benchmarks.learning_report import slim_copy
+    from benchmarks.member_signal import main
+    from tests.test_ledger import fake_generation
+
+    data = tmp_path / "data"
+    ledger = Ledger(data)
+    for run_id, generations in (("a", 3), ("b", 2)):
+        ledger.record_run(run_id, run_id, "{}", "f" * 64, "/models/base", "b" * 64, 1)
+        for g in range(generations):
+            ledger.commit_generation(*fake_generation(run_id, g, population=4, problems=5))
+    slim = slim_copy(data, tmp_path / "slim.duckdb")
+    con = duckdb.connect(str(slim), read_only=True)
+    try:
+        kept = con.execute("SELECT run_id, generation, count(*), count(completion), count(prompt), sum(reward) FROM samples GROUP BY ALL ORDER BY ALL").fetchall()
+        full = duckdb.connect(str(data / "ledger.duckdb"), read_only=True)
+        try:
+            sums = full.execute("SELECT run_id, generation, count(*), sum(reward) FROM samples GROUP BY ALL ORDER BY ALL").fetchall()
+            assert con.execute("SELECT count(*) FROM members").fetchone() == full.execute("SELECT count(*) FROM members").fetchone() == (20,)
+        finally:
+            full.close()
+    finally:
+        con.close()
+    assert [(r, g, n, s) for r, g, n, _, _, s in kept] == sums and len(kept) == 5
+    assert [(r, g, c, p) for r, g, _, c, p, _ in kept] == [("a", 0, 0, 0), ("a", 1, 0, 0), ("a", 2, 20, 20), ("b", 0, 0, 0), ("b", 1, 20, 20)]
+    assert main([str(slim), "--json", str(tmp_path / "signal.json")]) == 0
+    assert len(json.loads((tmp_path / "signal.json").read_text())) == 5  # every generation, not the last alone
+
+
 def test_member_signal_reads_a_grouped_generation_where_each_member_decoded_its_own_problems(tmp_path):
     """es.members_per_prompt: each group of members decoded its own problems, so the ledger's
     (member, problem) grid is mostly empty: each problem is normalised among those who decoded it,
