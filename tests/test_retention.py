@@ -61,6 +61,18 @@ def centres(data_dir) -> list[str]:
     return [rows[0][1]] + [row[2] for row in rows]
 
 
+def tampered_copy(source, dest, generation: int):
+    """A copy of a data dir whose ledger records another reward for member 0 of `generation`: the
+    update replayed from it moves the centre elsewhere."""
+    shutil.copytree(source, dest)
+    con = duckdb.connect(str(dest / "ledger.duckdb"))
+    try:
+        con.execute("UPDATE members SET reward_mean = reward_mean + 0.5 WHERE run_id = 't' AND generation = ? AND member = 0", [generation])
+    finally:
+        con.close()
+    return dest
+
+
 def test_a_run_keeping_every_second_centre_deletes_the_others_and_says_so_in_the_ledger(runs):
     """The run's results are those of a run that keeps every centre, hash for hash; on disk are the
     first centre, the keyframes (2, 4) and the latest (5, also the evaluated one); 1 and 3 are gone,
@@ -167,14 +179,8 @@ def test_a_tampered_reward_stops_the_rebuild_with_one_line_naming_run_generation
     from artifacts.checkpoints import load_checkpoint
     from artifacts.rebuild import CentreRebuildError
 
-    data = tmp_path / "tampered"
-    shutil.copytree(runs / "thinned", data)
+    data = tampered_copy(runs / "thinned", tmp_path / "tampered", generation=2)
     theta = centres(data)
-    con = duckdb.connect(str(data / "ledger.duckdb"))
-    try:
-        con.execute("UPDATE members SET reward_mean = reward_mean + 0.5 WHERE run_id = 't' AND generation = 2 AND member = 0")
-    finally:
-        con.close()
     forget_rebuilt_centres()
     with pytest.raises(CentreRebuildError) as failed:
         load_checkpoint(ArtifactStore(data / "artifacts"), theta[3])
@@ -192,14 +198,8 @@ def test_verify_rebuild_rebuilds_every_thinned_centre_and_fails_where_a_step_has
     assert main(["verify", "t", "--rebuild", "--data-dir", str(runs / "thinned")]) == 0
     out = capsys.readouterr().out
     assert out.count("THINNED ") == 2 and out.count("rebuilt: the hash the ledger records") == 2 and "2 thinned (rebuilt)" in out
-    data = tmp_path / "tampered"
-    shutil.copytree(runs / "thinned", data)
+    data = tampered_copy(runs / "thinned", tmp_path / "tampered", generation=2)
     theta = centres(data)
-    con = duckdb.connect(str(data / "ledger.duckdb"))
-    try:
-        con.execute("UPDATE members SET reward_mean = reward_mean + 0.5 WHERE run_id = 't' AND generation = 2 AND member = 0")
-    finally:
-        con.close()
     forget_rebuilt_centres()
     assert main(["verify", "t", "--data-dir", str(data)]) == 0  # without --rebuild the chain is only read: nothing to see
     capsys.readouterr()
@@ -230,11 +230,7 @@ def test_verify_rebuild_replays_each_keyframe_span_once_and_names_each_centre_it
     forget_rebuilt_centres()
     text, ok = verify(data, "t", rebuild=True)
     assert ok and text.count("rebuilt: the hash the ledger records") == 3 and len(updates) == 3, text
-    con = duckdb.connect(str(data / "ledger.duckdb"))
-    try:
-        con.execute("UPDATE members SET reward_mean = reward_mean + 0.5 WHERE run_id = 't' AND generation = 1 AND member = 0")
-    finally:
-        con.close()
+    data = tampered_copy(data, tmp_path / "tampered", generation=1)
     forget_rebuilt_centres()
     text, ok = verify(data, "t", rebuild=True)
     failed = sorted(line.split(":")[0] for line in text.splitlines() if line.startswith("UNREBUILDABLE "))
