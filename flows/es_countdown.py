@@ -22,6 +22,7 @@ from artifacts.runs import DataDirWriter
 from artifacts.store import ArtifactError, ArtifactStore
 from es_core.countdown.problems import experiment_problems
 from es_core.models import ModelError, load_tokenizer, resolve_device, resolve_dtype
+from es_core.plan import generation_plan, run_space
 from es_core.settings import ConfigError, Settings, load_settings
 from flows.backend import LazyBackend, open_backend
 from flows.crashed import mark_unfinished_task_runs_crashed
@@ -35,7 +36,7 @@ from tasks.common import DataDir, evaluation_key, persisted
 from tasks.ledger import record_problems, record_run, record_warm_start, set_run_status
 from tasks.model import prepare_base_model
 from tasks.members import run_noise_layout
-from tasks.population import generation_plan, init_population, run_space, search_description
+from tasks.population import init_population, search_description
 from tasks.warm_start import warm_start
 
 
@@ -137,7 +138,6 @@ def es_countdown(config_path: str | None = None, overrides: list[str] | None = N
 
 def run_experiment(settings: Settings, run_id: str, resuming: bool) -> dict:
     """The body of the flow, for resolved settings and run id."""
-    logger = get_run_logger()
     data = DataDir(Path(settings.data_dir))
     data.root.mkdir(parents=True, exist_ok=True)
     # held until the run ends: gc removes nothing while a run may still commit an artifact it wrote

@@ -20,6 +20,7 @@ from es_core.countdown.problems import Problem, training_batch
 from es_core.countdown.prompt import render_prompts
 from es_core.es import DrawnPopulation, PopulationPlan
 from es_core.evaluation import MemberScore
+from es_core.plan import generation_plan, update_rule
 from es_core.search_space import search_space
 from es_core.settings import Settings
 from flows.pipeline import Pipeline
@@ -27,7 +28,7 @@ from tasks.common import DataDir, persisted
 from tasks.evaluate import evaluate_heldout, evaluate_population
 from tasks.ledger import commit_generation, evaluated, publish_generation, record_eval
 from tasks.members import GenerationMembers
-from tasks.population import aggregate, generation_plan, update_rule, write_members
+from tasks.population import aggregate, write_members
 from tasks.retention import thin_centres
 
 # Every held-out number is the paper's reward, whatever reward.kind trains on.
@@ -82,7 +83,7 @@ class ESRun:
                  held_out_ids: set[str], eval_sets: dict[str, list[Problem]], space, layout, progress):
         self.settings, self.data, self.run_id, self.backend, self.model_key = settings, data, run_id, backend, model_key
         self.tokenizer, self.train, self.held_out_ids, self.layout, self.progress = tokenizer, train, held_out_ids, layout, progress
-        self.eval_sets, self.space = eval_sets, space  # space: tasks.population.run_space
+        self.eval_sets, self.space = eval_sets, space  # space: es_core.plan.run_space
         self.eval_prompts = {name: render_prompts(problems, settings.prompt.style, tokenizer) for name, problems in eval_sets.items()}
         self.root, self.artifacts = str(data.root), str(data.artifacts)
         self.rule = update_rule(settings.es)

@@ -32,13 +32,14 @@ from artifacts.store import ArtifactError, ArtifactStore, files_sha256
 from es_core.countdown.problems import Problem, experiment_problems, training_batch
 from es_core.countdown.prompt import render_prompts
 from es_core.es import Member, problem_groups
+from es_core.plan import generation_plan, run_space, update_rule
 from es_core.settings import ConfigError
 from flows.crashed import mark_unfinished_task_runs_crashed
 from flows.recorded import recorded_settings
 from tasks.common import NO_CACHE, evaluation_key
 from tasks.evaluate import evaluate_adapters
 from tasks.members import GenerationMembers
-from tasks.population import aggregate, generation_plan, run_space, update_rule, write_members
+from tasks.population import aggregate, write_members
 
 
 @dataclass

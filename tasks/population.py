@@ -1,6 +1,6 @@
 """Population tasks: the generation-0 centre, the members' adapter files, the ES update (tell).
 The one path from a run's settings to a generation's plan and update rule, which the run, its
-replay and the rebuild of a thinned centre all take, is es_core/plan.py (named here too)."""
+replay and the rebuild of a thinned centre all take, is es_core/plan.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from artifacts.checkpoints import put_checkpoint
 from artifacts.store import ArtifactStore
 from es_core.es import ESState, PopulationPlan, UpdateRule
 from es_core.lora import find_targets_in_folder, init_centre, spec_from_tensors
-from es_core.plan import generation_plan, next_state, run_space, update_rule  # noqa: F401 - the run's and replay's one path, named here as before
+from es_core.plan import next_state
 from es_core.settings import Settings
 from es_core.weights_space import zero_centre
 from tasks.common import CONTENT_CACHE, wait_for_decoding

@@ -640,7 +640,7 @@ def test_sigma_relative_to_the_weights_rms_scales_each_matrix_by_its_own(model_c
     model folder, and a member's perturbation of it is s_W times the absolute one."""
     from es_core.models import load_causal_lm, resolve_base_model
     from es_core.settings import ModelSettings, settings_from_dict
-    from tasks.population import run_space
+    from es_core.plan import run_space
 
     path = resolve_base_model(ModelSettings(name="tiny-llama"), model_cache).path
     relative = run_space(settings_from_dict({"es": {"space": "weights", "sigma_scale": "weight_rms", "centre_rank": 2}, "lora": {"layers": [1]}}), path)
