@@ -289,13 +289,17 @@ def plateau(data_dir: Path, paper_set: str, every: int, max_steps: int, deadline
     exactly, its held-out accuracy evaluated) until held-out accuracy stops gaining (`plateaued`),
     `max_steps`, or the next step would end after `deadline_s`. Steps already in the data dir are
     read, not trained again, so the same command goes on where the last one stopped. Writes
-    PLATEAU_FILE; returns the plateau's steps (the last trained: where a user who fine-tunes until
+    PLATEAU_FILE after every point and at the end; returns the plateau's steps (the last trained: where a user who fine-tunes until
     it stops gaining would stand), or None while it has not been reached."""
     began = time.monotonic()
     data_dir.mkdir(parents=True, exist_ok=True)
     common = ["--config", config, "--data-dir", str(data_dir), "--set", paper_set, "--set", "es.generations=0"]
     points: list[dict] = []
     reached, wall_per_step = None, None
+
+    def record(plateau_steps: int | None) -> None:
+        (data_dir / PLATEAU_FILE).write_text(json.dumps({"every": every, "max_steps": max_steps, "plateau_steps": plateau_steps, "points": points}, indent=1) + "\n")
+
     for steps in range(every, max_steps + 1, every):
         run_id = f"sft-{steps}"
         point = warm_start_point(data_dir, run_id)
@@ -311,12 +315,13 @@ def plateau(data_dir: Path, paper_set: str, every: int, max_steps: int, deadline
             if point is None:
                 sys.exit(f"{run_id}: the ledger has no held-out evaluation of its warm start (eval.warm_start off?), see {data_dir / f'{run_id}.log'}")
         points.append(point)
+        record(None)  # as each point comes: a command killed before the end keeps them (benchmarks/snapshot.py)
         print(f"{run_id}: held-out {100 * point['heldout'][0]:.1f}% [{100 * point['heldout'][1]:.1f}, {100 * point['heldout'][2]:.1f}] "
               f"after {point['seconds'] / 60:.1f} GPU minutes of training", flush=True)
         if plateaued([p["heldout"][0] for p in points]):
             reached = steps
             break
-    (data_dir / PLATEAU_FILE).write_text(json.dumps({"every": every, "max_steps": max_steps, "plateau_steps": reached, "points": points}, indent=1) + "\n")
+    record(reached)
     print(f"plateau at {reached} steps" if reached else f"no plateau yet after {points[-1]['steps'] if points else 0} steps")
     return reached
 

@@ -167,6 +167,51 @@ def test_the_slim_ledger_keeps_every_samples_reward_and_the_text_of_each_runs_la
     assert len(json.loads((tmp_path / "signal.json").read_text())) == 5  # every generation, not the last alone
 
 
+def test_a_snapshot_replaces_each_file_whole_and_keeps_the_last_one_while_a_writer_holds_the_ledger(tmp_path):
+    """benchmarks/snapshot.py, what sweep.sh leaves under $OUT every minute: the slim ledger, the
+    learning json and the logs; while another process holds the ledger read-write (a run's commit)
+    it takes nothing and the previous snapshot stays as it was, no partial file beside it."""
+    import subprocess
+    import sys
+    import tarfile
+
+    import duckdb
+
+    from artifacts.ledger import Ledger
+    from benchmarks.snapshot import main, snapshot
+    from tests.test_ledger import fake_generation
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    assert not snapshot(data, out)  # no ledger yet: nothing to take
+    ledger = Ledger(data)
+    ledger.record_run("a", "a", "{}", "f" * 64, "/models/base", "b" * 64, 1)
+    ledger.commit_generation(*fake_generation("a", 0))
+    (data / "learning-plateau.json").write_text('{"plateau_steps": 1000}\n')
+    (data / "a.log").write_text("generation 0 committed\n")
+    assert snapshot(data, out)
+    assert sorted(p.name for p in out.iterdir()) == ["learning-plateau.json", "ledger.duckdb", "logs.tgz"]
+    with tarfile.open(out / "logs.tgz") as tar:
+        assert tar.extractfile("a.log").read() == b"generation 0 committed\n"
+    first = (out / "ledger.duckdb").read_bytes()
+    ledger.commit_generation(*fake_generation("a", 1))
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time; con = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep(60)",
+                               str(data / "ledger.duckdb")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert not snapshot(data, out)
+        assert main([str(data), str(out), "--tries", "2"]) == 1
+        assert (out / "ledger.duckdb").read_bytes() == first and not list(out.glob("*.partial"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main([str(data), str(out)]) == 0
+    con = duckdb.connect(str(out / "ledger.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM generations").fetchone() == (2,)
+    finally:
+        con.close()
+
+
 def test_member_signal_reads_a_grouped_generation_where_each_member_decoded_its_own_problems(tmp_path):
     """es.members_per_prompt: each group of members decoded its own problems, so the ledger's
     (member, problem) grid is mostly empty: each problem is normalised among those who decoded it,

@@ -4,7 +4,8 @@
 # 500-step warm start (trained by the first command on a fresh machine; later ones find it) and the
 # recipe set RECIPES of benchmarks/learning_runs.py (default `exact`), side by side, or each alone
 # with ALONE=1 (its wall time is then the GPU's), until DEADLINE seconds after the sweep began; the members' signal in every generation
-# (benchmarks/member_signal.py, on the full ledger), the slim ledger, the runs' logs; then, if
+# (benchmarks/member_signal.py, on the full ledger), the slim ledger, the runs' logs (benchmarks/snapshot.py,
+# every minute as they come and once at the end); then, if
 # BENCH_S > 0, the engine's speed at R 576 against the named LoRA baseline.
 # The data dir (DATA) outlives the command only while the machine stays warm: what $OUT holds is the
 # result. The paper's problems travel as .devcarry/data/countdown.json (mkdir -p .devcarry/data && cp
@@ -24,12 +25,16 @@ case "$step" in
   *) echo "STEP=$step: one of sweep, plateau, final"; exit 2 ;;
 esac
 [ -n "${WARM_STEPS:-}" ] && args+=(--warm-steps "$WARM_STEPS")
+# EXTRA_ARGS: more of learning_runs' options, as words (a CPU rehearsal: "--set model.name=tiny-llama ...")
+read -ra extra <<< "${EXTRA_ARGS:-}"; args+=("${extra[@]}")
+# every SNAPSHOT_S seconds the slim ledger, learning-*.json and the logs go to $OUT (each replaced
+# whole): a command killed at its limit still brings back what the runs had committed by then
+python3 -m benchmarks.snapshot "$data" "$OUT" --every "${SNAPSHOT_S:-60}" & snapshots=$!
 python3 -m benchmarks.learning_runs "$step" "$data" "${args[@]}" --paper "$paper" > "$OUT/sweep.log" 2>&1
 echo "$step: rc $?"; tail -5 "$OUT/sweep.log"
-cp "$data"/learning-*.json "$OUT/" 2>/dev/null  # what plateau and final measured
+kill "$snapshots" 2>/dev/null; wait "$snapshots" 2>/dev/null
+python3 -m benchmarks.snapshot "$data" "$OUT" || echo "the last snapshot failed: \$OUT keeps the one before"
 timeout "${SIGNAL_S:-150}" python3 -m benchmarks.member_signal "$data/ledger.duckdb" --json "$OUT/member-signal.json" | tail -12
-python3 -c "import os, sys; from pathlib import Path; from benchmarks.learning_report import slim_copy; slim_copy(Path(sys.argv[1]), Path(os.environ['OUT']) / 'ledger.duckdb')" "$data"
-tar czf "$OUT/logs.tgz" -C "$data" $(cd "$data" && ls *.log 2>/dev/null)
 grep -h "held-out (centre" "$data"/w*.log | tail -12
 if [ "${BENCH_S:-0}" -gt 0 ]; then
   timeout "$BENCH_S" python3 -m benchmarks.bench_weights_space --centre-ranks 576 --json "$OUT/bench-576.json" > "$OUT/bench-576.log" 2>&1
