@@ -234,16 +234,17 @@ def centre(data_dir, sha: str, out: str | os.PathLike | None = None, peft: bool 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CommandError(f"{out_dir} is not empty: give another --out")
     store = ArtifactStore(ledger.data_dir / ARTIFACTS_DIR)
+    thinned = not store.path(sha).is_dir()
     with store.scratch("centre") as scratch:
-        rebuilt = centre_files(store, sha)
-        if peft:
+        if peft:  # adapter_folder rebuilds a thinned centre itself: one rebuild, not two
             folder = adapter_folder(store, sha, scratch)
         else:
+            rebuilt = centre_files(store, sha)
             folder = store.get(sha) if rebuilt is None else scratch.put_files(rebuilt).path
         shutil.copytree(folder, out_dir, dirs_exist_ok=True)
     for path in out_dir.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)  # the store's files are read-only; a user's copy is theirs
-    how = "rebuilt from the ledger (thinned from the store)" if rebuilt is not None else "from the store"
+    how = "rebuilt from the ledger (thinned from the store)" if thinned else "from the store"
     what = "its PEFT folder" if peft else f"its files, sha256 {hash_dir(out_dir)}"
     return f"centre {sha} {how}: {what} in {out_dir}\n"
 

@@ -173,6 +173,9 @@ def test_a_thinned_centre_reads_back_bit_identical_everywhere(runs, tmp_path):
     forget_rebuilt_centres()
     assert main(["centre", theta[1][:10], "--out", str(tmp_path / "out"), "--data-dir", str(runs / "thinned")]) == 0
     assert hash_dir(tmp_path / "out") == theta[1]
+    forget_rebuilt_centres()
+    assert main(["centre", theta[3][:10], "--peft", "--out", str(tmp_path / "peft"), "--data-dir", str(runs / "thinned")]) == 0
+    assert hash_dir(tmp_path / "peft") == hash_dir(built)
 
 
 def test_a_tampered_reward_stops_the_rebuild_with_one_line_naming_run_generation_and_hashes(runs, tmp_path):
