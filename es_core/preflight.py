@@ -17,7 +17,6 @@ is an upper bound on each part, checked against measured peaks (README, "Bad inp
 from __future__ import annotations
 
 import math
-
 import struct
 from dataclasses import dataclass
 from pathlib import Path

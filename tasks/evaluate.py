@@ -76,7 +76,9 @@ def _stored_adapter(store: ArtifactStore, name: str, sha256: str | None, scratch
     (a weights-space member joined into `scratch`, else the artifact itself)."""
     if sha256 is None:
         return AdapterRef(name, None)
-    if not (store.get(sha256) / CENTRE_FILE).is_file():
+    # which kind it is from its folder's names; its files are hashed once, where they are read
+    # (load_checkpoint, adapter_folder), not also here (425 MB at R 576)
+    if not (store.path(sha256) / CENTRE_FILE).is_file():
         return AdapterRef(name, adapter_folder(store, sha256, scratch))
     state, spec = load_checkpoint(store, sha256)
     # the values its PEFT folder holds (adapter_files writes float32)
