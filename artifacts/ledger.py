@@ -293,22 +293,7 @@ class Ledger:
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         if self._schema_ok:
             return
-        version = _version(con)
-        if version > CURRENT_VERSION:
-            raise LedgerError(f"ledger {self.path} has schema v{version}, newer than this code's v{CURRENT_VERSION}: upgrade es-countdown")
-        if version < CURRENT_VERSION:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                for v in range(version + 1, CURRENT_VERSION + 1):
-                    for statement in MIGRATIONS[v]:
-                        con.execute(statement)
-                    con.execute("INSERT INTO schema_version VALUES (?, ?)", [v, utcnow()])
-                con.execute("COMMIT")
-            except BaseException as exc:
-                con.execute("ROLLBACK")
-                if isinstance(exc, duckdb.Error):
-                    raise LedgerError(f"migrating ledger {self.path} from v{version}: {_one_line(exc)}") from None
-                raise
+        migrate(con, self.path)
         self._schema_ok = True
 
     def schema_version(self) -> int | None:
@@ -754,6 +739,28 @@ def _warm_start_chain(con: duckdb.DuckDBPyConnection, sha: str) -> list[dict]:
     return steps
 
 
+def migrate(con: duckdb.DuckDBPyConnection, path: str | Path) -> None:
+    """Bring the file open on `con` (at `path`, for messages) to CURRENT_VERSION, in one transaction:
+    every step from its version on; a new file gets them all (the schema, keys included)."""
+    version = _version(con)
+    if version > CURRENT_VERSION:
+        raise LedgerError(f"ledger {path} has schema v{version}, newer than this code's v{CURRENT_VERSION}: upgrade es-countdown")
+    if version == CURRENT_VERSION:
+        return
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for v in range(version + 1, CURRENT_VERSION + 1):
+            for statement in MIGRATIONS[v]:
+                con.execute(statement)
+            con.execute("INSERT INTO schema_version VALUES (?, ?)", [v, utcnow()])
+        con.execute("COMMIT")
+    except BaseException as exc:
+        con.execute("ROLLBACK")
+        if isinstance(exc, duckdb.Error):
+            raise LedgerError(f"migrating ledger {path} from v{version}: {_one_line(exc)}") from None
+        raise
+
+
 def _version(con: duckdb.DuckDBPyConnection) -> int:
     has_table = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main' AND table_name = 'schema_version'"
@@ -784,4 +791,4 @@ def to_jsonable(value: Any) -> Any:
         return str(value)
 
 
-__all__ = ["Ledger", "LedgerError", "LEDGER_FILE", "CURRENT_VERSION", "MIGRATIONS", "TABLES", "to_jsonable"]
+__all__ = ["Ledger", "LedgerError", "LEDGER_FILE", "CURRENT_VERSION", "MIGRATIONS", "TABLES", "migrate", "to_jsonable"]

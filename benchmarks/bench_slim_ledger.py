@@ -1,4 +1,4 @@
-"""Bytes of the slim ledger a GPU command carries off (benchmarks/learning_report.py `slim_copy`:
+"""Bytes of the slim ledger a GPU command carries off (artifacts/slim.py `slim_copy`:
 every table, every sample's reward, the prompts and completions of each run's last generation
 only) for a run of a given size, against the 64 MiB a transfer from the lent machine carries.
 
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from artifacts.ledger import Ledger
-from benchmarks.learning_report import slim_copy
+from artifacts.slim import slim_copy
 
 MiB = 2**20
 

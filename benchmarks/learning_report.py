@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from artifacts.ledger import Ledger  # noqa: E402
+from artifacts.slim import slim_copy  # noqa: E402
 from benchmarks.learning_runs import CONFIG, RECIPE_SETS, RECIPES, Start  # noqa: E402
 
 SETS = ("heldout", "paper-test")
@@ -167,32 +168,6 @@ def plot(ledger: Ledger, points: list, path: Path, recipes: dict[str, list[str]]
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def slim_copy(data_dir: Path, out: Path) -> Path:
-    """The ledger without the text of its samples (every prompt and completion of every member: too
-    large to carry off a GPU machine), but for the last generation of each ES run, as a DuckDB file
-    of its own. Every sample's reward, format and tokens stay: the per-problem rewards are what the
-    update took (a centre rebuilt from the ledger replays them, `es.members_per_prompt`'s groups
-    z-score within them) and what benchmarks/member_signal.py reads, so they can be asked here
-    later (31 MiB for 120 generations of 512 members on 64 problems each, against a 64 MiB transfer:
-    `python -m benchmarks.bench_slim_ledger`)."""
-    import duckdb
-
-    out.unlink(missing_ok=True)
-    con = duckdb.connect()
-    try:
-        con.execute(f"ATTACH '{data_dir / 'ledger.duckdb'}' AS ledger (READ_ONLY)")
-        con.execute(f"ATTACH '{out}' AS slim")
-        for (table,) in con.execute("SELECT table_name FROM information_schema.tables WHERE table_catalog = 'ledger' AND table_schema = 'main'").fetchall():
-            columns = "*"
-            if table == "samples":
-                last = "(run_id, generation) IN (SELECT run_id, max(generation) FROM ledger.generations GROUP BY run_id)"
-                columns = f"* REPLACE (CASE WHEN {last} THEN prompt END AS prompt, CASE WHEN {last} THEN completion END AS completion)"
-            con.execute(f'CREATE TABLE slim."{table}" AS SELECT {columns} FROM ledger."{table}"')
-    finally:
-        con.close()
-    return out
 
 
 def private_copy(data_dir: Path) -> Ledger:

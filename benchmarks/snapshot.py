@@ -1,5 +1,5 @@
 """What a GPU command has learned so far, kept under its $OUT while it runs: the slim ledger
-(benchmarks/learning_report.py `slim_copy`), the learning-*.json files of benchmarks/learning_runs.py
+(artifacts/slim.py `slim_copy`), the learning-*.json files of benchmarks/learning_runs.py
 and the runs' logs, each file replaced whole by a rename, so a command killed at its limit (the
 device machine's 10 minutes, or less where less device time is left) still brings back the last
 complete snapshot instead of nothing.
@@ -29,7 +29,7 @@ PARTIAL = ".partial"  # a file being written: a kill leaves it under that name, 
 def snapshot(data_dir: Path, out_dir: Path) -> bool:
     """One snapshot of `data_dir` into `out_dir`; False (the previous snapshot kept) when the ledger
     was locked by a commit or is not there yet."""
-    from benchmarks.learning_report import slim_copy
+    from artifacts.slim import slim_copy
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not (data_dir / "ledger.duckdb").is_file():

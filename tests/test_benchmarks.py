@@ -2,6 +2,7 @@
 rebuilt from rows two GPU commands saved (the committed H200 run)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,7 @@ def test_the_learning_report_leaves_the_ledgers_it_reads_as_recorded(tmp_path, c
     """The committed ledgers are of older schemas, which opening with Ledger migrates in place: the
     report reads its own copies, so docs/results keeps what the GPU recorded, byte for byte."""
     import hashlib
-    import shutil
+
 
     from benchmarks import learning_report
 
@@ -139,7 +140,7 @@ def test_the_slim_ledger_keeps_every_samples_reward_and_the_text_of_each_runs_la
     import duckdb
 
     from artifacts.ledger import Ledger
-    from benchmarks.learning_report import slim_copy
+    from artifacts.slim import slim_copy
     from benchmarks.member_signal import main
     from tests.test_ledger import fake_generation
 
@@ -165,6 +166,17 @@ def test_the_slim_ledger_keeps_every_samples_reward_and_the_text_of_each_runs_la
     assert [(r, g, c, p) for r, g, _, c, p, _ in kept] == [("a", 0, 0, 0), ("a", 1, 0, 0), ("a", 2, 20, 20), ("b", 0, 0, 0), ("b", 1, 20, 20)]
     assert main([str(slim), "--json", str(tmp_path / "signal.json")]) == 0
     assert len(json.loads((tmp_path / "signal.json").read_text())) == 5  # every generation, not the last alone
+    # a ledger like any other, keys included: a resumed run goes on writing it (each write replaces its row)
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    shutil.copyfile(slim, carried / "ledger.duckdb")
+    again = Ledger(carried)
+    for g in (2, 3):  # the last generation committed again (a kill between commit and the run's end), then the next
+        again.commit_generation(*fake_generation("a", g, population=4, problems=5))
+    for accuracy in (0.25, 0.5):
+        again.record_eval({"run_id": "a", "generation": 3, "split": "heldout", "model": "centre", "accuracy": accuracy})
+    assert again.query("SELECT count(*) FROM samples WHERE run_id = 'a'")[1] == [(80,)]
+    assert again.query("SELECT count(*), max(accuracy) FROM evals")[1] == [(1, 0.5)]
 
 
 def test_a_snapshot_replaces_each_file_whole_and_keeps_the_last_one_while_a_writer_holds_the_ledger(tmp_path):

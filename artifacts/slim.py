@@ -1,0 +1,48 @@
+"""The ledger to carry off a machine: every table whole, but the text of the samples (every prompt
+and completion of every member: too large for a lent GPU machine's 64 MiB transfers), which it keeps
+for each run's last generation only.
+
+Every sample's reward, format and tokens stay: the per-problem rewards are what each update took (a
+centre rebuilt from the ledger replays them, `es.members_per_prompt`'s groups z-score within them)
+and what benchmarks/member_signal.py reads (31 MiB for 120 generations of 512 members on 64 problems
+each: `python -m benchmarks.bench_slim_ledger`).
+
+The copy is a ledger like any other, schema and keys included: put it in a fresh data dir as its
+`ledger.duckdb` and `es-countdown resume RUN_ID` goes on from its last generation, the centres
+rebuilt from the recorded rewards (artifacts/rebuild.py `restore_centres`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from artifacts.ledger import CURRENT_VERSION, LEDGER_FILE, TABLES, LedgerError, migrate
+
+
+def slim_copy(data_dir: Path, out: Path) -> Path:
+    """The ledger of `data_dir` as a new ledger file `out` without the samples' text but for the last
+    generation of each run. A writer holding the source raises duckdb.IOException (try again later)."""
+    source, out = Path(data_dir) / LEDGER_FILE, Path(out)
+    out.unlink(missing_ok=True)
+    con = duckdb.connect(str(out))
+    try:
+        migrate(con, out)  # the schema with its keys: INSERT OR REPLACE, which every ledger write is, needs them
+        con.execute(f"ATTACH '{source}' AS source (READ_ONLY)")
+        version = con.execute("SELECT coalesce(max(version), 0) FROM source.schema_version").fetchone()[0]
+        if version != CURRENT_VERSION:
+            raise LedgerError(f"ledger {source} has schema v{version}, this code's is v{CURRENT_VERSION}: open it with this "
+                              "es-countdown once (es-countdown runs --data-dir ...) to migrate it, then copy it")
+        last = "(run_id, generation) IN (SELECT run_id, max(generation) FROM source.generations GROUP BY run_id)"
+        for table in TABLES:
+            columns = "*"
+            if table == "samples":
+                columns = f"* REPLACE (CASE WHEN {last} THEN prompt END AS prompt, CASE WHEN {last} THEN completion END AS completion)"
+            con.execute(f"INSERT INTO main.{table} BY NAME SELECT {columns} FROM source.{table}")
+    except BaseException:
+        con.close()
+        out.unlink(missing_ok=True)
+        raise
+    con.close()
+    return out
