@@ -11,16 +11,23 @@ hashes, never a silently different model.
 A rebuilt centre is never put back into the store (that would undo what thinning saved, and the
 ledger marks it thinned): callers get it in memory (`load_checkpoint` remembers the last few), or
 as files in a scratch store of theirs (replay, a backend's PEFT folder, `es-countdown centre --out`).
+
+The same replay restores a run whose data dir has its ledger but not its centres (`restore_centres`:
+a lent GPU machine gives its disk back with it; the slim ledger, artifacts/slim.py, is what leaves):
+resume replays every recorded update from the run's first centre, which it makes again from the
+settings, puts back what the retention rule keeps and marks the rest thinned.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from artifacts.checkpoints import checkpoint_files, load_checkpoint
 from artifacts.ledger import Ledger
-from artifacts.retention import RebuildChain, data_dir_ledger, rebuild_chain
+from artifacts.retention import RebuildChain, data_dir_ledger, kept_centres, rebuild_chain
 from artifacts.store import ArtifactError, ArtifactStore, files_sha256
 from es_core.countdown.problems import Problem, experiment_problems, training_batch
 from es_core.es import ESState, problem_groups
@@ -69,20 +76,33 @@ def rebuilt_centre(store: ArtifactStore, center_sha256: str) -> tuple[ESState, A
 
 
 def _replay_chain(ledger: Ledger, store: ArtifactStore, chain: RebuildChain) -> tuple[ESState, AdapterSpec, dict[str, bytes]]:
-    run = ledger.run_row(chain.run_id)
+    for _, state, spec, files in replayed(ledger, store, chain.run_id, chain.generations, chain.ancestor_sha256,
+                                          f"thinned centre {chain.center_sha256}"):
+        pass
+    return state, spec, files
+
+
+def replayed(ledger: Ledger, store: ArtifactStore, run_id: str, generations: Sequence[int],
+             ancestor_sha256: str, what: str = "", es_model: Path | None = None) -> Iterator[tuple[int, ESState, AdapterSpec, dict[str, bytes]]]:
+    """The run's recorded updates of `generations` (consecutive) replayed from the centre
+    `ancestor_sha256` (on disk: the centre of generations[0]): (generation, its new centre's state,
+    spec, files as the ledger names them) after each, each hashed against the ledger's
+    `center_sha256` before the next; CentreRebuildError at the first that differs, saying `what`
+    (default: the centres from generations[0]'s on) cannot be rebuilt here."""
+    run = ledger.run_row(run_id)
     settings = _recorded_settings(run, ledger.data_dir)
-    es_model = store.get(run["warm_start_sha256"]) if run.get("warm_start_sha256") else Path(run["base_model"])  # what its ES perturbed
+    if es_model is None:  # what its ES perturbed, as recorded (a caller that resolved it on this machine gives it)
+        es_model = store.get(run["warm_start_sha256"]) if run.get("warm_start_sha256") else Path(run["base_model"])
     space, rule = run_space(settings, es_model), update_rule(settings.es)
     train, _, held_out_ids = experiment_problems(settings.data, settings.eval)
-    state, spec = load_checkpoint(store, chain.ancestor_sha256)  # its files checked against its id
-    files: dict[str, bytes] = {}
-    for g in chain.generations:
-        row = ledger.generation_row(chain.run_id, g)
+    state, spec = load_checkpoint(store, ancestor_sha256)  # its files checked against its id
+    for g in generations:
+        row = ledger.generation_row(run_id, g)
         plan = generation_plan(settings.es, g, space)
-        members = ledger.member_rows(chain.run_id, g)
+        members = ledger.member_rows(run_id, g)
         batch = training_batch(settings.data, train, g, held_out_ids)
         groups = problem_groups(len(members), len(batch), settings.es.members_per_prompt)
-        rewards, sample_rewards = recorded_rewards(ledger, chain.run_id, g, members, batch, groups)
+        rewards, sample_rewards = recorded_rewards(ledger, run_id, g, members, batch, groups)
         moves = search_space(plan)
         population = moves.draw(plan, moves.noise_layout(state.centre, plan.perturb))
         state, _, _ = next_state(state, population, moves, rewards, sample_rewards, rule)
@@ -90,10 +110,65 @@ def _replay_chain(ledger: Ledger, store: ArtifactStore, chain: RebuildChain) -> 
         if files is None:
             got = files_sha256(checkpoint_files(state, spec))
             raise CentreRebuildError(
-                f"run {chain.run_id} generation {g}: the new centre rebuilt from the ledger hashes to {got}, the ledger records {row['center_sha256']}; "
-                f"thinned centre {chain.center_sha256} cannot be rebuilt here (a bitwise rebuild needs the float64 LAPACK results of the machine "
-                f"that ran the run, and the ledger's rewards as recorded), so nothing rebuilt is used")
-    return state, spec, files
+                f"run {run_id} generation {g}: the new centre rebuilt from the ledger hashes to {got}, the ledger records {row['center_sha256']}; "
+                f"{what or f'the centres from generation {generations[0]} on'} cannot be rebuilt here (a bitwise rebuild needs the float64 LAPACK results of the "
+                f"machine that ran the run, and the ledger's rewards as recorded), so nothing rebuilt is used")
+        yield g, state, spec, files
+
+
+@dataclass(frozen=True)
+class RestoredCentres:
+    """What `restore_centres` did: the run's centres from `ancestor_generation`'s on, replayed."""
+
+    run_id: str
+    ancestor_generation: int  # the centre replayed from: generation k's (k updates in it)
+    stored: tuple[int, ...]  # ledger generations whose new centre it put on disk (what the retention rule keeps)
+    marked: tuple[int, ...]  # those it marked thinned instead (rebuildable, as if thinned after their commit)
+
+
+def centres_to_restore(ledger: Ledger, store: ArtifactStore, run_id: str) -> tuple[str, tuple[int, ...]] | None:
+    """(the centre to replay from, the ledger generations to replay) when the run's latest centre is
+    neither on disk nor marked thinned (a data dir that got its ledger and not its artifacts: a lent
+    machine gone, a slim ledger carried off it); None when there is nothing to restore. The replay
+    starts from the newest of the run's centres on disk, or from its first centre (generation 0's
+    parent), which the run makes again from its settings as it starts."""
+    _, rows = ledger.query("SELECT generation, center_sha256, parent_center_sha256, center_thinned_at FROM generations WHERE run_id = ? "
+                           "ORDER BY generation", [run_id])
+    if not rows or store.exists(rows[-1][1]) or rows[-1][3] is not None:
+        return None
+    on_disk = [i for i, (_, sha, _, _) in enumerate(rows) if store.exists(sha)]
+    start = on_disk[-1] + 1 if on_disk else 0
+    return rows[start][2], tuple(g for g, *_ in rows[start:])
+
+
+def restore_centres(ledger: Ledger, store: ArtifactStore, run_id: str, keep_every: int, es_model: Path | None = None,
+                    on_step: Callable[[int, int], None] = lambda done, total: None) -> RestoredCentres | None:
+    """Rebuild the run's missing centres from the ledger (`centres_to_restore`; None if none are
+    missing): each recorded update replayed and hash-checked (`replayed`), and each new centre put on
+    disk where the retention rule keeps it (keyframes of `keep_every`, every one at 0 or 1; the latest,
+    any evaluated one), the others marked thinned, one by one, so a restore cut short leaves a
+    ledger whose every marked centre is rebuildable and goes on from its newest centre on disk.
+    `es_model`: the model the run's ES perturbs, as resolved here; `on_step(done, total)` after each update."""
+    todo = centres_to_restore(ledger, store, run_id)
+    if todo is None:
+        return None
+    ancestor, generations = todo
+    if not store.exists(ancestor):
+        raise ArtifactError(f"run {run_id}: its centres from generation {generations[0]} on are missing from {store.root} and the centre they are "
+                            f"rebuilt from, {ancestor}, too: resume makes a run's first centre again from its settings; for any later one, "
+                            f"restore it (or its data dir) from a copy")
+    keep = kept_centres(ledger, run_id, keep_every)
+    stored, marked = [], []
+    for done, (g, _, _, files) in enumerate(replayed(ledger, store, run_id, generations, ancestor, es_model=es_model), 1):
+        row = ledger.generation_row(run_id, g)
+        if keep(g, row["center_sha256"]):
+            store.put_files(files)  # hashed as the ledger names it: replayed() checked
+            stored.append(g)
+        elif row["center_thinned_at"] is None:
+            ledger.mark_centres_thinned(run_id, [g])  # rebuildable from here back to the ancestor, which is on disk
+            marked.append(g)
+        on_step(done, len(generations))
+    return RestoredCentres(run_id, generations[0], tuple(stored), tuple(marked))
 
 
 def _recorded_settings(run: dict, root: Path) -> Settings:

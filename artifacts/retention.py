@@ -61,13 +61,21 @@ def centres_to_thin(ledger: Ledger, store: ArtifactStore, run_id: str, keep_ever
     _, rows = ledger.query("SELECT generation, center_sha256, parent_center_sha256 FROM generations WHERE run_id = ? ORDER BY generation", [run_id])
     if not rows:
         return []
+    keep = kept_centres(ledger, run_id, keep_every)
+    return [ThinnedCentre(run_id, g, sha, store.size(sha)) for g, sha, _ in rows[:-1] if not keep(g, sha) and store.exists(sha)]
+
+
+def kept_centres(ledger: Ledger, run_id: str, keep_every: int):
+    """keep(generation, center_sha256): does the rule keep this new centre of the run's generation on
+    disk (a keyframe; the latest, the first, an evaluated one, one another run names)? As the
+    ledger stands now."""
+    _, rows = ledger.query("SELECT generation, center_sha256, parent_center_sha256 FROM generations WHERE run_id = ? ORDER BY generation", [run_id])
     _, evaluated = ledger.query("SELECT DISTINCT adapter_sha256 FROM evals WHERE adapter_sha256 IS NOT NULL")
     _, others = ledger.query("SELECT center_sha256, parent_center_sha256 FROM generations WHERE run_id <> ?", [run_id])
-    latest = rows[-1][1]
-    first = rows[0][2] if rows[0][0] == 0 else None
+    latest = rows[-1][1] if rows else None
+    first = rows[0][2] if rows and rows[0][0] == 0 else None
     protected = {latest, first} | {sha for (sha,) in evaluated} | {sha for pair in others for sha in pair}
-    return [ThinnedCentre(run_id, g, sha, store.size(sha)) for g, sha, _ in rows[:-1]
-            if not is_keyframe(g + 1, keep_every) and sha not in protected and store.exists(sha)]
+    return lambda generation, sha: is_keyframe(generation + 1, keep_every) or sha in protected
 
 
 def thin_centres(ledger: Ledger, store: ArtifactStore, run_id: str, keep_every: int, dry_run: bool = False) -> list[ThinnedCentre]:

@@ -37,6 +37,7 @@ from tasks.ledger import record_problems, record_run, record_warm_start, set_run
 from tasks.model import prepare_base_model
 from tasks.members import run_noise_layout
 from tasks.population import init_population, search_description
+from tasks.retention import restore_centres
 from tasks.warm_start import warm_start
 
 
@@ -170,6 +171,8 @@ def _run(settings: Settings, run_id: str, resuming: bool, data: DataDir) -> dict
     last = ledger.last_generation(run_id)
     start = 0 if last is None else last + 1
     centre = init_sha if last is None else ledger.generation_row(run_id, last)["center_sha256"]
+    if last is not None:  # a data dir that has the run's ledger but not its centres (a lent machine gone): rebuilt from the ledger
+        restore_centres(root, run_id, settings.store.keep_centre_every, model["path"])
 
     space = run_space(settings, model["path"])  # the LoRA factors (None) or the weights of this model
     logger.info(f"run {run_id} searches {search_description(settings, model['path'])}")

@@ -1,5 +1,5 @@
 """The run's own thinning of its centres, after each commit (artifacts/retention.py says which go
-and why at commit time)."""
+and why at commit time), and their restoring on a resume where only the ledger came along."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from artifacts import retention
+from artifacts import rebuild, retention
 from artifacts.ledger import Ledger
 from artifacts.store import ArtifactStore
 from tasks.common import NO_CACHE, wait_for_decoding
@@ -27,3 +27,27 @@ def thin_centres(data_dir: str, run_id: str, keep_every: int, generation: int, c
         get_run_logger().info(f"run {run_id}: thinned the centres of generation(s) {', '.join(str(c.generation + 1) for c in thinned)} "
                               f"({freed:,.1f} MiB; rebuildable from the keyframes every {keep_every})")
     return [c.center_sha256 for c in thinned]
+
+
+@task(cache_policy=NO_CACHE, task_run_name="restore-centres")
+def restore_centres(data_dir: str, run_id: str, keep_every: int, es_model: str) -> dict | None:
+    """A resumed run whose latest centre is neither on disk nor marked thinned (its ledger came to
+    this data dir without its artifacts): its centres rebuilt from the ledger (artifacts/rebuild.py
+    `restore_centres`), what the retention rule keeps put on disk. None when nothing was missing."""
+    root, logger = Path(data_dir), get_run_logger()
+    ledger, store = Ledger(root), ArtifactStore(root / "artifacts")
+    todo = rebuild.centres_to_restore(ledger, store, run_id)
+    if todo is None:
+        return None
+    logger.warning(f"run {run_id}: its latest centre (generation {todo[1][-1] + 1}) is not in {store.root}: rebuilding it from the ledger, "
+                   f"{len(todo[1])} recorded update(s) from generation {todo[1][0]}'s centre, each hash-checked")
+    every = max(1, len(todo[1]) // 10)  # about ten progress lines
+
+    def progress(done: int, total: int) -> None:
+        if done % every == 0 or done == total:
+            logger.info(f"run {run_id}: restored {done}/{total} centres")
+
+    restored = rebuild.restore_centres(ledger, store, run_id, keep_every, Path(es_model), progress)
+    logger.info(f"run {run_id}: centres restored from generation {restored.ancestor_generation}'s: {len(restored.stored)} put on disk, "
+                f"{len(restored.marked)} marked thinned (rebuildable)")
+    return {"ancestor_generation": restored.ancestor_generation, "stored": list(restored.stored), "marked": list(restored.marked)}

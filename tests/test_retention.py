@@ -275,3 +275,69 @@ def test_the_policy_is_outside_the_runs_fingerprint_and_the_preflight_counts_onl
     every = ["es.space=weights", "es.centre_rank=576", "es.population=512", "lora.layers=all", "eval.every=100"]
     kept, thinned = (estimate_run_disk(load_settings(None, [*every, f"store.keep_centre_every={k}"]), shape, 1000) for k in (0, 10))
     assert kept.total - thinned.total == (1000 - 103) * kept.centre
+
+
+def carried_ledger(source: Path, dest: Path, generations: int) -> Path:
+    """A fresh data dir holding nothing but the slim ledger of `source` (artifacts/slim.py: what a
+    lent GPU machine gives back; its disk goes with it), cut after `generations` generations as if
+    run t had been stopped there."""
+    from artifacts.slim import slim_copy
+
+    dest.mkdir()
+    slim_copy(source, dest / "ledger.duckdb")
+    con = duckdb.connect(str(dest / "ledger.duckdb"))
+    try:
+        for table in ("generations", "members", "samples"):
+            con.execute(f"DELETE FROM {table} WHERE run_id = 't' AND generation >= ?", [generations])
+        con.execute("DELETE FROM evals WHERE run_id = 't' AND generation > ?", [generations])
+        con.execute("UPDATE runs SET status = 'running' WHERE run_id = 't'")
+    finally:
+        con.close()
+    return dest
+
+
+def test_a_run_whose_data_dir_kept_only_its_slim_ledger_resumes_to_the_hashes_of_a_run_never_stopped(runs, tmp_path, monkeypatch, model_cache):
+    """Resume in a data dir with the run's slim ledger and no artifact: the run makes its first centre
+    again from its settings and replays every recorded update (each hash-checked). On disk then is
+    what the retention rule keeps (K 2, given on resume: the first centre, keyframe 2, the latest 3),
+    centre 1 marked thinned; verify --rebuild rebuilds it. Then it goes on (3 is evaluated as the
+    end of the first resume, so kept) to the hashes of the run never stopped."""
+    from artifacts.commands import verify
+    from flows.es_countdown import es_countdown
+
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    data = carried_ledger(runs / "kept", tmp_path / "carried", generations=3)
+    store, theta = ArtifactStore(data / "artifacts"), centres(runs / "kept")
+    forget_rebuilt_centres()
+    es_countdown(overrides=["es.generations=3", "store.keep_centre_every=2"], run_id="t", data_dir=str(data))  # the restore alone
+    assert [store.exists(sha) for sha in theta[:4]] == [True, False, True, True]
+    _, rows = Ledger(data).query("SELECT generation, center_thinned_at IS NOT NULL FROM generations WHERE run_id = 't' ORDER BY generation")
+    assert rows == [(0, True), (1, False), (2, False)]
+    forget_rebuilt_centres()
+    text, _ = verify(data, "t", rebuild=True)  # the carried generations' member records stay missing (their seeds rebuild them)
+    assert text.count("rebuilt: the hash the ledger records") == 1 and not any(line.startswith("MISSING centre") for line in text.splitlines()), text
+
+    es_countdown(overrides=["es.generations=5", "store.keep_centre_every=2"], run_id="t", data_dir=str(data))
+    assert generation_hashes(data, "t") == generation_hashes(runs / "kept", "t")
+    assert [store.exists(sha) for sha in theta] == [True, False, True, True, True, True]
+
+
+def test_a_carried_ledger_that_rebuilds_another_centre_stops_the_resume_with_one_line_and_commits_nothing(runs, tmp_path, monkeypatch, model_cache):
+    from artifacts.rebuild import CentreRebuildError
+    from flows.es_countdown import es_countdown
+
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    data = carried_ledger(runs / "kept", tmp_path / "carried", generations=3)
+    con = duckdb.connect(str(data / "ledger.duckdb"))
+    try:
+        con.execute("UPDATE members SET reward_mean = reward_mean + 0.5 WHERE run_id = 't' AND generation = 1 AND member = 0")
+    finally:
+        con.close()
+    forget_rebuilt_centres()
+    with pytest.raises(CentreRebuildError) as failure:
+        es_countdown(overrides=["es.generations=5"], run_id="t", data_dir=str(data))
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith("run t generation 1: the new centre rebuilt from the ledger hashes to "), message
+    ledger = Ledger(data)
+    assert ledger.last_generation("t") == 2 and ledger.run_row("t")["status"] == "failed"
+    assert not ArtifactStore(data / "artifacts").exists(centres(runs / "kept")[3])
