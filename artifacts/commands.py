@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts.ledger import LEDGER_FILE, Ledger, to_jsonable
-from artifacts.retention import RebuildChain, keeps_every_centre, rebuild_chain, thin_centres
+from artifacts.retention import RebuildChain, centres_to_restore, keeps_every_centre, rebuild_chain, thin_centres
 from artifacts.runs import data_dir_busy, exclusive_data_dir
 from artifacts.store import ArtifactError, ArtifactStore, remove_path
 
@@ -400,7 +400,9 @@ def verify(data_dir, run_id: str | None = None, rebuild: bool = False) -> tuple[
     centre thinned by store.keep_centre_every (`THINNED ...: rebuildable from generation k's centre`:
     the ledger marks it thinned and every centre back to a kept one is on disk or thinned too; not
     rebuilt here, `es-countdown centre SHA` does), then a summary line. A thinned centre is no failure;
-    one gone without its mark, or whose chain is broken (a keyframe deleted by hand), is missing.
+    one gone without its mark, or whose chain is broken (a keyframe deleted by hand), is missing. A
+    run whose latest centres are missing while the ledger records every update since one on disk or
+    its first (a ledger carried without its artifacts) also gets a `RESTORABLE` line: resume rebuilds them.
     With `rebuild`, each thinned centre is also rebuilt (artifacts/rebuild.py: one update per
     generation back to its keyframe, every step's hash checked; one replay a keyframe span): before a data dir moves to another
     machine, or its keyframes are the only copy, this says that this machine can rebuild them
@@ -441,6 +443,7 @@ def verify(data_dir, run_id: str | None = None, rebuild: bool = False) -> tuple[
         else:
             lines.append(f"THINNED {sha}: {chain.describe()}{', rebuilt: the hash the ledger records' if rebuild else ''} "
                          f"(referenced by {', '.join(where)})")
+    lines += _restorable(ledger, store, run_id)
     unrebuildable = len(failures)
     thinned = len(chains) - unrebuildable
     scope = f"run {run_id}" if run_id is not None else f"the ledger at {ledger.path}"
@@ -449,6 +452,24 @@ def verify(data_dir, run_id: str | None = None, rebuild: bool = False) -> tuple[
     lines.append(f"verified {len(referenced)} artifacts referenced by {scope}: {len(referenced) - missing - corrupt - thinned - unrebuildable} intact, "
                  f"{rebuildable}{failed_rebuilds}{missing} missing, {corrupt} corrupt")
     return "\n".join(lines) + "\n", not (missing or corrupt or unrebuildable)
+
+
+def _restorable(ledger: Ledger, store: ArtifactStore, run_id: str | None) -> list[str]:
+    """A line for each run whose latest centre is missing, unmarked, while the ledger holds every
+    update since a centre on disk or the run's first (a ledger carried without its artifacts): what
+    rebuilds them. Those centres stay counted missing until then."""
+    run_ids = [run_id] if run_id is not None else [r for (r,) in ledger.query("SELECT run_id FROM runs ORDER BY run_id")[1]]
+    lines = []
+    for run in run_ids:
+        todo = centres_to_restore(ledger, store, run)
+        if todo is None:
+            continue
+        ancestor, generations = todo
+        # the newest centre on disk, or (none on disk) the run's first
+        source = f"generation {generations[0]}'s centre {ancestor[:12]}" if store.exists(ancestor) else "its first centre (which the run makes again)"
+        lines.append(f"RESTORABLE run {run}: its centres after {source} are missing, but the ledger records the {len(generations)} update(s) "
+                     f"that made them: `es-countdown resume {run}` rebuilds them (each hash-checked) before it goes on")
+    return lines
 
 
 def _rebuild_spans(store: ArtifactStore, chains: list[RebuildChain]) -> dict[str, str]:

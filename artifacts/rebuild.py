@@ -27,7 +27,7 @@ from pathlib import Path
 
 from artifacts.checkpoints import checkpoint_files, load_checkpoint
 from artifacts.ledger import Ledger
-from artifacts.retention import RebuildChain, data_dir_ledger, kept_centres, rebuild_chain
+from artifacts.retention import RebuildChain, centres_to_restore, data_dir_ledger, kept_centres, rebuild_chain
 from artifacts.store import ArtifactError, ArtifactStore, files_sha256
 from es_core.countdown.problems import Problem, experiment_problems, training_batch
 from es_core.es import ESState, problem_groups
@@ -124,21 +124,6 @@ class RestoredCentres:
     ancestor_generation: int  # the centre replayed from: generation k's (k updates in it)
     stored: tuple[int, ...]  # ledger generations whose new centre it put on disk (what the retention rule keeps)
     marked: tuple[int, ...]  # those it marked thinned instead (rebuildable, as if thinned after their commit)
-
-
-def centres_to_restore(ledger: Ledger, store: ArtifactStore, run_id: str) -> tuple[str, tuple[int, ...]] | None:
-    """(the centre to replay from, the ledger generations to replay) when the run's latest centre is
-    neither on disk nor marked thinned (a data dir that got its ledger and not its artifacts: a lent
-    machine gone, a slim ledger carried off it); None when there is nothing to restore. The replay
-    starts from the newest of the run's centres on disk, or from its first centre (generation 0's
-    parent), which the run makes again from its settings as it starts."""
-    _, rows = ledger.query("SELECT generation, center_sha256, parent_center_sha256, center_thinned_at FROM generations WHERE run_id = ? "
-                           "ORDER BY generation", [run_id])
-    if not rows or store.exists(rows[-1][1]) or rows[-1][3] is not None:
-        return None
-    on_disk = [i for i, (_, sha, _, _) in enumerate(rows) if store.exists(sha)]
-    start = on_disk[-1] + 1 if on_disk else 0
-    return rows[start][2], tuple(g for g, *_ in rows[start:])
 
 
 def restore_centres(ledger: Ledger, store: ArtifactStore, run_id: str, keep_every: int, es_model: Path | None = None,

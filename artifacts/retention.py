@@ -128,6 +128,21 @@ def rebuild_chain(ledger: Ledger, store: ArtifactStore, center_sha256: str) -> R
     return RebuildChain(run_id, tuple(r["generation"] for r in reversed(chain)), chain[-1]["parent_center_sha256"], center_sha256)
 
 
+def centres_to_restore(ledger: Ledger, store: ArtifactStore, run_id: str) -> tuple[str, tuple[int, ...]] | None:
+    """(the centre to replay from, the ledger generations to replay) when the run's latest centre is
+    neither on disk nor marked thinned (a data dir that got its ledger and not its artifacts: a lent
+    machine gone, a slim ledger carried off it); None when there is nothing to restore. The replay
+    starts from the newest of the run's centres on disk, or from its first centre (generation 0's
+    parent), which the run makes again from its settings as it starts."""
+    _, rows = ledger.query("SELECT generation, center_sha256, parent_center_sha256, center_thinned_at FROM generations WHERE run_id = ? "
+                           "ORDER BY generation", [run_id])
+    if not rows or store.exists(rows[-1][1]) or rows[-1][3] is not None:
+        return None
+    on_disk = [i for i, (_, sha, _, _) in enumerate(rows) if store.exists(sha)]
+    start = on_disk[-1] + 1 if on_disk else 0
+    return rows[start][2], tuple(g for g, *_ in rows[start:])
+
+
 def data_dir_ledger(store: ArtifactStore) -> Ledger | None:
     """The ledger of the data dir a store is the artifacts of (tasks/common.DataDir: <data_dir>/artifacts),
     or None for a scratch store, which has none."""

@@ -36,7 +36,7 @@ def restore_centres(data_dir: str, run_id: str, keep_every: int, es_model: str) 
     `restore_centres`), what the retention rule keeps put on disk. None when nothing was missing."""
     root, logger = Path(data_dir), get_run_logger()
     ledger, store = Ledger(root), ArtifactStore(root / "artifacts")
-    todo = rebuild.centres_to_restore(ledger, store, run_id)
+    todo = retention.centres_to_restore(ledger, store, run_id)
     if todo is None:
         return None
     logger.warning(f"run {run_id}: its latest centre (generation {todo[1][-1] + 1}) is not in {store.root}: rebuilding it from the ledger, "

@@ -308,6 +308,9 @@ def test_a_run_whose_data_dir_kept_only_its_slim_ledger_resumes_to_the_hashes_of
     monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
     data = carried_ledger(runs / "kept", tmp_path / "carried", generations=3)
     store, theta = ArtifactStore(data / "artifacts"), centres(runs / "kept")
+    text, ok = verify(data, "t")  # before: missing, and what rebuilds them
+    assert not ok and "RESTORABLE run t: its centres after its first centre (which the run makes again) are missing, but the ledger records " \
+        "the 3 update(s) that made them: `es-countdown resume t` rebuilds them" in text, text
     forget_rebuilt_centres()
     es_countdown(overrides=["es.generations=3", "store.keep_centre_every=2"], run_id="t", data_dir=str(data))  # the restore alone
     assert [store.exists(sha) for sha in theta[:4]] == [True, False, True, True]
@@ -316,6 +319,7 @@ def test_a_run_whose_data_dir_kept_only_its_slim_ledger_resumes_to_the_hashes_of
     forget_rebuilt_centres()
     text, _ = verify(data, "t", rebuild=True)  # the carried generations' member records stay missing (their seeds rebuild them)
     assert text.count("rebuilt: the hash the ledger records") == 1 and not any(line.startswith("MISSING centre") for line in text.splitlines()), text
+    assert "RESTORABLE" not in text
 
     es_countdown(overrides=["es.generations=5", "store.keep_centre_every=2"], run_id="t", data_dir=str(data))
     assert generation_hashes(data, "t") == generation_hashes(runs / "kept", "t")
