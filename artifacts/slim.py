@@ -9,7 +9,10 @@ each: `python -m benchmarks.bench_slim_ledger`).
 
 The copy is a ledger like any other, schema and keys included: put it in a fresh data dir as its
 `ledger.duckdb` and `es-countdown resume RUN_ID` goes on from its last generation, the centres
-rebuilt from the recorded rewards (artifacts/rebuild.py `restore_centres`).
+rebuilt from the recorded rewards (artifacts/rebuild.py `restore_centres`). A slim copy made before
+the copy had keys (the results under docs/results until 2026-12-08) is made a live ledger the same way:
+
+    python -m artifacts.slim FOLDER_OF_ITS_LEDGER NEW_DATA_DIR/ledger.duckdb
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ def slim_copy(data_dir: Path, out: Path) -> Path:
     """The ledger of `data_dir` as a new ledger file `out` without the samples' text but for the last
     generation of each run. A writer holding the source raises duckdb.IOException (try again later)."""
     source, out = Path(data_dir) / LEDGER_FILE, Path(out)
+    if not source.is_file():
+        raise LedgerError(f"no ledger at {source}: give the data dir (or the folder) that holds ledger.duckdb")
     out.unlink(missing_ok=True)
     con = duckdb.connect(str(out))
     try:
@@ -46,3 +51,22 @@ def slim_copy(data_dir: Path, out: Path) -> Path:
         raise
     con.close()
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Copy a data dir's ledger without the samples' text (but each run's last generation's).")
+    parser.add_argument("data_dir", type=Path, help="the data dir whose ledger.duckdb to copy (a slim copy's folder too)")
+    parser.add_argument("out", type=Path, help="the new ledger file (e.g. NEW_DATA_DIR/ledger.duckdb); replaced")
+    args = parser.parse_args(argv)
+    try:
+        print(slim_copy(args.data_dir, args.out))
+    except (LedgerError, duckdb.Error) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

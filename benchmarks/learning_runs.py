@@ -1,5 +1,7 @@
 """The learning experiments of the README ("Learning to solve Countdown"), on one GPU, in two steps
-that each fit a 10-minute GPU command (the second must run on the same machine, data dir intact):
+that each fit a 10-minute GPU command (the second on the same machine, its data dir intact, or on a
+fresh one whose data dir holds the first's slim ledger, artifacts/slim.py: the runs resume from it,
+their centres rebuilt from the ledger; scripts/device/sweep.sh's LEDGER):
 
     python -m benchmarks.learning_runs sweep DATA_DIR [--paper PATH]
         1. run `sft-500`: the supervised warm start of configs/experiments/smollm2_learning.yaml

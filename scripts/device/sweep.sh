@@ -8,7 +8,8 @@
 # every minute as they come and once at the end); then, if
 # BENCH_S > 0, the engine's speed at R 576 against the named LoRA baseline.
 # The data dir (DATA) outlives the command only while the machine stays warm: what $OUT holds is the
-# result. The paper's problems travel as .devcarry/data/countdown.json (mkdir -p .devcarry/data && cp
+# result, and its slim ledger takes the runs to the next machine (LEDGER below). The paper's problems
+# travel as .devcarry/data/countdown.json (mkdir -p .devcarry/data && cp
 # ../shared/data/countdown.json .devcarry/data/ here, after scripts/device/pack.sh; carry .devcarry/data).
 set -uo pipefail
 export ES="python3 -m flows.cli" PYTHONUNBUFFERED=1
@@ -27,6 +28,13 @@ esac
 [ -n "${WARM_STEPS:-}" ] && args+=(--warm-steps "$WARM_STEPS")
 # EXTRA_ARGS: more of learning_runs' options, as words (a CPU rehearsal: "--set model.name=tiny-llama ...")
 read -ra extra <<< "${EXTRA_ARGS:-}"; args+=("${extra[@]}")
+# LEDGER: the slim ledger an earlier lease brought back (a committed docs/results/<dir>/ledger.duckdb):
+# a fresh machine's data dir starts from it, so its runs go on where they stopped (`resume` rebuilds
+# their centres from the ledger, every update replayed and hash-checked; the warm start is trained again,
+# bitwise the same on the same GPU kind, or the resume is refused)
+if [ -n "${LEDGER:-}" ] && [ ! -f "$data/ledger.duckdb" ]; then
+  mkdir -p "$data" && python3 -m artifacts.slim "$(dirname "$LEDGER")" "$data/ledger.duckdb" || exit 2
+fi
 # every SNAPSHOT_S seconds the slim ledger, learning-*.json and the logs go to $OUT (each replaced
 # whole): a command killed at its limit still brings back what the runs had committed by then
 python3 -m benchmarks.snapshot "$data" "$OUT" --every "${SNAPSHOT_S:-60}" & snapshots=$!
