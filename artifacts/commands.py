@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts.ledger import LEDGER_FILE, Ledger, to_jsonable
-from artifacts.retention import RebuildChain, centres_to_restore, keeps_every_centre, rebuild_chain, thin_centres
+from artifacts.retention import RebuildChain, centres_to_restore, rebuild_chain, thin_centres
 from artifacts.runs import data_dir_busy, exclusive_data_dir
 from artifacts.store import ArtifactError, ArtifactStore, remove_path
+from es_core.keyframes import keeps_every_centre
 
 ARTIFACTS_DIR = "artifacts"  # under the data dir, as tasks/common.DataDir lays it out
 TASK_RESULTS_DIR = "task-results"  # likewise: Prefect's cached task results

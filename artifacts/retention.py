@@ -32,15 +32,7 @@ from dataclasses import dataclass
 
 from artifacts.ledger import Ledger
 from artifacts.store import ArtifactError, ArtifactStore
-
-
-def keeps_every_centre(keep_every: int) -> bool:
-    """0 or 1: every centre stays on disk (the default, and every run before the setting)."""
-    return keep_every <= 1
-
-
-def is_keyframe(centre_generation: int, keep_every: int) -> bool:
-    return keeps_every_centre(keep_every) or centre_generation % keep_every == 0
+from es_core.keyframes import is_keyframe, keeps_every_centre
 
 
 @dataclass(frozen=True)

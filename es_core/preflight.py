@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from es_core.keyframes import keeps_every_centre
 from es_core.settings import ConfigError, Settings
 
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
@@ -352,7 +353,7 @@ def centres_kept(generations: int, keep_every: int, eval_every: int) -> int | No
     centres, every eval.every-th (the union: their common multiples once), plus 3 for a run
     resumed off the grid of both, its latest and the next one written before the commit that
     thins the one before it."""
-    if keep_every <= 1:
+    if keeps_every_centre(keep_every):
         return None
     keyframes = generations // keep_every
     if eval_every > 0:

@@ -15,11 +15,11 @@ from datetime import datetime, timezone
 
 from prefect.utilities.annotations import quote
 
-from artifacts.retention import keeps_every_centre
 from es_core.countdown.problems import Problem, training_batch
 from es_core.countdown.prompt import render_prompts
 from es_core.es import DrawnPopulation, PopulationPlan
 from es_core.evaluation import MemberScore
+from es_core.keyframes import keeps_every_centre
 from es_core.plan import generation_plan, update_rule
 from es_core.search_space import search_space
 from es_core.settings import Settings
