@@ -192,7 +192,10 @@ def sweep(data_dir: Path, paper_set: str, generations: int, deadline_s: float, c
     began = time.monotonic()
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "prefect").mkdir(exist_ok=True)
-    common = ["--config", config, "--data-dir", str(data_dir), "--set", paper_set, *start.sets()]
+    supervised = ["--config", config, "--data-dir", str(data_dir), "--set", paper_set]
+    if start.steps and not remake_warm_starts(data_dir, start.steps, supervised, extra, began + deadline_s):
+        return  # a ledger from another machine, its warm starts trained again up to the deadline: the same command goes on
+    common = [*supervised, *start.sets()]
     run([*es_command(), "run", *common, "--run-id", start.run_id, "--set", "es.generations=0", *extra], data_dir / f"{start.run_id}.log")
     procs = {}
     for recipe, overrides in recipes.items():
@@ -229,6 +232,9 @@ def final(data_dir: Path, paper_set: str, limit_s: float, sft_overhead_s: float,
     """The best recipe continues alone; then (`baseline`) the warm start continued for its GPU time."""
     started = time.monotonic()
     best = best_recipe(data_dir, recipes, start)
+    supervised = ["--config", config, "--data-dir", str(data_dir), "--set", paper_set]
+    if start.steps and not remake_warm_starts(data_dir, start.steps, supervised, extra, started + limit_s):
+        return  # a ledger from another machine: its warm starts trained again up to the limit; the same command goes on
     first_solo = sql(data_dir, f"SELECT max(generation) + 1 FROM generations WHERE run_id = '{best}'")[0][0]
     proc = run([*es_command(), "resume", best, "--data-dir", str(data_dir), "--set", "es.generations=1000"], data_dir / f"{best}.log", wait=False)
     s_step, warm_steps = sql(data_dir, f"SELECT w.seconds / w.steps, w.steps FROM warm_starts w JOIN runs r USING (warm_start_sha256) WHERE r.run_id = '{start.run_id}'")[0]
@@ -264,6 +270,44 @@ def final(data_dir: Path, paper_set: str, limit_s: float, sft_overhead_s: float,
     for run_id, steps in ((start.name("sft-half"), half), (start.name("sft-matched"), matched)):
         run([*es_command(), "run", *common, "--run-id", run_id, "--set", f"warm_start.steps={steps}"], data_dir / f"{run_id}.log")
     print(f"done in {time.monotonic() - started:.0f} s")
+
+
+def warm_start_missing(data_dir: Path, run_id: str) -> bool:
+    """Is the supervised run recorded in the ledger while its warm start is not on disk (a ledger
+    carried to a fresh machine: scripts/device/sweep.sh's LEDGER)?"""
+    from artifacts.store import ArtifactStore
+
+    if not (data_dir / "ledger.duckdb").exists():
+        return False
+    rows = sql(data_dir, f"SELECT warm_start_sha256 FROM runs WHERE run_id = '{run_id}' AND warm_start_sha256 IS NOT NULL")
+    return bool(rows) and not ArtifactStore(data_dir / "artifacts").exists(rows[0][0])
+
+
+def remake_warm_starts(data_dir: Path, upto: int, common: list[str], extra: list[str], deadline_at: float) -> bool:
+    """The recorded supervised runs `sft-<n>` (n <= upto, shortest first) whose warm start is not on
+    disk, run again: each trains its warm start continuing the one before (its AdamW moments), so a
+    fresh machine reaches a 3,000-step warm start in 500-step commands rather than in one training
+    from scratch longer than a command (11 minutes at 0.22 s a step); each run's row checks that its
+    bits are the recorded ones (the same kind of GPU gives them). True when none is missing up to
+    `upto`; False when the next would end after `deadline_at` (time.monotonic()): the same command
+    goes on from there."""
+    recorded = sorted(int(r[0].removeprefix("sft-")) for r in sql(data_dir, "SELECT run_id FROM runs WHERE regexp_matches(run_id, '^sft-[0-9]+$')")
+                      ) if (data_dir / "ledger.duckdb").exists() else []
+    before, s_step = 0, None
+    for steps in [n for n in recorded if n <= upto]:
+        run_id = f"sft-{steps}"
+        if s_step is None:
+            rows = sql(data_dir, f"SELECT w.seconds / w.steps FROM runs r JOIN warm_starts w USING (warm_start_sha256) WHERE r.run_id = '{run_id}'")
+            s_step = rows[0][0] if rows and rows[0][0] else 0.25
+        if warm_start_missing(data_dir, run_id):
+            if time.monotonic() + 1.2 * (steps - before) * s_step + 60 > deadline_at:
+                print(f"{run_id}: its warm start is not on this machine and would end after the deadline; the same command goes on from here")
+                return False
+            print(f"{run_id}: recorded, its warm start not on this machine: trained again, continuing the last", flush=True)
+            run([*es_command(), "run", *common, "--run-id", run_id, "--set", "es.generations=0", "--set", f"warm_start.steps={steps}", *extra],
+                data_dir / f"{run_id}.log")
+        before = steps
+    return True
 
 
 def plateaued(accuracies: list[float]) -> bool:
@@ -309,6 +353,8 @@ def plateau(data_dir: Path, paper_set: str, every: int, max_steps: int, deadline
             elapsed = time.monotonic() - began
             if wall_per_step is not None and elapsed + 1.2 * every * wall_per_step > deadline_s:
                 print(f"{run_id}: not started, it would end after the deadline ({deadline_s:.0f} s); the same command goes on from here")
+                break
+            if not remake_warm_starts(data_dir, steps - every, common, extra, began + deadline_s):  # a ledger from another machine
                 break
             t0 = time.monotonic()
             run([*es_command(), "run", *common, "--run-id", run_id, "--set", f"warm_start.steps={steps}", *extra], data_dir / f"{run_id}.log")

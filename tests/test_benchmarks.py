@@ -311,3 +311,27 @@ def test_the_plateau_step_continues_the_warm_start_and_goes_on_where_it_stopped(
     capsys.readouterr()
     assert learning_runs.main(args) == 0
     assert "plateau at 3 steps" in capsys.readouterr().out
+
+    # A fresh machine with the slim ledger alone (sweep.sh's LEDGER): the recorded warm starts are
+    # trained again shortest first, each continuing the last, to the recorded bits (the run row
+    # refuses others), so none starts over from step 0; then nothing is missing and nothing runs.
+    import time
+
+    from artifacts.slim import slim_copy
+    from artifacts.store import ArtifactStore
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    slim_copy(tmp_path, fresh / "ledger.duckdb")
+    supervised = ["--config", learning_runs.CONFIG, "--data-dir", str(fresh), "--set", learning_runs.eval_sets(str(paper), 4)]
+    extra = args[args.index("--set"):]
+    assert learning_runs.remake_warm_starts(fresh, 3, supervised, extra, time.monotonic()) is False  # past its deadline: runs nothing
+    assert "would end after the deadline" in capsys.readouterr().out
+    monkeypatch.setenv("ES", f"{sys.executable} -m flows.cli")
+    assert learning_runs.remake_warm_starts(fresh, 3, supervised, extra, time.monotonic() + 600) is True
+    recorded = Ledger(tmp_path).query("SELECT run_id, warm_start_sha256 FROM runs ORDER BY run_id")[1]
+    assert Ledger(fresh).query("SELECT run_id, warm_start_sha256 FROM runs ORDER BY run_id")[1] == recorded
+    assert all(ArtifactStore(fresh / "artifacts").exists(sha) for _, sha in recorded)
+    assert all("continuing" in (fresh / f"sft-{n}.log").read_text() for n in (2, 3))
+    monkeypatch.setenv("ES", "false")
+    assert learning_runs.remake_warm_starts(fresh, 3, supervised, extra, time.monotonic() + 600) is True

@@ -30,8 +30,9 @@ esac
 read -ra extra <<< "${EXTRA_ARGS:-}"; args+=("${extra[@]}")
 # LEDGER: the slim ledger an earlier lease brought back (a committed docs/results/<dir>/ledger.duckdb):
 # a fresh machine's data dir starts from it, so its runs go on where they stopped (`resume` rebuilds
-# their centres from the ledger, every update replayed and hash-checked; the warm start is trained again,
-# bitwise the same on the same GPU kind, or the resume is refused)
+# their centres from the ledger, every update replayed and hash-checked; the warm starts are trained again,
+# a plateau's 500 steps a command, each continuing the last, bitwise the same on the same GPU kind, or
+# the run is refused)
 if [ -n "${LEDGER:-}" ] && [ ! -f "$data/ledger.duckdb" ]; then
   mkdir -p "$data" && python3 -m artifacts.slim "$(dirname "$LEDGER")" "$data/ledger.duckdb" || exit 2
 fi
