@@ -127,17 +127,21 @@ class RestoredCentres:
 
 
 def restore_centres(ledger: Ledger, store: ArtifactStore, run_id: str, keep_every: int, es_model: Path | None = None,
-                    on_step: Callable[[int, int], None] = lambda done, total: None) -> RestoredCentres | None:
+                    on_step: Callable[[int, int], None] = lambda done, total: None, first_centre: str | None = None) -> RestoredCentres | None:
     """Rebuild the run's missing centres from the ledger (`centres_to_restore`; None if none are
     missing): each recorded update replayed and hash-checked (`replayed`), and each new centre put on
     disk where the retention rule keeps it (keyframes of `keep_every`, every one at 0 or 1; the latest,
     any evaluated one), the others marked thinned, one by one, so a restore cut short leaves a
     ledger whose every marked centre is rebuildable and goes on from its newest centre on disk.
-    `es_model`: the model the run's ES perturbs, as resolved here; `on_step(done, total)` after each update."""
+    `es_model`: the model the run's ES perturbs, as resolved here; `on_step(done, total)` after each
+    update; `first_centre`: the run's first centre as this code made it from the settings."""
     todo = centres_to_restore(ledger, store, run_id)
     if todo is None:
         return None
     ancestor, generations = todo
+    if generations[0] == 0 and first_centre is not None and first_centre != ancestor:
+        raise CentreRebuildError(f"run {run_id}: its first centre is recorded as {ancestor}, its settings make {first_centre} here (other code, or "
+                                 f"another model): its centres cannot be rebuilt from the ledger here; resume it where it ran, or start a new run id")
     if not store.exists(ancestor):
         raise ArtifactError(f"run {run_id}: its centres from generation {generations[0]} on are missing from {store.root} and the centre they are "
                             f"rebuilt from, {ancestor}, too: resume makes a run's first centre again from its settings; for any later one, "

@@ -172,7 +172,7 @@ def _run(settings: Settings, run_id: str, resuming: bool, data: DataDir) -> dict
     start = 0 if last is None else last + 1
     centre = init_sha if last is None else ledger.generation_row(run_id, last)["center_sha256"]
     if last is not None:  # a data dir that has the run's ledger but not its centres (a lent machine gone): rebuilt from the ledger
-        restore_centres(root, run_id, settings.store.keep_centre_every, model["path"])
+        restore_centres(root, run_id, settings.store.keep_centre_every, model["path"], init_sha)
 
     space = run_space(settings, model["path"])  # the LoRA factors (None) or the weights of this model
     logger.info(f"run {run_id} searches {search_description(settings, model['path'])}")

@@ -30,10 +30,11 @@ def thin_centres(data_dir: str, run_id: str, keep_every: int, generation: int, c
 
 
 @task(cache_policy=NO_CACHE, task_run_name="restore-centres")
-def restore_centres(data_dir: str, run_id: str, keep_every: int, es_model: str) -> dict | None:
+def restore_centres(data_dir: str, run_id: str, keep_every: int, es_model: str, first_centre: str) -> dict | None:
     """A resumed run whose latest centre is neither on disk nor marked thinned (its ledger came to
     this data dir without its artifacts): its centres rebuilt from the ledger (artifacts/rebuild.py
-    `restore_centres`), what the retention rule keeps put on disk. None when nothing was missing."""
+    `restore_centres`, from `first_centre`, made by this run), what the retention rule keeps put on
+    disk. None when nothing was missing."""
     root, logger = Path(data_dir), get_run_logger()
     ledger, store = Ledger(root), ArtifactStore(root / "artifacts")
     todo = retention.centres_to_restore(ledger, store, run_id)
@@ -47,7 +48,7 @@ def restore_centres(data_dir: str, run_id: str, keep_every: int, es_model: str) 
         if done % every == 0 or done == total:
             logger.info(f"run {run_id}: restored {done}/{total} centres")
 
-    restored = rebuild.restore_centres(ledger, store, run_id, keep_every, Path(es_model), progress)
+    restored = rebuild.restore_centres(ledger, store, run_id, keep_every, Path(es_model), progress, first_centre)
     logger.info(f"run {run_id}: centres restored from generation {restored.ancestor_generation}'s: {len(restored.stored)} put on disk, "
                 f"{len(restored.marked)} marked thinned (rebuildable)")
     return {"ancestor_generation": restored.ancestor_generation, "stored": list(restored.stored), "marked": list(restored.marked)}

@@ -345,3 +345,22 @@ def test_a_carried_ledger_that_rebuilds_another_centre_stops_the_resume_with_one
     ledger = Ledger(data)
     assert ledger.last_generation("t") == 2 and ledger.run_row("t")["status"] == "failed"
     assert not ArtifactStore(data / "artifacts").exists(centres(runs / "kept")[3])
+
+
+def test_a_carried_ledger_whose_first_centre_these_settings_do_not_make_is_refused_in_one_line(runs, tmp_path, monkeypatch, model_cache):
+    """Other code or another model makes another first centre: nothing can be replayed from it."""
+    from artifacts.rebuild import CentreRebuildError
+    from flows.es_countdown import es_countdown
+
+    monkeypatch.setenv("ES_MODEL__CACHE_DIR", str(model_cache))
+    data = carried_ledger(runs / "kept", tmp_path / "carried", generations=3)
+    con = duckdb.connect(str(data / "ledger.duckdb"))
+    try:
+        con.execute("UPDATE generations SET parent_center_sha256 = ? WHERE run_id = 't' AND generation = 0", ["f" * 64])
+    finally:
+        con.close()
+    with pytest.raises(CentreRebuildError) as failure:
+        es_countdown(overrides=["es.generations=5"], run_id="t", data_dir=str(data))
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith(f"run t: its first centre is recorded as {'f' * 64}, its settings make {centres(runs / 'kept')[0]} here")
+    assert Ledger(data).last_generation("t") == 2
