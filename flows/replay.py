@@ -131,10 +131,10 @@ def replay(run_id: str, generation: int, data_dir: str, reevaluate: bool = False
         if not report.centre_ok and plan.space is not None:  # a ledger from before compact centres names the PEFT folder
             state, spec = load_checkpoint(ArtifactStore(Path(scratch)), update["center_sha256"])
             report.centre_ok = files_sha256(checkpoint_files(state, spec, compact=False)) == row["center_sha256"]
-    _check_stored(store, row["center_sha256"], "new centre", report)
-
-    if reevaluate:
-        report.rewards_checked, report.max_reward_diff = _reevaluate(settings, run, members, batch, generation, store, report)
+        _check_stored(store, row["center_sha256"], "new centre", report)
+        if reevaluate:  # a member not in the store (a data dir that got its ledger alone) is decoded as rebuilt, where its hash is the ledger's
+            report.rewards_checked, report.max_reward_diff = _reevaluate(settings, run, members, batch, generation, store, report,
+                                                                         ArtifactStore(Path(scratch)))
     for line in report.lines():
         print(line)
     return {"ok": report.ok, "lines": report.lines()}
@@ -178,7 +178,7 @@ def _check_stored(store: ArtifactStore, sha256: str, what: str, report: ReplayRe
         report.corrupt.append(f"stored {what}: {exc}")
 
 
-def _reevaluate(settings, run, members, batch: list[Problem], generation, store, report) -> tuple[int, float]:
+def _reevaluate(settings, run, members, batch: list[Problem], generation, store, report, rebuilt: ArtifactStore) -> tuple[int, float]:
     from es_core.models import SOURCE_FILE, load_tokenizer, verify_model_folder
     from flows.backend import open_backend
 
@@ -193,7 +193,10 @@ def _reevaluate(settings, run, members, batch: list[Problem], generation, store,
         try:
             # a weights-space member's file is its record (or its own factors): the backend gets the whole member
             served = ArtifactStore(Path(scratch) / "served")
-            adapters = [(f"replay_g{generation}_m{m['member']:03d}", served_adapter(store, m["adapter_sha256"], served)) for m in members]
+            sources = [store if store.exists(m["adapter_sha256"]) else rebuilt for m in members]  # rebuilt: content-addressed, the same files
+            adapters = [(f"replay_g{generation}_m{m['member']:03d}", served_adapter(source, m["adapter_sha256"], served)) for m, source in zip(members, sources)]
+            if rebuilt in sources:
+                report.notes.append(f"{sources.count(rebuilt)} member adapter(s) not in the store: decoded as rebuilt from their seeds (the ledger's hash)")
             scores = _replayed(evaluate_adapters)(quote(backend), str(served.root), adapters, quote(batch), quote(prompts),
                                                  settings.generation.max_new_tokens, settings.reward.kind, evaluation_key(settings, model_sha),
                                                  settings.es.members_per_prompt)
@@ -202,16 +205,22 @@ def _reevaluate(settings, run, members, batch: list[Problem], generation, store,
     _, rows = Ledger(Path(settings.data_dir)).query(
         "SELECT member, problem_id, completion FROM samples WHERE run_id = ? AND generation = ?", [run["run_id"], generation])
     recorded = {(member, problem): text for member, problem, text in rows}
-    worst = 0.0
+    worst, textless = 0.0, 0
     for m, score in zip(members, scores):
         reward = score.reward_mean
         diff = abs(reward - float(m["reward_mean"]))
         worst = max(worst, diff)
         if diff > 1e-9:
             report.mismatches.append(f"member {m['member']}: re-evaluated reward {reward:.6f} != ledger {float(m['reward_mean']):.6f}")
-        differ = [s.problem_id for s in score.samples if recorded.get((m["member"], s.problem_id)) != s.completion]
-        report.completions_checked += len(score.samples)
+        # a slim ledger (artifacts/slim.py) keeps no text but the last generation's: those are compared by reward alone
+        with_text = [s for s in score.samples if recorded.get((m["member"], s.problem_id)) is not None]
+        textless += len(score.samples) - len(with_text)
+        differ = [s.problem_id for s in with_text if recorded[m["member"], s.problem_id] != s.completion]
+        report.completions_checked += len(with_text)
         if differ:
             report.mismatches.append(f"member {m['member']}: re-decoding its stored adapter gives other completions than the ledger's "
                                      f"for {len(differ)} of {len(score.samples)} problems (first {differ[0]})")
+    if textless:
+        report.notes.append(f"the ledger holds no text for {textless} of these completions (a slim copy keeps the last generation's only): "
+                            "their rewards compared, not their text")
     return len(members), worst

@@ -320,6 +320,10 @@ def test_a_run_whose_data_dir_kept_only_its_slim_ledger_resumes_to_the_hashes_of
     text, _ = verify(data, "t", rebuild=True)  # the carried generations' member records stay missing (their seeds rebuild them)
     assert text.count("rebuilt: the hash the ledger records") == 1 and not any(line.startswith("MISSING centre") for line in text.splitlines()), text
     assert "RESTORABLE" not in text
+    from flows.replay import replay
+
+    result = replay("t", 1, str(data), reevaluate=True)  # the slim ledger kept no completion of generation 1: rewards compared
+    assert result["ok"] and any("the ledger holds no text for 12 of these completions" in line for line in result["lines"]), result["lines"]
 
     es_countdown(overrides=["es.generations=5", "store.keep_centre_every=2"], run_id="t", data_dir=str(data))
     assert generation_hashes(data, "t") == generation_hashes(runs / "kept", "t")
