@@ -165,8 +165,11 @@ def _recorded_run_settings(settings, run_id: str | None, overrides: list[str], c
 def _complete(data_dir, run_id: str, generations: int) -> str | None:
     """The line to print instead of running the flow when `run_id` is complete: status completed,
     `generations` committed, its report written (a run killed before its report was written is
-    not complete: the flow finishes it). None otherwise."""
-    from artifacts.commands import open_ledger
+    not complete: the flow finishes it), its latest centre on disk (a ledger without it: the flow
+    rebuilds it, artifacts/rebuild.py `restore_centres`). None otherwise."""
+    from artifacts.commands import ARTIFACTS_DIR, open_ledger
+    from artifacts.retention import centres_to_restore
+    from artifacts.store import ArtifactStore
     from flows.report import REPORT_FILE
     from tasks.common import DataDir
 
@@ -174,6 +177,8 @@ def _complete(data_dir, run_id: str, generations: int) -> str | None:
     run, last = ledger.run_row(run_id), ledger.last_generation(run_id)
     if run is None or run["status"] != "completed" or last is None or last + 1 < generations:
         return None
+    if centres_to_restore(ledger, ArtifactStore(Path(data_dir) / ARTIFACTS_DIR), run_id) is not None:
+        return None  # its latest centre is missing but rebuildable from the ledger: the flow restores it
     report = DataDir(Path(data_dir)).run_dir(run_id) / REPORT_FILE
     if not report.is_file():
         return None
