@@ -18,6 +18,7 @@ from prefect.context import FlowRunContext
 from prefect.utilities.annotations import quote
 
 from artifacts.ledger import Ledger
+from artifacts.retention import centres_to_restore
 from artifacts.runs import DataDirWriter
 from artifacts.store import ArtifactError, ArtifactStore
 from es_core.countdown.problems import experiment_problems
@@ -171,8 +172,8 @@ def _run(settings: Settings, run_id: str, resuming: bool, data: DataDir) -> dict
     last = ledger.last_generation(run_id)
     start = 0 if last is None else last + 1
     centre = init_sha if last is None else ledger.generation_row(run_id, last)["center_sha256"]
-    if last is not None:  # a data dir that has the run's ledger but not its centres (a lent machine gone): rebuilt from the ledger
-        restore_centres(root, run_id, settings.store.keep_centre_every, model["path"], init_sha)
+    if last is not None and centres_to_restore(ledger, ArtifactStore(data.artifacts), run_id):  # the ledger without its centres (a lent machine gone)
+        restore_centres(root, run_id, settings.store.keep_centre_every, model["path"], init_sha)  # rebuilt from the ledger
 
     space = run_space(settings, model["path"])  # the LoRA factors (None) or the weights of this model
     logger.info(f"run {run_id} searches {search_description(settings, model['path'])}")
