@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from artifacts.ledger import Ledger
+from artifacts.store import ArtifactStore
 from es_core.settings import load_settings
 from flows.cli import main as cli_main
 from flows.report import REPORT_FILE
@@ -39,12 +40,16 @@ def flow_calls(monkeypatch) -> list:
 
 def recorded_smoke_run(data: Path, run_id: str, generations: int, status: str, report: bool) -> None:
     """A run of configs/experiments/smoke.yaml as the flow records it: its settings, `generations`
-    committed generations, its status, and its report file or none."""
+    committed generations, its status, its latest centre's folder in the store (a ledger without
+    it is a run to restore, not a complete one), and its report file or none."""
     settings = load_settings(SMOKE, [f"data_dir={data}"])
     ledger = Ledger(data)
     ledger.record_run(run_id, settings.run_name, settings.model_dump_json(), settings.fingerprint(), "/models/base", "b" * 64, settings.es.seed)
     for g in range(generations):
-        ledger.commit_generation(*fake_generation(run_id, g))
+        rows = fake_generation(run_id, g)
+        ledger.commit_generation(*rows)
+        if g == generations - 1:
+            ArtifactStore(data / "artifacts").path(rows[0]["center_sha256"]).mkdir(parents=True)
     ledger.set_run_status(run_id, status)
     if report:
         (data / "reports" / run_id).mkdir(parents=True)
