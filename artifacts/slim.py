@@ -17,19 +17,43 @@ the copy had keys (the results under docs/results until 2026-12-08) is made a li
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import duckdb
 
-from artifacts.ledger import CURRENT_VERSION, LEDGER_FILE, TABLES, LedgerError, migrate
+from artifacts.ledger import CURRENT_VERSION, LEDGER_FILE, TABLES, Ledger, LedgerError, migrate
 
 
 def slim_copy(data_dir: Path, out: Path) -> Path:
     """The ledger of `data_dir` as a new ledger file `out` without the samples' text but for the last
-    generation of each run. A writer holding the source raises duckdb.IOException (try again later)."""
+    generation of each run; a source of an older schema is migrated in a temporary copy first (it is
+    left as it was). A writer holding the source raises duckdb.IOException (try again later)."""
     source, out = Path(data_dir) / LEDGER_FILE, Path(out)
     if not source.is_file():
         raise LedgerError(f"no ledger at {source}: give the data dir (or the folder) that holds ledger.duckdb")
+    if _version(source) >= CURRENT_VERSION:
+        return _copy(source, out)
+    # an older file (a copy committed before a schema step): migrated in a copy of its own, the
+    # source left as it was recorded
+    with tempfile.TemporaryDirectory(prefix="es-slim-") as scratch:
+        shutil.copyfile(source, Path(scratch) / LEDGER_FILE)
+        Ledger(scratch).query("SELECT 1")  # reading an older ledger migrates it first
+        return _copy(Path(scratch) / LEDGER_FILE, out)
+
+
+def _version(source: Path) -> int:
+    """The file's schema version; a writer holding it raises duckdb.IOException at once (Ledger's
+    own open would wait for it)."""
+    con = duckdb.connect(str(source), read_only=True)
+    try:
+        return con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+    finally:
+        con.close()
+
+
+def _copy(source: Path, out: Path) -> Path:
     out.unlink(missing_ok=True)
     con = duckdb.connect(str(out))
     try:
@@ -37,8 +61,7 @@ def slim_copy(data_dir: Path, out: Path) -> Path:
         con.execute(f"ATTACH '{source}' AS source (READ_ONLY)")
         version = con.execute("SELECT coalesce(max(version), 0) FROM source.schema_version").fetchone()[0]
         if version != CURRENT_VERSION:
-            raise LedgerError(f"ledger {source} has schema v{version}, this code's is v{CURRENT_VERSION}: open it with this "
-                              "es-countdown once (es-countdown runs --data-dir ...) to migrate it, then copy it")
+            raise LedgerError(f"ledger {source} has schema v{version}, this code's is v{CURRENT_VERSION}: upgrade es-countdown")
         last = "(run_id, generation) IN (SELECT run_id, max(generation) FROM source.generations GROUP BY run_id)"
         for table in TABLES:
             columns = "*"

@@ -179,6 +179,28 @@ def test_the_slim_ledger_keeps_every_samples_reward_and_the_text_of_each_runs_la
     assert again.query("SELECT count(*), max(accuracy) FROM evals")[1] == [(1, 0.5)]
 
 
+def test_a_slim_ledger_committed_before_the_copy_had_keys_becomes_a_live_ledger_and_stays_as_recorded(tmp_path):
+    """docs/results' slim ledgers (schema v6, no keys): `python -m artifacts.slim` makes a ledger a
+    resumed run can write, the committed file left byte for byte as it was."""
+    import hashlib
+
+    from artifacts.ledger import CURRENT_VERSION, Ledger
+    from artifacts.slim import main
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "results" / "h100-2026-12-07-exact"
+    shutil.copytree(committed, tmp_path / "old", ignore=shutil.ignore_patterns("*.log", "*.json", "*.md", "*.txt", "*.tgz"))
+    before = hashlib.sha256((tmp_path / "old" / "ledger.duckdb").read_bytes()).hexdigest()
+    assert Ledger(tmp_path / "old").schema_version() < CURRENT_VERSION
+    (tmp_path / "new").mkdir()
+    assert main([str(tmp_path / "old"), str(tmp_path / "new" / "ledger.duckdb")]) == 0
+    assert hashlib.sha256((tmp_path / "old" / "ledger.duckdb").read_bytes()).hexdigest() == before
+    live = Ledger(tmp_path / "new")
+    assert live.schema_version() == CURRENT_VERSION and live.last_generation("wsx-s6e-3") == 51
+    for accuracy in (0.25, 0.5):
+        live.record_eval({"run_id": "wsx-s6e-3", "generation": 60, "split": "heldout", "model": "centre", "accuracy": accuracy})
+    assert live.query("SELECT count(*), max(accuracy) FROM evals WHERE generation = 60")[1] == [(1, 0.5)]
+
+
 def test_a_snapshot_replaces_each_file_whole_and_keeps_the_last_one_while_a_writer_holds_the_ledger(tmp_path):
     """benchmarks/snapshot.py, what sweep.sh leaves under $OUT every minute: the slim ledger, the
     learning json and the logs; while another process holds the ledger read-write (a run's commit)
