@@ -27,7 +27,7 @@ from pathlib import Path
 
 from artifacts.checkpoints import checkpoint_files, load_checkpoint
 from artifacts.ledger import Ledger
-from artifacts.retention import RebuildChain, centres_to_restore, data_dir_ledger, kept_centres, rebuild_chain
+from artifacts.retention import RebuildChain, data_dir_ledger, kept_centres, rebuild_chain
 from artifacts.store import ArtifactError, ArtifactStore, files_sha256
 from es_core.countdown.problems import Problem, experiment_problems, training_batch
 from es_core.es import ESState, problem_groups
@@ -83,10 +83,10 @@ def _replay_chain(ledger: Ledger, store: ArtifactStore, chain: RebuildChain) -> 
 
 
 def replayed(ledger: Ledger, store: ArtifactStore, run_id: str, generations: Sequence[int],
-             ancestor_sha256: str, what: str = "", es_model: Path | None = None) -> Iterator[tuple[int, ESState, AdapterSpec, dict[str, bytes]]]:
+             ancestor_sha256: str, what: str = "", es_model: Path | None = None) -> Iterator[tuple[dict, ESState, AdapterSpec, dict[str, bytes]]]:
     """The run's recorded updates of `generations` (consecutive) replayed from the centre
-    `ancestor_sha256` (on disk: the centre of generations[0]): (generation, its new centre's state,
-    spec, files as the ledger names them) after each, each hashed against the ledger's
+    `ancestor_sha256` (on disk: the centre of generations[0]): (the generation's ledger row, its new
+    centre's state, spec, files as the ledger names them) after each, each hashed against the ledger's
     `center_sha256` before the next; CentreRebuildError at the first that differs, saying `what`
     (default: the centres from generations[0]'s on) cannot be rebuilt here."""
     run = ledger.run_row(run_id)
@@ -113,7 +113,7 @@ def replayed(ledger: Ledger, store: ArtifactStore, run_id: str, generations: Seq
                 f"run {run_id} generation {g}: the new centre rebuilt from the ledger hashes to {got}, the ledger records {row['center_sha256']}; "
                 f"{what or f'the centres from generation {generations[0]} on'} cannot be rebuilt here (a bitwise rebuild needs the float64 LAPACK results of the "
                 f"machine that ran the run, and the ledger's rewards as recorded), so nothing rebuilt is used")
-        yield g, state, spec, files
+        yield row, state, spec, files
 
 
 @dataclass(frozen=True)
@@ -126,19 +126,18 @@ class RestoredCentres:
     marked: tuple[int, ...]  # those it marked thinned instead (rebuildable, as if thinned after their commit)
 
 
-def restore_centres(ledger: Ledger, store: ArtifactStore, run_id: str, keep_every: int, es_model: Path | None = None,
-                    on_step: Callable[[int, int], None] = lambda done, total: None, first_centre: str | None = None) -> RestoredCentres | None:
-    """Rebuild the run's missing centres from the ledger (`centres_to_restore`; None if none are
-    missing): each recorded update replayed and hash-checked (`replayed`), and each new centre put on
-    disk where the retention rule keeps it (keyframes of `keep_every`, every one at 0 or 1; the latest,
+def restore_centres(ledger: Ledger, store: ArtifactStore, run_id: str, missing: tuple[str, tuple[int, ...]], keep_every: int,
+                    es_model: Path | None = None, on_step: Callable[[int, int], None] = lambda done, total: None,
+                    first_centre: str | None = None) -> RestoredCentres:
+    """Rebuild the run's missing centres from the ledger (`missing`: what artifacts/retention.py
+    `centres_to_restore` says, the centre to replay from and the generations to replay): each
+    recorded update replayed and hash-checked (`replayed`), and each new centre put on disk where
+    the retention rule keeps it (keyframes of `keep_every`, every one at 0 or 1; the latest,
     any evaluated one), the others marked thinned, one by one, so a restore cut short leaves a
     ledger whose every marked centre is rebuildable and goes on from its newest centre on disk.
     `es_model`: the model the run's ES perturbs, as resolved here; `on_step(done, total)` after each
     update; `first_centre`: the run's first centre as this code made it from the settings."""
-    todo = centres_to_restore(ledger, store, run_id)
-    if todo is None:
-        return None
-    ancestor, generations = todo
+    ancestor, generations = missing
     if generations[0] == 0 and first_centre is not None and first_centre != ancestor:
         raise CentreRebuildError(f"run {run_id}: its first centre is recorded as {ancestor}, its settings make {first_centre} here (other code, or "
                                  f"another model): its centres cannot be rebuilt from the ledger here; resume it where it ran, or start a new run id")
@@ -148,8 +147,8 @@ def restore_centres(ledger: Ledger, store: ArtifactStore, run_id: str, keep_ever
                             f"restore it (or its data dir) from a copy")
     keep = kept_centres(ledger, run_id, keep_every)
     stored, marked = [], []
-    for done, (g, _, _, files) in enumerate(replayed(ledger, store, run_id, generations, ancestor, es_model=es_model), 1):
-        row = ledger.generation_row(run_id, g)
+    for done, (row, _, _, files) in enumerate(replayed(ledger, store, run_id, generations, ancestor, es_model=es_model), 1):
+        g = row["generation"]
         if keep(g, row["center_sha256"]):
             store.put_files(files)  # hashed as the ledger names it: replayed() checked
             stored.append(g)

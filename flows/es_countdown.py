@@ -172,8 +172,9 @@ def _run(settings: Settings, run_id: str, resuming: bool, data: DataDir) -> dict
     last = ledger.last_generation(run_id)
     start = 0 if last is None else last + 1
     centre = init_sha if last is None else ledger.generation_row(run_id, last)["center_sha256"]
-    if last is not None and centres_to_restore(ledger, ArtifactStore(data.artifacts), run_id):  # the ledger without its centres (a lent machine gone)
-        restore_centres(root, run_id, settings.store.keep_centre_every, model["path"], init_sha)  # rebuilt from the ledger
+    missing = centres_to_restore(ledger, ArtifactStore(data.artifacts), run_id) if last is not None else None
+    if missing:  # the ledger without its centres (a lent machine gone): rebuilt from the ledger
+        restore_centres(root, run_id, missing, settings.store.keep_centre_every, model["path"], init_sha)
 
     space = run_space(settings, model["path"])  # the LoRA factors (None) or the weights of this model
     logger.info(f"run {run_id} searches {search_description(settings, model['path'])}")

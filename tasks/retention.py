@@ -30,25 +30,23 @@ def thin_centres(data_dir: str, run_id: str, keep_every: int, generation: int, c
 
 
 @task(cache_policy=NO_CACHE, task_run_name="restore-centres")
-def restore_centres(data_dir: str, run_id: str, keep_every: int, es_model: str, first_centre: str) -> dict | None:
+def restore_centres(data_dir: str, run_id: str, missing: tuple[str, tuple[int, ...]], keep_every: int, es_model: str, first_centre: str) -> dict:
     """A resumed run whose latest centre is neither on disk nor marked thinned (its ledger came to
-    this data dir without its artifacts): its centres rebuilt from the ledger (artifacts/rebuild.py
-    `restore_centres`, from `first_centre`, made by this run), what the retention rule keeps put on
-    disk. None when nothing was missing."""
+    this data dir without its artifacts; `missing`, what artifacts/retention.py `centres_to_restore`
+    says): its centres rebuilt from the ledger (artifacts/rebuild.py `restore_centres`, from
+    `first_centre`, made by this run), what the retention rule keeps put on disk."""
     root, logger = Path(data_dir), get_run_logger()
     ledger, store = Ledger(root), ArtifactStore(root / "artifacts")
-    todo = retention.centres_to_restore(ledger, store, run_id)
-    if todo is None:
-        return None
-    logger.warning(f"run {run_id}: its latest centre (generation {todo[1][-1] + 1}) is not in {store.root}: rebuilding it from the ledger, "
-                   f"{len(todo[1])} recorded update(s) from generation {todo[1][0]}'s centre, each hash-checked")
-    every = max(1, len(todo[1]) // 10)  # about ten progress lines
+    generations = missing[1]
+    logger.warning(f"run {run_id}: its latest centre (generation {generations[-1] + 1}) is not in {store.root}: rebuilding it from the ledger, "
+                   f"{len(generations)} recorded update(s) from generation {generations[0]}'s centre, each hash-checked")
+    every = max(1, len(generations) // 10)  # about ten progress lines
 
     def progress(done: int, total: int) -> None:
         if done % every == 0 or done == total:
             logger.info(f"run {run_id}: restored {done}/{total} centres")
 
-    restored = rebuild.restore_centres(ledger, store, run_id, keep_every, Path(es_model), progress, first_centre)
+    restored = rebuild.restore_centres(ledger, store, run_id, missing, keep_every, Path(es_model), progress, first_centre)
     logger.info(f"run {run_id}: centres restored from generation {restored.ancestor_generation}'s: {len(restored.stored)} put on disk, "
                 f"{len(restored.marked)} marked thinned (rebuildable)")
     return {"ancestor_generation": restored.ancestor_generation, "stored": list(restored.stored), "marked": list(restored.marked)}
